@@ -1,0 +1,285 @@
+//! Unit tests of the admission stage under tokio's paused clock: no sockets, no wall-clock sleeps.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::*;
+use crate::config::ModelLimits;
+
+fn admission(global: u32, models: &[(&str, u32)], max_depth: usize) -> Admission {
+    let limits = LimitsConfig {
+        max_concurrency: global,
+        models: models
+            .iter()
+            .map(|(name, cap)| {
+                (
+                    name.to_string(),
+                    ModelLimits {
+                        max_concurrency: *cap,
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>(),
+        aliases: BTreeMap::from([("alias".to_string(), "m".to_string())]),
+        ..LimitsConfig::default()
+    };
+    let queue = QueueConfig {
+        max_depth,
+        max_wait: Duration::from_secs(60),
+    };
+    Admission::new(&limits, &queue, &RetryConfig::default())
+}
+
+fn ticket(model: &str, client: ClientId) -> Ticket<'_> {
+    Ticket {
+        model: Some(model),
+        client,
+        priority: Priority::Normal,
+        deadline: Instant::now() + Duration::from_secs(60),
+        retry: false,
+    }
+}
+
+/// Lets spawned tasks (the dispatcher, the waiters) run until they block.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn uncontended_requests_pass_at_once_and_permits_return() {
+    let admission = admission(10, &[("m", 2)], 100);
+    let a = admission.acquire(ticket("m", 1)).await.unwrap();
+    let b = admission.acquire(ticket("alias", 1)).await.unwrap();
+    assert_eq!(b.lane(), "m", "aliases share the model's lane");
+    assert_eq!(admission.snapshot().inflight, 2);
+    drop((a, b));
+    assert_eq!(admission.snapshot().inflight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_model_cap_holds_and_a_release_admits_the_next() {
+    let admission = admission(10, &[("m", 2)], 100);
+    let mut tasks = Vec::new();
+    for client in 0..5 {
+        let admission = admission.clone();
+        tasks.push(tokio::spawn(async move {
+            admission.acquire(ticket("m", client)).await
+        }));
+    }
+    settle().await;
+    let snapshot = admission.snapshot();
+    assert_eq!((snapshot.inflight, snapshot.queued), (2, 3));
+    // Another model is not blocked by m's cap.
+    let other = admission.acquire(ticket("other", 9)).await.unwrap();
+    assert_eq!(other.lane(), "other");
+
+    let mut permits = Vec::new();
+    for task in tasks.iter_mut().filter(|t| t.is_finished()) {
+        permits.push(task.await.unwrap().unwrap());
+    }
+    assert_eq!(permits.len(), 2);
+    permits.pop();
+    settle().await;
+    assert_eq!(
+        admission.snapshot().queued,
+        2,
+        "one waiter took the released slot"
+    );
+    assert_eq!(admission.snapshot().inflight, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn global_cap_holds_across_models() {
+    let admission = admission(2, &[], 100);
+    let _a = admission.acquire(ticket("x", 1)).await.unwrap();
+    let _b = admission.acquire(ticket("y", 1)).await.unwrap();
+    let waiting = tokio::spawn({
+        let admission = admission.clone();
+        async move { admission.acquire(ticket("z", 1)).await }
+    });
+    settle().await;
+    assert!(!waiting.is_finished());
+    assert_eq!(admission.snapshot().queued, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_rejects_at_once() {
+    let admission = admission(1, &[], 2);
+    let _held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let admission = admission.clone();
+        waiting.push(tokio::spawn(async move {
+            admission.acquire(ticket("m", 1)).await
+        }));
+    }
+    settle().await;
+    let rejected = admission.acquire(ticket("m", 1)).await.unwrap_err();
+    assert!(
+        matches!(
+            rejected,
+            Rejected::QueueFull {
+                depth: 2,
+                retry_after: 1
+            }
+        ),
+        "{rejected:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_ends_the_wait() {
+    let admission = admission(1, &[], 10);
+    let _held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let started = Instant::now();
+    let mut waiting = ticket("m", 2);
+    waiting.deadline = started + Duration::from_secs(5);
+    let rejected = admission.acquire(waiting).await.unwrap_err();
+    assert!(
+        matches!(rejected, Rejected::DeadlineExceeded { .. }),
+        "{rejected:?}"
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(5),
+        "paused clock: exactly the deadline"
+    );
+    assert_eq!(admission.snapshot().queued, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_that_goes_away_leaves_the_queue_and_takes_no_slot() {
+    let admission = admission(1, &[], 10);
+    let held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let gone = tokio::spawn({
+        let admission = admission.clone();
+        async move { admission.acquire(ticket("m", 2)).await }
+    });
+    settle().await;
+    assert_eq!(admission.snapshot().queued, 1);
+    gone.abort();
+    settle().await;
+    assert_eq!(admission.snapshot().queued, 0);
+    drop(held);
+    settle().await;
+    assert_eq!(
+        admission.snapshot().inflight,
+        0,
+        "no slot went to the departed waiter"
+    );
+    let _next = admission.acquire(ticket("m", 3)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dispatcher_wakes_per_dispatch_not_per_waiter() {
+    const WAITERS: usize = 1000;
+    let admission = admission(1, &[], WAITERS + 1);
+    let first = admission.acquire(ticket("m", 0)).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for client in 0..WAITERS as u64 {
+        let admission = admission.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Ok(permit) = admission.acquire(ticket("m", client % 7)).await {
+                let _ = tx.send(permit);
+            }
+        });
+    }
+    settle().await;
+    assert_eq!(admission.snapshot().queued, WAITERS);
+    // Let a lot of (virtual) time pass with everyone waiting: an idle queue costs no wake-ups.
+    let before_idle = admission.snapshot().dispatcher_wakeups;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        admission.snapshot().dispatcher_wakeups,
+        before_idle,
+        "waiting costs no wake-ups"
+    );
+
+    let before = admission.snapshot().dispatcher_wakeups;
+    drop(first);
+    for _ in 0..WAITERS {
+        let permit = rx.recv().await.unwrap();
+        drop(permit);
+    }
+    let wakeups = admission.snapshot().dispatcher_wakeups - before;
+    assert!(
+        wakeups <= 2 * WAITERS as u64 + 10,
+        "{wakeups} wake-ups for {WAITERS} dispatches"
+    );
+    assert_eq!(admission.snapshot().queued, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttle_pauses_every_dispatch_until_the_cooldown_ends() {
+    let admission = admission(10, &[], 10);
+    admission.throttled(Some(Duration::from_secs(3)));
+    assert!(admission.snapshot().cooldown_active);
+    let started = Instant::now();
+    let _permit = admission.acquire(ticket("m", 1)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert!(!admission.snapshot().cooldown_active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_go_ahead_of_their_clients_newer_requests() {
+    let admission = admission(1, &[], 10);
+    let held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for (name, retry) in [("new-1", false), ("new-2", false), ("retry", true)] {
+        let admission = admission.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut t = ticket("m", 1);
+            t.retry = retry;
+            let permit = admission.acquire(t).await;
+            let _ = tx.send((name, permit));
+        });
+        settle().await;
+    }
+    drop(held);
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (name, permit) = rx.recv().await.unwrap();
+        order.push(name);
+        drop(permit);
+    }
+    assert_eq!(order, vec!["retry", "new-1", "new-2"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreadable_models_share_the_unknown_lane() {
+    let admission = admission(10, &[], 10);
+    let permit = admission
+        .acquire(Ticket {
+            model: None,
+            ..ticket("", 1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(permit.lane(), UNKNOWN_MODEL);
+    let long = "x".repeat(500);
+    let permit = admission.acquire(ticket(&long, 1)).await.unwrap();
+    assert_eq!(permit.lane(), UNKNOWN_MODEL);
+}
+
+#[tokio::test(start_paused = true)]
+async fn closing_rejects_waiters_and_newcomers() {
+    let admission = admission(1, &[], 10);
+    let _held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let waiting = tokio::spawn({
+        let admission = admission.clone();
+        async move { admission.acquire(ticket("m", 2)).await }
+    });
+    settle().await;
+    admission.close();
+    assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::ShuttingDown);
+    assert_eq!(
+        admission.acquire(ticket("m", 3)).await.unwrap_err(),
+        Rejected::ShuttingDown
+    );
+}

@@ -1,0 +1,261 @@
+//! Layering the configuration: embedded defaults → TOML file → `SLUICE_<SECTION>__<KEY>` env → CLI flags,
+//! then validation, then the API key (file, systemd credential, or `DEEPSEEK_API_KEY`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ::config::{Environment, File, FileFormat};
+
+use super::{ApiKey, Config, ConfigError};
+
+/// The environment variable that holds the API key when no key file is configured.
+pub const API_KEY_ENV: &str = "DEEPSEEK_API_KEY";
+/// The systemd credential name (`LoadCredential=deepseek-api-key:...`).
+pub const CREDENTIAL_NAME: &str = "deepseek-api-key";
+
+/// What the command line says, applied over file and env.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config PATH` / `SLUICE_CONFIG`.
+    pub config_path: Option<PathBuf>,
+    /// `--listen ADDR`.
+    pub listen: Option<String>,
+    /// `--upstream URL`.
+    pub upstream: Option<String>,
+}
+
+/// Builds the effective config from all layers and validates it. `env` is the process environment
+/// (passed in so tests need not touch the real one).
+pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let mut builder =
+        ::config::Config::builder().add_source(::config::Config::try_from(&Config::default())?);
+    if let Some(path) = &overrides.config_path {
+        builder = builder.add_source(
+            File::from(path.as_path())
+                .format(FileFormat::Toml)
+                .required(true),
+        );
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("SLUICE")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("retry.on_status")
+            .source(Some(config_env(env))),
+    );
+    if let Some(listen) = &overrides.listen {
+        builder = builder.set_override("server.listen", listen.as_str())?;
+    }
+    if let Some(upstream) = &overrides.upstream {
+        builder = builder.set_override("upstream.base_url", upstream.as_str())?;
+    }
+    let mut config: Config = builder.build()?.try_deserialize()?;
+    config.validate()?;
+    config.upstream.api_key = load_api_key(&config, env)?;
+    Ok(config)
+}
+
+/// Only `SLUICE_<SECTION>__<KEY>` variables are config keys; `SLUICE_CONFIG` and the like are not.
+fn config_env(env: &HashMap<String, String>) -> ::config::Map<String, String> {
+    env.iter()
+        .filter(|(key, _)| {
+            key.strip_prefix("SLUICE_")
+                .is_some_and(|rest| rest.contains("__"))
+        })
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
+}
+
+/// Finds the API key: `upstream.api_key_file`, else `$CREDENTIALS_DIRECTORY/deepseek-api-key` (systemd),
+/// else `DEEPSEEK_API_KEY`. None of them: the client's own `Authorization` is passed through.
+pub fn load_api_key(
+    config: &Config,
+    env: &HashMap<String, String>,
+) -> Result<Option<ApiKey>, ConfigError> {
+    let credential = env
+        .get("CREDENTIALS_DIRECTORY")
+        .map(|dir| PathBuf::from(dir).join(CREDENTIAL_NAME));
+    let file = match (&config.upstream.api_key_file, credential) {
+        (Some(path), _) => Some((path.clone(), "upstream.api_key_file")),
+        (None, Some(path)) if path.exists() => {
+            Some((path, "$CREDENTIALS_DIRECTORY/deepseek-api-key"))
+        }
+        _ => None,
+    };
+    if let Some((path, key)) = file {
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+            what: "the API key",
+            path: path.clone(),
+            source,
+        })?;
+        return ApiKey::new(&text, path.display().to_string())
+            .map(Some)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: key.into(),
+                value: path.display().to_string(),
+                expected: "a file holding one non-empty API key of printable characters".into(),
+            });
+    }
+    match env.get(API_KEY_ENV) {
+        Some(raw) if !raw.trim().is_empty() => {
+            ApiKey::new(raw, API_KEY_ENV)
+                .map(Some)
+                .ok_or_else(|| ConfigError::Invalid {
+                    key: API_KEY_ENV.into(),
+                    value: "[redacted]".into(),
+                    expected: "an API key of printable characters".into(),
+                })
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sluice-config-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn no_sources_gives_the_embedded_defaults() {
+        assert_eq!(
+            load(&Overrides::default(), &env(&[])).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let file = temp_file(
+            "layers.toml",
+            "[server]\nlisten = \"127.0.0.1:9000\"\nmax_body_bytes = 1000\n[queue]\nmax_wait = \"90s\"\n\
+             [limits.models.\"my-model\"]\nmax_concurrency = 7\n",
+        );
+        let overrides = Overrides {
+            config_path: Some(file),
+            listen: Some("127.0.0.1:9100".into()),
+            upstream: Some("http://127.0.0.1:1234".into()),
+        };
+        let env = env(&[
+            ("SLUICE_SERVER__MAX_BODY_BYTES", "2000"),
+            ("SLUICE_RETRY__ON_STATUS", "429,503"),
+            ("SLUICE_CONFIG", "ignored.toml"),
+        ]);
+        let config = load(&overrides, &env).unwrap();
+        assert_eq!(config.server.listen.port(), 9100, "flag beats file");
+        assert_eq!(config.server.max_body_bytes, 2000, "env beats file");
+        assert_eq!(
+            config.queue.max_wait,
+            Duration::from_secs(90),
+            "file beats defaults"
+        );
+        assert_eq!(config.retry.on_status, vec![429, 503]);
+        assert_eq!(config.upstream.base_url, "http://127.0.0.1:1234");
+        assert_eq!(config.limits.models["my-model"].max_concurrency, 7);
+        assert!(
+            config.limits.models.contains_key("deepseek-v4-pro"),
+            "models merge with the defaults"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let file = temp_file("unknown.toml", "[server]\nlisten_addr = \"127.0.0.1:1\"\n");
+        let err = load(
+            &Overrides {
+                config_path: Some(file),
+                ..Default::default()
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+
+        let err = load(&Overrides::default(), &env(&[("SLUICE_QUEUE__DEPTH", "5")])).unwrap_err();
+        assert!(err.to_string().contains("depth"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let file = temp_file("bad.toml", "[upstream]\nheader_timeout = \"soon\"\n");
+        let err = load(
+            &Overrides {
+                config_path: Some(file),
+                ..Default::default()
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("header_timeout"), "{err}");
+
+        let err = load(
+            &Overrides {
+                listen: Some("nowhere".into()),
+                ..Default::default()
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn api_key_sources_in_order() {
+        let key_file = temp_file("key", "sk-from-file\n");
+        let cred_dir = temp_file(CREDENTIAL_NAME, "sk-from-credential")
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let cred_dir = cred_dir.to_str().unwrap();
+
+        let from_env = load(&Overrides::default(), &env(&[(API_KEY_ENV, "sk-env")])).unwrap();
+        assert_eq!(
+            from_env.upstream.api_key.unwrap().authorization(),
+            "Bearer sk-env"
+        );
+
+        let both = env(&[(API_KEY_ENV, "sk-env"), ("CREDENTIALS_DIRECTORY", cred_dir)]);
+        let from_cred = load(&Overrides::default(), &both).unwrap();
+        assert_eq!(
+            from_cred.upstream.api_key.unwrap().authorization(),
+            "Bearer sk-from-credential"
+        );
+
+        let mut config = Config::default();
+        config.upstream.api_key_file = Some(key_file);
+        let from_file = load_api_key(&config, &both).unwrap().unwrap();
+        assert_eq!(from_file.authorization(), "Bearer sk-from-file");
+
+        assert!(load(&Overrides::default(), &env(&[]))
+            .unwrap()
+            .upstream
+            .api_key
+            .is_none());
+    }
+
+    #[test]
+    fn empty_key_file_is_an_error() {
+        let mut config = Config::default();
+        config.upstream.api_key_file = Some(temp_file("empty-key", "\n"));
+        let err = load_api_key(&config, &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("upstream.api_key_file"), "{err}");
+    }
+}

@@ -1,0 +1,427 @@
+//! The daemon's configuration: typed sections with their defaults (the embedded defaults),
+//! validation with errors that name the key, and — in `load` — the layering of file, env and flags.
+
+mod load;
+mod rate;
+mod secret;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{load, load_api_key, Overrides};
+pub use rate::Rate;
+pub use secret::ApiKey;
+
+/// Everything sluice can be told. Every field has a default, so an empty file is a valid config.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub limits: LimitsConfig,
+    pub queue: QueueConfig,
+    pub retry: RetryConfig,
+}
+
+/// `[server]`: the listener that applications talk to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Loopback by default: sluice holds an API key, so it is not for the world.
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger ones get 413 `sluice_body_too_large`.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers) for HTTP/1, and header list for HTTP/2.
+    pub max_header_bytes: usize,
+    /// A client must send its complete request head within this time (slowloris guard).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A client must send its complete request body within this time.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
+            max_body_bytes: 32 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[upstream]`: where requests go, and how long sluice waits for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The only place requests are forwarded to: base_url + the request's path and query.
+    pub base_url: String,
+    /// A file holding the API key (systemd credentials, Docker secrets). Unset: `DEEPSEEK_API_KEY`.
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Time allowed to open a TCP connection (and finish TLS) to the upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request until the response headers arrive. Not retried when it passes.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest gap allowed between two chunks of a response body before the stream counts as dead.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long an unused pooled upstream connection is kept open.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// The key in use, read from `api_key_file`, `$CREDENTIALS_DIRECTORY` or `DEEPSEEK_API_KEY`;
+    /// never read from the config file and shown only redacted.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKey>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.deepseek.com".into(),
+            api_key_file: None,
+            connect_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(300),
+            pool_idle_timeout: Duration::from_secs(90),
+            api_key: None,
+        }
+    }
+}
+
+/// `[log]`: how sluice writes its log to stderr.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log shippers.
+    pub format: LogFormat,
+    /// A level (`error`, `warn`, `info`, `debug`, `trace`), optionally with per-target levels: `info,hyper=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// The two log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[limits]`: what sluice lets through to the upstream at once and per unit of time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Global request rate (GCRA), e.g. "600/min". Unset: no rate limit.
+    pub rate: Option<Rate>,
+    /// How many requests may go at once above the steady rate. Unset: one second's worth (at least 1).
+    pub burst: Option<u32>,
+    /// Requests in flight upstream at once, all models together.
+    pub max_concurrency: u32,
+    /// Per-model caps on requests in flight (a stream holds its slot until it ends).
+    pub models: BTreeMap<String, ModelLimits>,
+    /// Model names that share another model's slots (DeepSeek's deprecated names count as v4-flash).
+    pub aliases: BTreeMap<String, String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let model = |cap| ModelLimits {
+            max_concurrency: cap,
+        };
+        Self {
+            rate: None,
+            burst: None,
+            max_concurrency: 4096,
+            models: BTreeMap::from([
+                ("deepseek-v4-pro".to_string(), model(500)),
+                ("deepseek-v4-flash".to_string(), model(2500)),
+            ]),
+            aliases: BTreeMap::from([
+                ("deepseek-chat".to_string(), "deepseek-v4-flash".to_string()),
+                (
+                    "deepseek-reasoner".to_string(),
+                    "deepseek-v4-flash".to_string(),
+                ),
+            ]),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The GCRA burst in force: the configured one, else one second's worth of the rate (at least 1).
+    pub fn effective_burst(&self) -> Option<u32> {
+        let rate = self.rate?;
+        Some(
+            self.burst
+                .unwrap_or_else(|| (rate.per_second().floor() as u32).max(1)),
+        )
+    }
+}
+
+/// `[limits.models."NAME"]`: one model's limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    /// Requests for this model in flight upstream at once.
+    pub max_concurrency: u32,
+}
+
+/// `[queue]`: where requests wait for a slot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Requests waiting at once; one more gets 503 `sluice_queue_full` at once.
+    pub max_depth: usize,
+    /// How long a request may wait and retry in all before it gets 503 `sluice_deadline_exceeded`.
+    /// Keep it under the clients' own timeout (600 s for the OpenAI SDKs).
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_depth: 10_000,
+            max_wait: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[retry]`: which upstream answers are retried, and how far apart.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Upstream statuses that are retried (connection failures before any response are retried too).
+    pub on_status: Vec<u16>,
+    /// First backoff step; attempt n waits a random time in [0, min(max_delay, base_delay·2^n)].
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Longest wait between two attempts, also the cap on an upstream's Retry-After.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            on_status: vec![429, 500, 502, 503, 504],
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A configuration that cannot be used, naming the key, the value and what would be valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value for `{key}`: {value} ({expected})")]
+    Invalid {
+        key: String,
+        value: String,
+        expected: String,
+    },
+    #[error("{0}")]
+    Load(#[from] ::config::ConfigError),
+    #[error("cannot read {what} from {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: impl Into<String>, value: impl std::fmt::Display, expected: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+impl Config {
+    /// Checks what the types alone cannot: ranges, URLs, and references between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url: http::Uri = self.upstream.base_url.parse().map_err(|_| {
+            invalid(
+                "upstream.base_url",
+                &self.upstream.base_url,
+                "an http:// or https:// URL",
+            )
+        })?;
+        if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+            return Err(invalid(
+                "upstream.base_url",
+                &self.upstream.base_url,
+                "an http:// or https:// URL with a host",
+            ));
+        }
+        if url.query().is_some() {
+            return Err(invalid(
+                "upstream.base_url",
+                &self.upstream.base_url,
+                "a URL without a query string",
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", 0, "at least 1"));
+        }
+        if !(8192..=16 * 1024 * 1024).contains(&self.server.max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                self.server.max_header_bytes,
+                "8192 to 16777216",
+            ));
+        }
+        let positive = [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.header_timeout", self.upstream.header_timeout),
+            ("upstream.idle_timeout", self.upstream.idle_timeout),
+            ("queue.max_wait", self.queue.max_wait),
+            ("retry.base_delay", self.retry.base_delay),
+            ("retry.max_delay", self.retry.max_delay),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(
+                    key,
+                    "0s",
+                    "a duration longer than zero, such as \"500ms\" or \"10m\"",
+                ));
+            }
+        }
+        if self.retry.base_delay > self.retry.max_delay {
+            return Err(invalid(
+                "retry.base_delay",
+                humantime::format_duration(self.retry.base_delay),
+                "at most retry.max_delay",
+            ));
+        }
+        for status in &self.retry.on_status {
+            if !(400..=599).contains(status) || matches!(status, 400 | 401 | 402 | 422) {
+                return Err(invalid(
+                    "retry.on_status",
+                    status,
+                    "4xx/5xx statuses other than 400, 401, 402, 422",
+                ));
+            }
+        }
+        if self.limits.max_concurrency == 0 {
+            return Err(invalid("limits.max_concurrency", 0, "at least 1"));
+        }
+        if self.limits.burst == Some(0) {
+            return Err(invalid("limits.burst", 0, "at least 1"));
+        }
+        for (name, model) in &self.limits.models {
+            if model.max_concurrency == 0 {
+                return Err(invalid(
+                    format!("limits.models.\"{name}\".max_concurrency"),
+                    0,
+                    "at least 1",
+                ));
+            }
+        }
+        for (alias, target) in &self.limits.aliases {
+            if !self.limits.models.contains_key(target) {
+                return Err(invalid(
+                    format!("limits.aliases.\"{alias}\""),
+                    format!("{target:?}"),
+                    "the name of a model under [limits.models]",
+                ));
+            }
+        }
+        if self.queue.max_depth == 0 {
+            return Err(invalid("queue.max_depth", 0, "at least 1"));
+        }
+        self.log
+            .level
+            .parse::<tracing_subscriber::filter::Targets>()
+            .map_err(|_| {
+                invalid(
+                    "log.level",
+                    format!("{:?}", self.log.level),
+                    "a level such as \"info\" or \"info,hyper=warn\"",
+                )
+            })?;
+        Ok(())
+    }
+
+    /// The effective config as TOML, with every secret redacted (for `sluice check-config`).
+    pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string_pretty(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_key_value_and_range() {
+        let mut config = Config::default();
+        config.retry.on_status = vec![429, 401];
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("retry.on_status") && message.contains("401"),
+            "{message}"
+        );
+
+        let mut config = Config::default();
+        config.upstream.base_url = "ftp://example.com".into();
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("upstream.base_url") && message.contains("ftp://example.com"),
+            "{message}"
+        );
+
+        let mut config = Config::default();
+        config.limits.aliases.insert("x".into(), "nope".into());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("limits.aliases") && message.contains("nope"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn burst_defaults_to_one_second_of_rate() {
+        let mut limits = LimitsConfig::default();
+        assert_eq!(limits.effective_burst(), None);
+        limits.rate = Some("600/min".parse().unwrap());
+        assert_eq!(limits.effective_burst(), Some(10));
+        limits.rate = Some("6/min".parse().unwrap());
+        assert_eq!(limits.effective_burst(), Some(1));
+        limits.burst = Some(3);
+        assert_eq!(limits.effective_burst(), Some(3));
+    }
+}

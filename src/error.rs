@@ -1,0 +1,163 @@
+//! Every error sluice answers with itself, and the one place that turns them into OpenAI-shaped JSON
+//! (`{"error":{"message","type","code"}}`) — as a response, or as an in-band SSE event.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+use serde_json::json;
+
+use crate::proxy::ResponseBody;
+
+/// A failure that ends a request with sluice's own answer instead of the upstream's.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("method {0} is not supported: sluice only forwards to its configured upstream")]
+    MethodNotAllowed(Method),
+    #[error("could not reach the upstream: {0}")]
+    UpstreamUnreachable(String),
+    #[error("the upstream sent no response headers within {}", humantime::format_duration(*.0))]
+    UpstreamTimeout(Duration),
+    #[error("the queue is full ({depth} requests waiting); retry later")]
+    QueueFull { depth: usize, retry_after: u64 },
+    #[error("gave up after {} waiting and {attempts} attempt(s); last upstream status: {}",
+        humantime::format_duration(*waited), last_status.map_or("none".to_string(), |s| s.to_string()))]
+    DeadlineExceeded {
+        waited: Duration,
+        attempts: u32,
+        last_status: Option<u16>,
+        retry_after: u64,
+    },
+    #[error("sluice is shutting down; retry later")]
+    ShuttingDown,
+}
+
+impl ProxyError {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::QueueFull { .. } | Self::DeadlineExceeded { .. } | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The `type` (and `code`) in the JSON error: what kind of failure, for programs to match on.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BodyTooLarge { .. } => "sluice_body_too_large",
+            Self::BadRequest(_) => "sluice_bad_request",
+            Self::MethodNotAllowed(_) => "sluice_method_not_allowed",
+            Self::UpstreamUnreachable(_) => "sluice_upstream_unreachable",
+            Self::UpstreamTimeout(_) => "sluice_upstream_timeout",
+            Self::QueueFull { .. } => "sluice_queue_full",
+            Self::DeadlineExceeded { .. } => "sluice_deadline_exceeded",
+            Self::ShuttingDown => "sluice_shutting_down",
+        }
+    }
+
+    /// Seconds the client should wait before trying again, sent as `Retry-After`.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::QueueFull { retry_after, .. } | Self::DeadlineExceeded { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            Self::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The client's response: status, JSON body, and `Retry-After` where waiting helps.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(error_json(
+            &self.to_string(),
+            self.kind(),
+        )));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// The OpenAI error object as JSON bytes.
+pub fn error_json(message: &str, kind: &str) -> Bytes {
+    Bytes::from(json!({ "error": { "message": message, "type": kind, "code": kind } }).to_string())
+}
+
+/// The same error object as one SSE event, for ending a stream that broke mid-way.
+pub fn error_event(message: &str, kind: &str) -> Bytes {
+    let json = error_json(message, kind);
+    let mut event = Vec::with_capacity(json.len() + 8);
+    event.extend_from_slice(b"data: ");
+    event.extend_from_slice(&json);
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_openai_shape() {
+        let value: serde_json::Value =
+            serde_json::from_slice(&error_json("nope \"quoted\"", "sluice_x")).unwrap();
+        assert_eq!(value["error"]["message"], "nope \"quoted\"");
+        assert_eq!(value["error"]["type"], "sluice_x");
+        assert_eq!(value["error"]["code"], "sluice_x");
+    }
+
+    #[test]
+    fn event_is_one_sse_data_event() {
+        let event = error_event("cut", "sluice_upstream_stream_error");
+        let text = std::str::from_utf8(&event).unwrap();
+        assert!(
+            text.starts_with("data: {") && text.ends_with("}\n\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches('\n').count(), 2);
+    }
+
+    #[test]
+    fn waiting_errors_carry_retry_after() {
+        let response = ProxyError::QueueFull {
+            depth: 3,
+            retry_after: 2,
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+        let message = ProxyError::DeadlineExceeded {
+            waited: Duration::from_secs(300),
+            attempts: 4,
+            last_status: Some(429),
+            retry_after: 1,
+        }
+        .to_string();
+        assert!(
+            message.contains("429") && message.contains("4 attempt"),
+            "{message}"
+        );
+        assert!(ProxyError::BadRequest("x".into())
+            .into_response()
+            .headers()
+            .get(header::RETRY_AFTER)
+            .is_none());
+    }
+}

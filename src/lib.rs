@@ -1,0 +1,12 @@
+//! sluice: a small, fast daemon between applications and the DeepSeek API (OpenAI-compatible). It holds
+//! the API key, queues requests behind a global limiter, retries 429s and transient failures, and streams
+//! responses back untouched. Modules follow a request's path: server → proxy → admission → upstream.
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod observe;
+pub mod proxy;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,244 @@
+//! Reading a client request: what sluice refuses outright, the bounded body, who is asking (for
+//! fairness), at which priority, for which model — and the upstream request built from it once, then
+//! re-sent as is by every retry.
+
+use std::borrow::Cow;
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Uri, Version};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use serde::Deserialize;
+
+use super::headers::{strip_hop_by_hop, strip_prefixed};
+use crate::admission::{ClientId, Priority};
+use crate::config::ApiKey;
+use crate::error::ProxyError;
+use crate::proxy::body::BoxError;
+use crate::upstream::Upstream;
+
+/// Header that names the client for fair queueing.
+pub const CLIENT_HEADER: &str = "x-sluice-client";
+/// Header that picks the priority class.
+pub const PRIORITY_HEADER: &str = "x-sluice-priority";
+/// The request id header, kept from the client or made up.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Refuses what sluice never forwards: CONNECT, and HTTP/1 absolute-form targets (an open-proxy attempt).
+pub fn refuse_foreign<B>(request: &Request<B>) -> Result<(), ProxyError> {
+    if request.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
+    }
+    let http1 = matches!(
+        request.version(),
+        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+    );
+    if http1 && request.uri().authority().is_some() {
+        return Err(ProxyError::BadRequest(
+            "absolute-form request targets are refused: sluice is not an open proxy".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes (413) — early from Content-Length.
+pub async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(err) => Err(ProxyError::BadRequest(format!(
+            "could not read the request body: {err}"
+        ))),
+    }
+}
+
+/// What admission and the log need to know about a request.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// The JSON body's `model`, if the body is JSON and has one.
+    pub model: Option<String>,
+    /// The JSON body's `stream`.
+    pub stream: bool,
+    pub client: ClientId,
+    pub priority: Priority,
+}
+
+/// Just the fields sluice reads from a JSON body; serde skips the rest without building it.
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+impl Inspection {
+    /// Reads the model from the body and the client identity: `x-sluice-client`, else the bearer
+    /// token, else the peer IP — each hashed with this process's random key.
+    pub fn new(headers: &HeaderMap, body: &[u8], peer: SocketAddr, hasher: &RandomState) -> Self {
+        let peek = serde_json::from_slice::<Peek<'_>>(body).ok();
+        let client = match (
+            headers.get(CLIENT_HEADER),
+            headers.get(header::AUTHORIZATION),
+        ) {
+            (Some(name), _) => hasher.hash_one((0u8, name.as_bytes())),
+            (None, Some(token)) => hasher.hash_one((1u8, token.as_bytes())),
+            (None, None) => hasher.hash_one((2u8, peer.ip())),
+        };
+        let priority = headers
+            .get(PRIORITY_HEADER)
+            .map_or(Priority::Normal, |v| Priority::from_header(v.as_bytes()));
+        Self {
+            model: peek
+                .as_ref()
+                .and_then(|p| p.model.as_deref().map(str::to_owned)),
+            stream: peek.and_then(|p| p.stream).unwrap_or(false),
+            client,
+            priority,
+        }
+    }
+}
+
+/// The upstream request, built once and cloned for each attempt.
+pub struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Outgoing {
+    /// Applies header hygiene, injects the configured key (or keeps the client's when none is
+    /// configured), sets the request id, and targets the configured upstream.
+    pub fn new(
+        parts: &Parts,
+        body: Bytes,
+        upstream: &Upstream,
+        api_key: Option<&ApiKey>,
+        request_id: &HeaderValue,
+    ) -> Result<Self, ProxyError> {
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = upstream.target(path).ok_or_else(|| {
+            ProxyError::BadRequest(format!("request target {path:?} cannot be forwarded"))
+        })?;
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers);
+        strip_prefixed(&mut headers, "x-sluice-");
+        headers.remove(header::HOST);
+        headers.remove(header::CONTENT_LENGTH);
+        if let Some(key) = api_key {
+            headers.insert(header::AUTHORIZATION, key.authorization().clone());
+        }
+        headers.insert(REQUEST_ID_HEADER, request_id.clone());
+        Ok(Self {
+            method: parts.method.clone(),
+            uri,
+            headers,
+            body,
+        })
+    }
+
+    /// A fresh request for one attempt.
+    pub fn attempt(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// The client's `x-request-id` if it sent a usable one, else a new random id.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(|| {
+            // Sixteen hex digits are always a valid header value; the fallback is never taken.
+            HeaderValue::try_from(format!("sluice-{:016x}", fastrand::u64(..)))
+                .unwrap_or(HeaderValue::from_static("sluice"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 5000))
+    }
+
+    #[test]
+    fn reads_model_and_stream_without_building_the_body() {
+        let hasher = RandomState::new();
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"deepseek-v4-pro","stream":true}"#;
+        let seen = Inspection::new(&HeaderMap::new(), body, peer(), &hasher);
+        assert_eq!(seen.model.as_deref(), Some("deepseek-v4-pro"));
+        assert!(seen.stream);
+        for junk in [&b"not json"[..], b"", b"{\"model\": 5}", b"[1,2]"] {
+            assert_eq!(
+                Inspection::new(&HeaderMap::new(), junk, peer(), &hasher).model,
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn client_identity_prefers_header_then_token_then_peer() {
+        let hasher = RandomState::new();
+        let with = |pairs: &[(&'static str, &'static str)], ip: [u8; 4]| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in pairs {
+                headers.insert(*k, HeaderValue::from_static(v));
+            }
+            Inspection::new(&headers, b"", SocketAddr::from((ip, 1)), &hasher).client
+        };
+        let named = with(
+            &[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer x")],
+            [127, 0, 0, 1],
+        );
+        assert_eq!(
+            named,
+            with(
+                &[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer y")],
+                [127, 0, 0, 2]
+            )
+        );
+        assert_ne!(named, with(&[(CLIENT_HEADER, "app-b")], [127, 0, 0, 1]));
+        let token = with(&[("authorization", "Bearer x")], [127, 0, 0, 1]);
+        assert_eq!(
+            token,
+            with(&[("authorization", "Bearer x")], [127, 0, 0, 9])
+        );
+        assert_ne!(
+            token,
+            with(&[("authorization", "Bearer y")], [127, 0, 0, 1])
+        );
+        assert_ne!(with(&[], [127, 0, 0, 1]), with(&[], [127, 0, 0, 2]));
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        let made = request_id(&headers);
+        assert!(made.to_str().unwrap().starts_with("sluice-"));
+        assert_ne!(made, request_id(&headers));
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers), "abc-123");
+    }
+}

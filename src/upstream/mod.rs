@@ -1,0 +1,161 @@
+//! The one shared upstream client — hyper-util's pooled client over rustls (ring provider, webpki roots,
+//! HTTP/1.1 and h2 chosen by ALPN) — the rule that builds every target URL from `upstream.base_url`, and
+//! the header timeout. Send errors are typed so the retry loop knows what may have reached the upstream.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::UpstreamConfig;
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made (refused, DNS, TLS handshake, connect timeout): nothing was sent.
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(String),
+    /// The connection failed after the request was (perhaps partly) sent, before any response byte.
+    #[error("the upstream connection failed before a response: {0}")]
+    Reset(String),
+    /// No response headers within `upstream.header_timeout`; the upstream may still be working on it.
+    #[error("no response headers within {}", humantime::format_duration(*.0))]
+    HeaderTimeout(Duration),
+}
+
+/// Why the upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("upstream.base_url {0:?} is not a usable URL")]
+    BaseUrl(String),
+}
+
+/// The upstream: where requests go and the client that takes them there.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// `scheme://authority` of `base_url`.
+    origin: Arc<str>,
+    /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
+    base_path: Arc<str>,
+    header_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, BuildError> {
+        let base: Uri = config
+            .base_url
+            .parse()
+            .map_err(|_| BuildError::BaseUrl(config.base_url.clone()))?;
+        let (Some(scheme), Some(authority)) = (base.scheme_str(), base.authority()) else {
+            return Err(BuildError::BaseUrl(config.base_url.clone()));
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        Ok(Self {
+            client,
+            origin: Arc::from(format!("{scheme}://{authority}")),
+            base_path: Arc::from(base.path().trim_end_matches('/')),
+            header_timeout: config.header_timeout,
+        })
+    }
+
+    /// The upstream URL for a request's path and query: always the configured origin, never anything
+    /// the client named, so sluice cannot be used as an open proxy.
+    pub fn target(&self, path_and_query: &str) -> Option<Uri> {
+        if !path_and_query.starts_with('/') {
+            return None;
+        }
+        let uri: Uri = format!("{}{}{}", self.origin, self.base_path, path_and_query)
+            .parse()
+            .ok()?;
+        (uri.authority().map(|a| a.as_str()) == self.origin.split("://").nth(1)).then_some(uri)
+    }
+
+    /// Sends one request and waits for the response headers, at most `header_timeout`.
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, SendError> {
+        match tokio::time::timeout(self.header_timeout, self.client.request(request)).await {
+            Err(_) => Err(SendError::HeaderTimeout(self.header_timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
+            Ok(Err(err)) => Err(SendError::Reset(error_chain(&err))),
+        }
+    }
+}
+
+/// An error and its sources on one line ("client error (Connect): tcp connect error: Connection refused").
+pub fn error_chain(err: &dyn StdError) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(base_url: &str) -> Upstream {
+        let config = UpstreamConfig {
+            base_url: base_url.into(),
+            ..UpstreamConfig::default()
+        };
+        Upstream::new(&config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn targets_stay_on_the_configured_origin() {
+        let up = upstream("https://api.deepseek.com");
+        assert_eq!(
+            up.target("/v1/chat/completions?x=1").unwrap(),
+            "https://api.deepseek.com/v1/chat/completions?x=1"
+        );
+        assert_eq!(
+            up.target("//evil.example/x").unwrap().host(),
+            Some("api.deepseek.com")
+        );
+        assert!(up.target("*").is_none());
+        assert!(up.target("@evil.example/x").is_none());
+        assert!(up.target("http://evil.example/x").is_none());
+    }
+
+    #[tokio::test]
+    async fn base_path_is_prefixed() {
+        let up = upstream("http://127.0.0.1:9/prefix/");
+        assert_eq!(
+            up.target("/models").unwrap(),
+            "http://127.0.0.1:9/prefix/models"
+        );
+    }
+}
