@@ -1,0 +1,124 @@
+//! The shipped config/sluice.toml is the documentation of every key: it must yield exactly the embedded
+//! defaults and mention every key, and `sluice check-config` must accept it and never print a key.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use sluice::config::{load, Config, Overrides};
+
+fn shipped() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/sluice.toml")
+}
+
+#[test]
+fn the_shipped_file_yields_exactly_the_embedded_defaults() {
+    let overrides = Overrides {
+        config_path: Some(shipped()),
+        ..Overrides::default()
+    };
+    assert_eq!(
+        load(&overrides, &HashMap::new()).unwrap(),
+        Config::default()
+    );
+}
+
+/// Every key path of a TOML value ("server.listen", "limits.models.deepseek-v4-pro.max_concurrency").
+fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+    if let toml::Value::Table(table) = value {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            key_paths(value, &path, out);
+            out.push(path);
+        }
+    }
+}
+
+/// "# rate = \"600/min\"" → "rate = \"600/min\""; prose comments stay comments.
+fn uncomment_example(line: &str) -> &str {
+    match line.strip_prefix("# ") {
+        Some(rest)
+            if rest.split_once(" = ").is_some_and(|(key, _)| {
+                key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            }) =>
+        {
+            rest
+        }
+        _ => line,
+    }
+}
+
+#[test]
+fn the_shipped_file_mentions_every_key() {
+    let text = std::fs::read_to_string(shipped()).unwrap();
+    // Optional keys (unset by default) are shown commented out; uncomment them to see every key.
+    let uncommented: String = text
+        .lines()
+        .map(uncomment_example)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let documented: toml::Value =
+        toml::from_str(&uncommented).expect("the file with its examples uncommented parses");
+    let mut documented_keys = Vec::new();
+    key_paths(&documented, "", &mut documented_keys);
+
+    let mut every = Config::default();
+    every.limits.rate = Some("1/s".parse().unwrap());
+    every.limits.burst = Some(1);
+    every.upstream.api_key_file = Some("/x".into());
+    let all: toml::Value = toml::Value::try_from(&every).unwrap();
+    let mut all_keys = Vec::new();
+    key_paths(&all, "", &mut all_keys);
+    for key in all_keys {
+        assert!(
+            documented_keys.contains(&key),
+            "config/sluice.toml does not document `{key}`"
+        );
+    }
+}
+
+#[test]
+fn check_config_accepts_the_shipped_file_and_redacts_the_key() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check-config", "--config"])
+        .arg(shipped())
+        .env("DEEPSEEK_API_KEY", "sk-very-secret-value")
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("[server]") && stdout.contains("listen = \"127.0.0.1:8787\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[redacted]"), "{stdout}");
+    assert!(
+        !stdout.contains("sk-very-secret-value"),
+        "the key was printed:\n{stdout}"
+    );
+}
+
+#[test]
+fn check_config_names_a_bad_key_and_exits_64() {
+    let dir = std::env::temp_dir().join(format!("sluice-check-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[queue]\nmax_wait = \"0s\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("queue.max_wait"), "{stderr}");
+}

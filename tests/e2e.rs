@@ -1,0 +1,97 @@
+//! End-to-end tests: the official `openai` Python SDK as the client, sluice in-process, the mock as the
+//! upstream. The interpreter is `$SLUICE_TEST_PYTHON`, else `.venv/bin/python` (made by `scripts/test`);
+//! a missing SDK fails these tests rather than skipping them.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use support::*;
+
+fn python() -> PathBuf {
+    std::env::var_os("SLUICE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"))
+}
+
+/// Runs one scenario of `tests/e2e/sdk_client.py` against `sluice` and asserts it passed.
+async fn run_sdk(sluice: &Sluice, scenario: &str) {
+    let python = python();
+    assert!(
+        python.exists(),
+        "{} not found: run scripts/test (it creates .venv with the openai SDK) or set SLUICE_TEST_PYTHON",
+        python.display()
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/sdk_client.py");
+    let base_url = sluice.url("/v1");
+    let scenario = scenario.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(base_url)
+            .arg(scenario)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.trim() == "ok",
+        "SDK scenario failed:\n{stdout}\n{stderr}"
+    );
+}
+
+fn hello_stream(ending: Ending) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
+    move |_, _| {
+        let mut chunks = vec![data(": keep-alive\n\n"), chunk_event("Hello")];
+        if ending == Ending::Complete {
+            chunks.extend([chunk_event(", world"), data("data: [DONE]\n\n")]);
+        }
+        Reply::sse(chunks, ending)
+    }
+}
+
+#[tokio::test]
+async fn sdk_chat_completion() {
+    let mock = Mock::start(|_, _| Reply::json(200, completion("hello from the mock"))).await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    run_sdk(&sluice, "chat").await;
+    let seen = &mock.requests()[0];
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {TEST_KEY}").as_str()
+    );
+}
+
+#[tokio::test]
+async fn sdk_streamed_chat_completion() {
+    let mock = Mock::start(hello_stream(Ending::Complete)).await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    run_sdk(&sluice, "stream").await;
+}
+
+#[tokio::test]
+async fn sdk_raises_on_a_stream_cut_mid_way() {
+    let mock = Mock::start(hello_stream(Ending::Cut)).await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    run_sdk(&sluice, "stream_error").await;
+}
+
+#[tokio::test]
+async fn sdk_never_sees_the_upstreams_429s() {
+    let mock = Mock::start(|_, index| {
+        if index < 3 {
+            Reply::json(429, r#"{"error":{"message":"Rate Limit Reached"}}"#)
+        } else {
+            Reply::json(200, completion("hello from the mock"))
+        }
+    })
+    .await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    run_sdk(&sluice, "absorbed_429").await;
+    assert_eq!(mock.arrivals(), 4);
+}
