@@ -36,6 +36,8 @@ pub struct ServerConfig {
     /// Largest request body accepted; larger ones get 413 `sluice_body_too_large`.
     pub max_body_bytes: usize,
     /// Largest request head (request line and headers) for HTTP/1, and header list for HTTP/2.
+    /// For HTTP/1 it also caps each connection's read buffer, which dominates what a waiting request
+    /// costs: keep it small.
     pub max_header_bytes: usize,
     /// A client must send its complete request head within this time (slowloris guard).
     #[serde(with = "humantime_serde")]
@@ -53,7 +55,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8787)),
             max_body_bytes: 32 * 1024 * 1024,
-            max_header_bytes: 64 * 1024,
+            max_header_bytes: 8 * 1024,
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),

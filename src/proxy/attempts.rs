@@ -60,7 +60,8 @@ impl Proxy {
 
             // One upstream attempt, classified.
             progress.attempts += 1;
-            let outcome = self.upstream.send(outgoing.attempt()).await;
+            // Boxed: a queued request then carries no room for the (larger) send state.
+            let outcome = Box::pin(self.upstream.send(outgoing.attempt())).await;
             let decision = match &outcome {
                 Ok(response) => retry::classify_status(
                     response.status(),
@@ -82,7 +83,7 @@ impl Proxy {
                         Ok(response) => {
                             progress.last_status = Some(response.status().as_u16());
                             last_connection_error = None;
-                            drain(response).await;
+                            Box::pin(drain(response)).await;
                         }
                         Err(err) => last_connection_error = Some(err),
                     }

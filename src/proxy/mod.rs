@@ -125,10 +125,11 @@ impl Proxy {
         request::refuse_foreign(&request)?;
         // 2. Read the bounded body: retries re-send it and admission reads its model.
         let (parts, body) = request.into_parts();
-        let body = tokio::time::timeout(
+        // Boxed, like the upstream send: a queued request then carries no room for this state.
+        let body = Box::pin(tokio::time::timeout(
             server.body_read_timeout,
             request::read_body(body, &parts.headers, server.max_body_bytes),
-        )
+        ))
         .await
         .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time".into()))??;
         // 3. Who asks, for which model, how urgently.
@@ -137,8 +138,9 @@ impl Proxy {
         log.stream = seen.stream;
         log.client = seen.client;
         // 4. The upstream request, built once: header hygiene, key injection, the configured origin only.
+        //    It takes the client's request head, so nothing of hyper's read buffer stays pinned.
         let outgoing = Outgoing::new(
-            &parts,
+            parts,
             body,
             &self.upstream,
             self.config.upstream.api_key.as_ref(),

@@ -58,7 +58,9 @@ where
         return Err(ProxyError::BodyTooLarge { limit });
     }
     match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
+        // A copy: a body parsed in one piece is a slice of the connection's read buffer, and a queued
+        // request must not pin that whole buffer.
+        Ok(collected) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
         Err(err) => Err(ProxyError::BadRequest(format!(
             "could not read the request body: {err}"
@@ -123,9 +125,11 @@ pub struct Outgoing {
 
 impl Outgoing {
     /// Applies header hygiene, injects the configured key (or keeps the client's when none is
-    /// configured), sets the request id, and targets the configured upstream.
+    /// configured), sets the request id, and targets the configured upstream. Takes the client's
+    /// request head and keeps only copies: hyper's parsed values are slices of the connection's read
+    /// buffer, which a queued request would otherwise pin.
     pub fn new(
-        parts: &Parts,
+        parts: Parts,
         body: Bytes,
         upstream: &Upstream,
         api_key: Option<&ApiKey>,
@@ -135,11 +139,15 @@ impl Outgoing {
         let uri = upstream.target(path).ok_or_else(|| {
             ProxyError::BadRequest(format!("request target {path:?} cannot be forwarded"))
         })?;
-        let mut headers = parts.headers.clone();
-        strip_hop_by_hop(&mut headers);
-        strip_prefixed(&mut headers, "x-sluice-");
-        headers.remove(header::HOST);
-        headers.remove(header::CONTENT_LENGTH);
+        let mut client_headers = parts.headers;
+        strip_hop_by_hop(&mut client_headers);
+        strip_prefixed(&mut client_headers, "x-sluice-");
+        client_headers.remove(header::HOST);
+        client_headers.remove(header::CONTENT_LENGTH);
+        let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
+        for (name, value) in &client_headers {
+            headers.append(name.clone(), owned(value));
+        }
         if let Some(key) = api_key {
             headers.insert(header::AUTHORIZATION, key.authorization().clone());
         }
@@ -162,12 +170,19 @@ impl Outgoing {
     }
 }
 
+/// A header value in its own allocation (see `Outgoing::new`).
+fn owned(value: &HeaderValue) -> HeaderValue {
+    let mut copy = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+    copy.set_sensitive(value.is_sensitive());
+    copy
+}
+
 /// The client's `x-request-id` if it sent a usable one, else a new random id.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(REQUEST_ID_HEADER)
         .filter(|v| !v.is_empty() && v.len() <= 128)
-        .cloned()
+        .map(owned)
         .unwrap_or_else(|| {
             // Sixteen hex digits are always a valid header value; the fallback is never taken.
             HeaderValue::try_from(format!("sluice-{:016x}", fastrand::u64(..)))
