@@ -26,12 +26,7 @@ fn sample(pid: u32) -> (u64, u64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
     let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
     (rss, ticks)
 }
@@ -69,48 +64,22 @@ async fn stub_upstream() -> SocketAddr {
 
 #[tokio::main]
 async fn main() {
-    let requests: usize = std::env::args()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10_000);
+    let requests: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(10_000);
     let upstream = stub_upstream().await;
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let binary = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("sluice");
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let binary = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("sluice");
     let mut child = Command::new(&binary)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--upstream",
-            &format!("http://{upstream}"),
-        ])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--upstream", &format!("http://{upstream}")])
         .env("SLUICE_LIMITS__RATE", "1/min")
         .env("SLUICE_LIMITS__BURST", "1")
         .env("SLUICE_QUEUE__MAX_DEPTH", (requests + 10).to_string())
         .env("SLUICE_QUEUE__MAX_WAIT", "10m")
         .env("SLUICE_LOG__LEVEL", "warn")
-        .envs(
-            std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_") || k.starts_with("SLUICE_")),
-        )
+        .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_") || k.starts_with("SLUICE_")))
         .env_remove("DEEPSEEK_API_KEY")
         .stdout(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start {}: {e} (run `cargo build --release` first)",
-                binary.display()
-            )
-        });
+        .unwrap_or_else(|e| panic!("cannot start {}: {e} (run `cargo build --release` first)", binary.display()));
     let pid = child.id();
     let sluice: SocketAddr = ([127, 0, 0, 1], port).into();
     while TcpStream::connect(sluice).await.is_err() {
@@ -120,8 +89,7 @@ async fn main() {
     let (rss_idle, _) = sample(pid);
     let cpu_idle = cpu_percent(pid).await;
 
-    let body =
-        r#"{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"hello there"}]}"#;
+    let body = r#"{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"hello there"}]}"#;
     let request = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -139,9 +107,7 @@ async fn main() {
     let mut answered = 0;
     for stream in &mut clients {
         let mut byte = [0u8; 1];
-        if let Ok(Ok(n)) =
-            tokio::time::timeout(Duration::from_micros(1), stream.peek(&mut byte)).await
-        {
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_micros(1), stream.peek(&mut byte)).await {
             answered += usize::from(n > 0);
         }
     }

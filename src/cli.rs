@@ -33,15 +33,13 @@ pub enum Command {
     Run,
     /// Load and validate the effective config, print it as TOML with secrets redacted.
     CheckConfig,
+    /// Exit 0 if the configured listener answers /readyz with 200, else 1 (for container health checks).
+    Healthcheck,
 }
 
 impl Cli {
     pub fn overrides(&self) -> Overrides {
-        Overrides {
-            config_path: self.config.clone(),
-            listen: self.listen.clone(),
-            upstream: self.upstream.clone(),
-        }
+        Overrides { config_path: self.config.clone(), listen: self.listen.clone(), upstream: self.upstream.clone() }
     }
 }
 

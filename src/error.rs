@@ -26,12 +26,7 @@ pub enum ProxyError {
     QueueFull { depth: usize, retry_after: u64 },
     #[error("gave up after {} waiting and {attempts} attempt(s); last upstream status: {}",
         humantime::format_duration(*waited), last_status.map_or("none".to_string(), |s| s.to_string()))]
-    DeadlineExceeded {
-        waited: Duration,
-        attempts: u32,
-        last_status: Option<u16>,
-        retry_after: u64,
-    },
+    DeadlineExceeded { waited: Duration, attempts: u32, last_status: Option<u16>, retry_after: u64 },
     #[error("sluice is shutting down; retry later")]
     ShuttingDown,
 }
@@ -68,9 +63,7 @@ impl ProxyError {
     /// Seconds the client should wait before trying again, sent as `Retry-After`.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::QueueFull { retry_after, .. } | Self::DeadlineExceeded { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::QueueFull { retry_after, .. } | Self::DeadlineExceeded { retry_after, .. } => Some(*retry_after),
             Self::ShuttingDown => Some(1),
             _ => None,
         }
@@ -78,16 +71,10 @@ impl ProxyError {
 
     /// The client's response: status, JSON body, and `Retry-After` where waiting helps.
     pub fn into_response(self) -> Response<ResponseBody> {
-        let mut response = Response::new(ResponseBody::full(error_json(
-            &self.to_string(),
-            self.kind(),
-        )));
+        let mut response = Response::new(ResponseBody::full(error_json(&self.to_string(), self.kind())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(seconds) = self.retry_after() {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -116,8 +103,7 @@ mod tests {
 
     #[test]
     fn json_has_openai_shape() {
-        let value: serde_json::Value =
-            serde_json::from_slice(&error_json("nope \"quoted\"", "sluice_x")).unwrap();
+        let value: serde_json::Value = serde_json::from_slice(&error_json("nope \"quoted\"", "sluice_x")).unwrap();
         assert_eq!(value["error"]["message"], "nope \"quoted\"");
         assert_eq!(value["error"]["type"], "sluice_x");
         assert_eq!(value["error"]["code"], "sluice_x");
@@ -127,20 +113,13 @@ mod tests {
     fn event_is_one_sse_data_event() {
         let event = error_event("cut", "sluice_upstream_stream_error");
         let text = std::str::from_utf8(&event).unwrap();
-        assert!(
-            text.starts_with("data: {") && text.ends_with("}\n\n"),
-            "{text}"
-        );
+        assert!(text.starts_with("data: {") && text.ends_with("}\n\n"), "{text}");
         assert_eq!(text.matches('\n').count(), 2);
     }
 
     #[test]
     fn waiting_errors_carry_retry_after() {
-        let response = ProxyError::QueueFull {
-            depth: 3,
-            retry_after: 2,
-        }
-        .into_response();
+        let response = ProxyError::QueueFull { depth: 3, retry_after: 2 }.into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
         let message = ProxyError::DeadlineExceeded {
@@ -150,14 +129,7 @@ mod tests {
             retry_after: 1,
         }
         .to_string();
-        assert!(
-            message.contains("429") && message.contains("4 attempt"),
-            "{message}"
-        );
-        assert!(ProxyError::BadRequest("x".into())
-            .into_response()
-            .headers()
-            .get(header::RETRY_AFTER)
-            .is_none());
+        assert!(message.contains("429") && message.contains("4 attempt"), "{message}");
+        assert!(ProxyError::BadRequest("x".into()).into_response().headers().get(header::RETRY_AFTER).is_none());
     }
 }

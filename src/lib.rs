@@ -9,4 +9,5 @@ pub mod error;
 pub mod observe;
 pub mod proxy;
 pub mod server;
+pub mod service;
 pub mod upstream;

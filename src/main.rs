@@ -1,5 +1,5 @@
-//! The `sluice` binary: parse flags, load config (exit 64 on error), set up logging, bind, serve until
-//! SIGTERM/SIGINT.
+//! The `sluice` binary: parse flags, load config (exit 64 on error), set up logging, bind, tell systemd
+//! it is ready, serve until SIGTERM/SIGINT (reloading on SIGHUP).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use sluice::cli::{Cli, Command};
-use sluice::config::{self, Config};
-use sluice::{observe, proxy, server};
+use sluice::config::{self, Config, Overrides};
+use sluice::{observe, proxy, server, service};
 
 /// sysexits.h EX_USAGE: the configuration is unusable.
 const EXIT_CONFIG: u8 = 64;
@@ -17,7 +17,8 @@ const EXIT_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
-    let config = match config::load(&cli.overrides(), &env) {
+    let overrides = cli.overrides();
+    let config = match config::load(&overrides, &env) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sluice: invalid configuration: {err}");
@@ -26,7 +27,10 @@ fn main() -> ExitCode {
     };
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&config),
-        Command::Run => run(config),
+        Command::Healthcheck => {
+            return if service::healthcheck(&config) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Run => run(config, overrides),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -38,63 +42,36 @@ fn main() -> ExitCode {
 }
 
 fn check_config(config: &Config) -> anyhow::Result<()> {
-    print!(
-        "{}",
-        config
-            .to_redacted_toml()
-            .context("cannot print the config")?
-    );
+    print!("{}", config.to_redacted_toml().context("cannot print the config")?);
     if config.upstream.api_key.is_none() {
         println!("# no API key configured: clients' own Authorization headers are passed through");
     }
     Ok(())
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     observe::init_logging(&config.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(async {
         let listen = config.server.listen;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("cannot listen on {listen}"))?;
-        let proxy =
-            Arc::new(proxy::Proxy::new(config).context("cannot set up the upstream client")?);
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let proxy = Arc::new(proxy::Proxy::new(config).context("cannot set up the upstream client")?);
+        let current = proxy.current();
         tracing::info!(
             listen = %listener.local_addr()?,
-            upstream = %proxy.config().upstream.base_url,
-            api_key = proxy.config().upstream.api_key.is_some(),
+            upstream = %current.config.upstream.base_url,
+            api_key = current.config.upstream.api_key.is_some(),
             version = env!("CARGO_PKG_VERSION"),
             "sluice is listening"
         );
-        server::run(listener, proxy, shutdown_signal()).await;
+        #[cfg(unix)]
+        service::spawn_reloader(proxy.clone(), overrides);
+        service::spawn_watchdog();
+        service::ready();
+        server::run(listener, proxy, service::shutdown_signal()).await;
         tracing::info!("sluice stopped");
         Ok(())
     })
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops sluice");
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

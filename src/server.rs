@@ -1,7 +1,7 @@
 //! The listener: accepts connections (one task each) and serves HTTP/1.1 and h2c through hyper-util,
 //! with header size and read-time limits; answers the reserved endpoints (`/healthz`, `/readyz`); hands
 //! every other request to the proxy; and on shutdown stops accepting and lets in-flight work finish
-//! within `server.shutdown_grace`.
+//! within `server.shutdown_grace`, then turns away what is still queued with a 503.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,7 +31,7 @@ struct Shared {
 /// Serves `listener` until `shutdown` completes, then drains: no new connections, in-flight requests
 /// and streams get up to `server.shutdown_grace` to finish.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let server_config = proxy.config().server.clone();
+    let server_config = proxy.current().config.server.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -42,10 +42,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
-    let shared = Arc::new(Shared {
-        proxy,
-        ready: AtomicBool::new(true),
-    });
+    let shared = Arc::new(Shared { proxy, ready: AtomicBool::new(true) });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -67,35 +64,35 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             let shared = shared.clone();
             async move { Ok::<_, Infallible>(route(&shared, request, peer).await) }
         });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
         });
     }
+    // Drain: /readyz says 503 from now on, no new connections; queued requests keep their place and
+    // are dispatched, streams finish — for up to `shutdown_grace` (as in force now, after reloads).
     shared.ready.store(false, Ordering::SeqCst);
     drop(listener);
-    tracing::info!(grace = %humantime::format_duration(server_config.shutdown_grace), "shutting down: draining connections");
-    if tokio::time::timeout(server_config.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period ended with requests still in flight");
+    let grace = shared.proxy.current().config.server.shutdown_grace;
+    tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining connections");
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(grace, &mut drained).await.is_err() {
+        // Whoever still waits in the queue gets a clear 503 instead of a cut connection.
+        let left = shared.proxy.admission().snapshot();
+        tracing::warn!(queued = left.queued, in_flight = left.inflight, "shutdown grace ended; turning away the queue");
+        shared.proxy.admission().close();
+        let _ = tokio::time::timeout(FAREWELL, &mut drained).await;
     }
-    shared.proxy.admission().close();
 }
 
+/// After the grace period, how long the 503s to still-queued requests get to reach their clients.
+const FAREWELL: Duration = Duration::from_secs(1);
+
 /// Reserved paths are answered here and never forwarded; everything else goes to the proxy.
-async fn route(
-    shared: &Shared,
-    request: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<ResponseBody> {
+async fn route(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
     match request.uri().path() {
         "/healthz" => status_json(StatusCode::OK, "ok"),
         "/readyz" if shared.ready.load(Ordering::SeqCst) => status_json(StatusCode::OK, "ready"),
@@ -108,9 +105,6 @@ fn status_json(status: StatusCode, text: &str) -> Response<ResponseBody> {
     let body = Bytes::from(serde_json::json!({ "status": text }).to_string());
     let mut response = Response::new(ResponseBody::full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -18,10 +18,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 fn rate_limited(k: usize) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
     move |_, index| {
         if index < k {
-            Reply::json(
-                429,
-                r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error"}}"#,
-            )
+            Reply::json(429, r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error"}}"#)
         } else {
             Reply::json(200, completion("finally"))
         }
@@ -60,18 +57,11 @@ async fn transient_5xx_are_retried_too() {
 #[tokio::test]
 async fn client_errors_are_passed_through_and_never_retried() {
     for status in [400u16, 401, 402, 404, 422] {
-        let mock = Mock::start(move |_, _| {
-            Reply::json(status, r#"{"error":{"message":"upstream says no"}}"#)
-        })
-        .await;
+        let mock = Mock::start(move |_, _| Reply::json(status, r#"{"error":{"message":"upstream says no"}}"#)).await;
         let sluice = Sluice::start(config_for(&mock)).await;
         let answer = chat(&sluice, "m", &[]).await;
         assert_eq!(answer.status, status);
-        assert_eq!(
-            answer.json()["error"]["message"],
-            "upstream says no",
-            "the upstream's body, unchanged"
-        );
+        assert_eq!(answer.json()["error"]["message"], "upstream says no", "the upstream's body, unchanged");
         assert_eq!(mock.arrivals(), 1, "{status} was retried");
     }
 }
@@ -82,10 +72,7 @@ async fn a_hidden_concurrency_cap_is_absorbed() {
     let mock = Mock::start_capped(Some(CAP), |_, _| Reply::Stream {
         status: 200,
         content_type: "application/json",
-        chunks: vec![
-            Chunk::Pause(Duration::from_millis(30)),
-            data(r#"{"ok":true}"#),
-        ],
+        chunks: vec![Chunk::Pause(Duration::from_millis(30)), data(r#"{"ok":true}"#)],
         ending: Ending::Complete,
     })
     .await;
@@ -102,15 +89,8 @@ async fn a_hidden_concurrency_cap_is_absorbed() {
         let answer = task.await.unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
-    assert!(
-        mock.over_cap() > 0,
-        "the test must actually hit the hidden cap"
-    );
-    assert_eq!(
-        mock.arrivals() - mock.over_cap(),
-        10 * CAP,
-        "each request succeeded exactly once"
-    );
+    assert!(mock.over_cap() > 0, "the test must actually hit the hidden cap");
+    assert_eq!(mock.arrivals() - mock.over_cap(), 10 * CAP, "each request succeeded exactly once");
 }
 
 #[tokio::test]
@@ -119,18 +99,13 @@ async fn the_rate_limit_holds_the_gcra_bound() {
     const BURST: usize = 3;
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     let mut config = config_for(&mock);
-    config.limits.rate = Some(Rate {
-        count: 20,
-        period: Duration::from_secs(1),
-    });
+    config.limits.rate = Some(Rate { count: 20, period: Duration::from_secs(1) });
     config.limits.burst = Some(BURST as u32);
     let sluice = Arc::new(Sluice::start(config).await);
     let mut tasks = Vec::new();
     for _ in 0..25 {
         let sluice = sluice.clone();
-        tasks.push(tokio::spawn(
-            async move { chat(&sluice, "m", &[]).await.status },
-        ));
+        tasks.push(tokio::spawn(async move { chat(&sluice, "m", &[]).await.status }));
     }
     for task in tasks {
         assert_eq!(task.await.unwrap(), 200);
@@ -141,12 +116,7 @@ async fn the_rate_limit_holds_the_gcra_bound() {
     for (n, at) in arrivals.iter().enumerate() {
         let allowed = BURST as f64 + RATE * at.duration_since(first).as_secs_f64();
         // One request of slack: arrival times are taken at the mock, a little after the limiter's decision.
-        assert!(
-            (n + 1) as f64 <= allowed + 1.0,
-            "arrival {} at {:?}: bound {allowed:.2}",
-            n + 1,
-            *at - first
-        );
+        assert!((n + 1) as f64 <= allowed + 1.0, "arrival {} at {:?}: bound {allowed:.2}", n + 1, *at - first);
     }
 }
 
@@ -154,19 +124,10 @@ async fn the_rate_limit_holds_the_gcra_bound() {
 async fn a_models_cap_is_held_until_its_streams_end() {
     const CAP: usize = 2;
     let gate = Arc::new(Notify::new());
-    let script = vec![
-        chunk_event("x"),
-        Chunk::Gate(gate.clone()),
-        data("data: [DONE]\n\n"),
-    ];
+    let script = vec![chunk_event("x"), Chunk::Gate(gate.clone()), data("data: [DONE]\n\n")];
     let mock = Mock::start(move |_, _| Reply::sse(script.clone(), Ending::Complete)).await;
     let mut config = config_for(&mock);
-    config.limits.models.insert(
-        "deepseek-v4-pro".into(),
-        ModelLimits {
-            max_concurrency: CAP as u32,
-        },
-    );
+    config.limits.models.insert("deepseek-v4-pro".into(), ModelLimits { max_concurrency: CAP as u32 });
     let sluice = Arc::new(Sluice::start(config).await);
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -180,11 +141,7 @@ async fn a_models_cap_is_held_until_its_streams_end() {
         }));
     }
     // Two streams open and held at the gate; the rest wait in sluice's queue, not at the upstream.
-    assert!(
-        eventually(LIMIT, || sluice.proxy.admission().snapshot().queued
-            == 2 * CAP)
-        .await
-    );
+    assert!(eventually(LIMIT, || sluice.proxy.admission().snapshot().queued == 2 * CAP).await);
     assert_eq!(mock.arrivals(), CAP);
     // Open the gates one stream at a time: every finished stream lets exactly one more in.
     while done.load(Ordering::SeqCst) < 3 * CAP {
@@ -216,10 +173,7 @@ async fn retry_after_is_honoured() {
     assert_eq!(answer.status, 200);
     let requests = mock.requests();
     let gap = requests[1].arrived - requests[0].arrived;
-    assert!(
-        gap >= Duration::from_secs(1),
-        "retried after {gap:?}, before the upstream's Retry-After"
-    );
+    assert!(gap >= Duration::from_secs(1), "retried after {gap:?}, before the upstream's Retry-After");
 }
 
 #[tokio::test]
@@ -232,16 +186,8 @@ async fn a_small_client_is_not_starved_by_a_flooding_one() {
     let send_as = |client: &'static str, n: usize| {
         let sluice = sluice.clone();
         tokio::spawn(async move {
-            let body =
-                serde_json::json!({"model": "m", "user": format!("{client}-{n}")}).to_string();
-            call(
-                "POST",
-                &sluice.url("/v1/chat/completions"),
-                &[("x-sluice-client", client)],
-                body,
-            )
-            .await
-            .status
+            let body = serde_json::json!({"model": "m", "user": format!("{client}-{n}")}).to_string();
+            call("POST", &sluice.url("/v1/chat/completions"), &[("x-sluice-client", client)], body).await.status
         })
     };
     let mut tasks = vec![send_as("A", 0)];
@@ -258,22 +204,11 @@ async fn a_small_client_is_not_starved_by_a_flooding_one() {
     for task in tasks {
         assert_eq!(task.await.unwrap(), 200);
     }
-    let order: Vec<String> = mock
-        .requests()
-        .iter()
-        .map(|r| r.json()["user"].as_str().unwrap().to_string())
-        .collect();
-    let b_positions: Vec<usize> = order
-        .iter()
-        .enumerate()
-        .filter(|(_, u)| u.starts_with("B-"))
-        .map(|(i, _)| i)
-        .collect();
+    let order: Vec<String> = mock.requests().iter().map(|r| r.json()["user"].as_str().unwrap().to_string()).collect();
+    let b_positions: Vec<usize> =
+        order.iter().enumerate().filter(|(_, u)| u.starts_with("B-")).map(|(i, _)| i).collect();
     assert_eq!(b_positions.len(), 5);
-    assert!(
-        b_positions.iter().all(|&i| i <= 11),
-        "B dispatched at {b_positions:?}"
-    );
+    assert!(b_positions.iter().all(|&i| i <= 11), "B dispatched at {b_positions:?}");
 }
 
 #[tokio::test]
@@ -287,9 +222,7 @@ async fn a_full_queue_answers_503_at_once() {
     let mut held = Vec::new();
     for _ in 0..3 {
         let sluice = sluice.clone();
-        held.push(tokio::spawn(
-            async move { chat(&sluice, "m", &[]).await.status },
-        ));
+        held.push(tokio::spawn(async move { chat(&sluice, "m", &[]).await.status }));
     }
     assert!(eventually(LIMIT, || sluice.proxy.admission().snapshot().queued == 2).await);
     let answer = chat(&sluice, "m", &[]).await;
@@ -318,14 +251,7 @@ async fn the_deadline_ends_waiting_with_503_naming_the_last_status() {
     let answer = chat(&sluice, "m", &[]).await;
     assert_eq!(answer.status, 503, "{}", answer.text());
     assert_eq!(answer.error_type(), "sluice_deadline_exceeded");
-    assert!(
-        answer.json()["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("429"),
-        "{}",
-        answer.text()
-    );
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("429"), "{}", answer.text());
     assert!(answer.header("retry-after").parse::<u64>().unwrap() >= 1);
     assert!(mock.arrivals() >= 2, "it did retry");
 }
@@ -349,40 +275,21 @@ async fn a_client_that_leaves_the_queue_never_reaches_the_upstream() {
         body.len()
     );
     let mut stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
-        .await
-        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes()).await.unwrap();
     assert!(eventually(LIMIT, || sluice.proxy.admission().snapshot().queued == 1).await);
     drop(stream);
-    assert!(
-        eventually(LIMIT, || sluice.proxy.admission().snapshot().queued == 0).await,
-        "still queued"
-    );
+    assert!(eventually(LIMIT, || sluice.proxy.admission().snapshot().queued == 0).await, "still queued");
     gate.notify_one();
     assert_eq!(first.await.unwrap(), 200);
-    assert_eq!(
-        chat(&sluice, "m", &[]).await.status,
-        200,
-        "the slot was not leaked"
-    );
-    assert_eq!(
-        mock.arrivals(),
-        2,
-        "the departed request reached the upstream"
-    );
+    assert_eq!(chat(&sluice, "m", &[]).await.status, 200, "the slot was not leaked");
+    assert_eq!(mock.arrivals(), 2, "the departed request reached the upstream");
 }
 
 #[tokio::test]
 async fn invalid_json_is_forwarded_under_the_global_limits() {
     let mock = Mock::start(|_, _| Reply::json(400, r#"{"error":{"message":"bad json"}}"#)).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    let answer = call(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        "{not json",
-    )
-    .await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], "{not json").await;
     assert_eq!(answer.status, 400);
     assert_eq!(mock.requests()[0].body.as_ref(), b"{not json");
 }

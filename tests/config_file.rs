@@ -13,25 +13,15 @@ fn shipped() -> PathBuf {
 
 #[test]
 fn the_shipped_file_yields_exactly_the_embedded_defaults() {
-    let overrides = Overrides {
-        config_path: Some(shipped()),
-        ..Overrides::default()
-    };
-    assert_eq!(
-        load(&overrides, &HashMap::new()).unwrap(),
-        Config::default()
-    );
+    let overrides = Overrides { config_path: Some(shipped()), ..Overrides::default() };
+    assert_eq!(load(&overrides, &HashMap::new()).unwrap(), Config::default());
 }
 
 /// Every key path of a TOML value ("server.listen", "limits.models.deepseek-v4-pro.max_concurrency").
 fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
     if let toml::Value::Table(table) = value {
         for (key, value) in table {
-            let path = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
             key_paths(value, &path, out);
             out.push(path);
         }
@@ -42,9 +32,9 @@ fn key_paths(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
 fn uncomment_example(line: &str) -> &str {
     match line.strip_prefix("# ") {
         Some(rest)
-            if rest.split_once(" = ").is_some_and(|(key, _)| {
-                key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-            }) =>
+            if rest
+                .split_once(" = ")
+                .is_some_and(|(key, _)| key.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
         {
             rest
         }
@@ -56,13 +46,8 @@ fn uncomment_example(line: &str) -> &str {
 fn the_shipped_file_mentions_every_key() {
     let text = std::fs::read_to_string(shipped()).unwrap();
     // Optional keys (unset by default) are shown commented out; uncomment them to see every key.
-    let uncommented: String = text
-        .lines()
-        .map(uncomment_example)
-        .collect::<Vec<_>>()
-        .join("\n");
-    let documented: toml::Value =
-        toml::from_str(&uncommented).expect("the file with its examples uncommented parses");
+    let uncommented: String = text.lines().map(uncomment_example).collect::<Vec<_>>().join("\n");
+    let documented: toml::Value = toml::from_str(&uncommented).expect("the file with its examples uncommented parses");
     let mut documented_keys = Vec::new();
     key_paths(&documented, "", &mut documented_keys);
 
@@ -74,10 +59,7 @@ fn the_shipped_file_mentions_every_key() {
     let mut all_keys = Vec::new();
     key_paths(&all, "", &mut all_keys);
     for key in all_keys {
-        assert!(
-            documented_keys.contains(&key),
-            "config/sluice.toml does not document `{key}`"
-        );
+        assert!(documented_keys.contains(&key), "config/sluice.toml does not document `{key}`");
     }
 }
 
@@ -91,20 +73,10 @@ fn check_config_accepts_the_shipped_file_and_redacts_the_key() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        stdout.contains("[server]") && stdout.contains("listen = \"127.0.0.1:8787\""),
-        "{stdout}"
-    );
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("[server]") && stdout.contains("listen = \"127.0.0.1:8787\""), "{stdout}");
     assert!(stdout.contains("[redacted]"), "{stdout}");
-    assert!(
-        !stdout.contains("sk-very-secret-value"),
-        "the key was printed:\n{stdout}"
-    );
+    assert!(!stdout.contains("sk-very-secret-value"), "the key was printed:\n{stdout}");
 }
 
 #[test]
@@ -113,11 +85,8 @@ fn check_config_names_a_bad_key_and_exits_64() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bad.toml");
     std::fs::write(&path, "[queue]\nmax_wait = \"0s\"\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_sluice")).args(["check-config", "--config"]).arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("queue.max_wait"), "{stderr}");

@@ -26,22 +26,14 @@ async fn run_sdk(sluice: &Sluice, scenario: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/sdk_client.py");
     let base_url = sluice.url("/v1");
     let scenario = scenario.to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .arg(base_url)
-            .arg(scenario)
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python).arg(script).arg(base_url).arg(scenario).output())
+            .await
+            .unwrap()
+            .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.trim() == "ok",
-        "SDK scenario failed:\n{stdout}\n{stderr}"
-    );
+    assert!(output.status.success() && stdout.trim() == "ok", "SDK scenario failed:\n{stdout}\n{stderr}");
 }
 
 fn hello_stream(ending: Ending) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
@@ -61,10 +53,7 @@ async fn sdk_chat_completion() {
     run_sdk(&sluice, "chat").await;
     let seen = &mock.requests()[0];
     assert_eq!(seen.path, "/v1/chat/completions");
-    assert_eq!(
-        seen.headers["authorization"],
-        format!("Bearer {TEST_KEY}").as_str()
-    );
+    assert_eq!(seen.headers["authorization"], format!("Bearer {TEST_KEY}").as_str());
 }
 
 #[tokio::test]

@@ -14,21 +14,14 @@ const LIMIT: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn non_streaming_round_trip_keeps_status_headers_and_body() {
-    let mock = Mock::start(|_, _| {
-        Reply::json(200, completion("hello")).with_header("x-upstream-extra", "1")
-    })
-    .await;
+    let mock = Mock::start(|_, _| Reply::json(200, completion("hello")).with_header("x-upstream-extra", "1")).await;
     let sluice = Sluice::start(config_for(&mock)).await;
     let answer = chat(&sluice, "deepseek-v4-flash", &[("x-request-id", "req-42")]).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.json()["choices"][0]["message"]["content"], "hello");
     assert_eq!(answer.header("x-upstream-extra"), "1");
     assert_eq!(answer.header("x-ds-trace-id"), "mock-trace");
-    assert_eq!(
-        answer.header("x-request-id"),
-        "req-42",
-        "the client's request id is kept"
-    );
+    assert_eq!(answer.header("x-request-id"), "req-42", "the client's request id is kept");
     assert_eq!(answer.header("x-sluice-attempts"), "1");
 
     let seen = &mock.requests()[0];
@@ -36,11 +29,7 @@ async fn non_streaming_round_trip_keeps_status_headers_and_body() {
     assert_eq!(seen.path, "/v1/chat/completions");
     assert_eq!(seen.model(), "deepseek-v4-flash");
     assert_eq!(seen.headers["x-request-id"], "req-42");
-    assert_eq!(
-        seen.headers["host"],
-        mock.addr.to_string().as_str(),
-        "Host names the upstream"
-    );
+    assert_eq!(seen.headers["host"], mock.addr.to_string().as_str(), "Host names the upstream");
 }
 
 #[tokio::test]
@@ -57,16 +46,8 @@ async fn a_request_id_is_made_when_the_client_sends_none() {
 async fn the_configured_key_replaces_the_clients() {
     let mock = Mock::start(|_, _| Reply::json(200, completion("x"))).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    chat(
-        &sluice,
-        "m",
-        &[("authorization", "Bearer client-dummy-key")],
-    )
-    .await;
-    let auth = mock.requests()[0].headers["authorization"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    chat(&sluice, "m", &[("authorization", "Bearer client-dummy-key")]).await;
+    let auth = mock.requests()[0].headers["authorization"].to_str().unwrap().to_string();
     assert_eq!(auth, format!("Bearer {TEST_KEY}"));
 }
 
@@ -77,10 +58,7 @@ async fn without_a_configured_key_the_clients_key_passes_through() {
     config.upstream.api_key = None;
     let sluice = Sluice::start(config).await;
     chat(&sluice, "m", &[("authorization", "Bearer sk-clients-own")]).await;
-    assert_eq!(
-        mock.requests()[0].headers["authorization"],
-        "Bearer sk-clients-own"
-    );
+    assert_eq!(mock.requests()[0].headers["authorization"], "Bearer sk-clients-own");
 }
 
 #[tokio::test]
@@ -98,20 +76,10 @@ async fn hop_by_hop_and_sluice_headers_are_not_forwarded() {
     let response = raw(sluice.addr, request.as_bytes(), LIMIT).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let headers = &mock.requests()[0].headers;
-    for gone in [
-        "x-hop",
-        "keep-alive",
-        "te",
-        "proxy-authorization",
-        "x-sluice-priority",
-        "x-sluice-client",
-    ] {
+    for gone in ["x-hop", "keep-alive", "te", "proxy-authorization", "x-sluice-priority", "x-sluice-client"] {
         assert!(!headers.contains_key(gone), "{gone} was forwarded");
     }
-    assert!(
-        !headers.contains_key("connection"),
-        "Connection was forwarded"
-    );
+    assert!(!headers.contains_key("connection"), "Connection was forwarded");
     assert_eq!(headers["x-end-to-end"], "kept");
 }
 
@@ -130,11 +98,7 @@ async fn every_path_and_query_is_forwarded() {
         let answer = call(method, &sluice.url(path), &[], "").await;
         assert_eq!(answer.status, 200, "{method} {path}");
     }
-    let paths: Vec<String> = mock
-        .requests()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect();
+    let paths: Vec<String> = mock.requests().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
     assert_eq!(
         paths,
         vec![
@@ -152,15 +116,9 @@ async fn every_path_and_query_is_forwarded() {
 async fn reserved_endpoints_are_answered_by_sluice() {
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    assert_eq!(
-        call("GET", &sluice.url("/healthz"), &[], "").await.status,
-        200
-    );
+    assert_eq!(call("GET", &sluice.url("/healthz"), &[], "").await.status, 200);
     let ready = call("GET", &sluice.url("/readyz"), &[], "").await;
-    assert_eq!(
-        (ready.status, ready.json()["status"].as_str()),
-        (200, Some("ready"))
-    );
+    assert_eq!((ready.status, ready.json()["status"].as_str()), (200, Some("ready")));
     assert_eq!(mock.arrivals(), 0);
 }
 
@@ -170,13 +128,7 @@ async fn oversized_bodies_get_413_and_never_reach_the_upstream() {
     let mut config = config_for(&mock);
     config.server.max_body_bytes = 1024;
     let sluice = Sluice::start(config).await;
-    let answer = call(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        vec![b'x'; 4096],
-    )
-    .await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], vec![b'x'; 4096]).await;
     assert_eq!(answer.status, 413);
     assert_eq!(answer.error_type(), "sluice_body_too_large");
     // Chunked, without a Content-Length: the limit is enforced while reading.
@@ -188,12 +140,7 @@ async fn oversized_bodies_get_413_and_never_reach_the_upstream() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("sluice_body_too_large"), "{response}");
     // Exactly at the limit is fine.
-    assert_eq!(
-        call("POST", &sluice.url("/x"), &[], vec![b'x'; 1024])
-            .await
-            .status,
-        200
-    );
+    assert_eq!(call("POST", &sluice.url("/x"), &[], vec![b'x'; 1024]).await.status, 200);
     assert_eq!(mock.arrivals(), 1);
 }
 
@@ -201,12 +148,9 @@ async fn oversized_bodies_get_413_and_never_reach_the_upstream() {
 async fn open_proxy_attempts_are_refused() {
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    let absolute = raw(
-        sluice.addr,
-        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
-        LIMIT,
-    )
-    .await;
+    let absolute =
+        raw(sluice.addr, b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n", LIMIT)
+            .await;
     assert!(absolute.starts_with("HTTP/1.1 400"), "{absolute}");
     assert!(absolute.contains("sluice_bad_request"), "{absolute}");
     let connect = raw(
@@ -217,10 +161,7 @@ async fn open_proxy_attempts_are_refused() {
     .await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
     let sneaky = call("GET", &sluice.url("//example.com/steal"), &[], "").await;
-    assert_eq!(
-        sneaky.status, 200,
-        "a double slash is just a path on the upstream"
-    );
+    assert_eq!(sneaky.status, 200, "a double slash is just a path on the upstream");
     assert_eq!(mock.requests().len(), 1);
     assert_eq!(mock.requests()[0].path, "//example.com/steal");
 }
@@ -244,13 +185,7 @@ async fn sse_passes_through_byte_for_byte_including_keep_alives() {
         .collect();
     let mock = Mock::start(move |_, _| Reply::sse(script.clone(), Ending::Complete)).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    let answer = call(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        r#"{"model":"m","stream":true}"#,
-    )
-    .await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m","stream":true}"#).await;
     assert_eq!(answer.status, 200);
     assert_eq!(answer.header("content-type"), "text/event-stream");
     assert_eq!(answer.body.as_ref(), expected.as_slice());
@@ -259,28 +194,13 @@ async fn sse_passes_through_byte_for_byte_including_keep_alives() {
 #[tokio::test]
 async fn streaming_is_incremental() {
     let gate = Arc::new(Notify::new());
-    let script = vec![
-        chunk_event("first"),
-        Chunk::Gate(gate.clone()),
-        chunk_event("last"),
-        data("data: [DONE]\n\n"),
-    ];
+    let script = vec![chunk_event("first"), Chunk::Gate(gate.clone()), chunk_event("last"), data("data: [DONE]\n\n")];
     let mock = Mock::start(move |_, _| Reply::sse(script.clone(), Ending::Complete)).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    let response = send(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        r#"{"model":"m","stream":true}"#,
-    )
-    .await;
+    let response = send("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m","stream":true}"#).await;
     let mut body = response.into_body();
     // The mock cannot send "last" before the gate opens, and the gate opens only after "first" arrived.
-    let first = tokio::time::timeout(LIMIT, next_chunk(&mut body))
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = tokio::time::timeout(LIMIT, next_chunk(&mut body)).await.unwrap().unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("first"));
     gate.notify_one();
     let mut rest = Vec::new();
@@ -288,10 +208,7 @@ async fn streaming_is_incremental() {
         rest.extend_from_slice(&chunk.unwrap());
     }
     let rest = String::from_utf8_lossy(&rest);
-    assert!(
-        rest.contains("last") && rest.ends_with("data: [DONE]\n\n"),
-        "{rest}"
-    );
+    assert!(rest.contains("last") && rest.ends_with("data: [DONE]\n\n"), "{rest}");
 }
 
 async fn broken_stream(ending: Ending, idle: Duration) -> String {
@@ -300,13 +217,7 @@ async fn broken_stream(ending: Ending, idle: Duration) -> String {
     let mut config = config_for(&mock);
     config.upstream.idle_timeout = idle;
     let sluice = Sluice::start(config).await;
-    let answer = call(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        r#"{"model":"m","stream":true}"#,
-    )
-    .await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m","stream":true}"#).await;
     assert_eq!(answer.status, 200);
     answer.text()
 }
@@ -314,12 +225,8 @@ async fn broken_stream(ending: Ending, idle: Duration) -> String {
 fn assert_ends_with_error_event(text: &str) {
     assert!(text.contains("partial"), "{text}");
     let last = text.trim_end().rsplit("\n\n").next().unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
-    assert_eq!(
-        json["error"]["type"], "sluice_upstream_stream_error",
-        "{text}"
-    );
+    let json: serde_json::Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(json["error"]["type"], "sluice_upstream_stream_error", "{text}");
     assert!(text.ends_with("\n\n"));
 }
 
@@ -347,13 +254,7 @@ async fn a_cut_json_body_is_aborted_not_shortened() {
     })
     .await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    let response = send(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        r#"{"model":"m"}"#,
-    )
-    .await;
+    let response = send("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m"}"#).await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let mut outcome = Ok(());
@@ -375,24 +276,12 @@ async fn a_client_that_goes_away_mid_stream_closes_the_upstream_request() {
     }
     let mock = Mock::start(move |_, _| Reply::sse(script.clone(), Ending::Complete)).await;
     let sluice = Sluice::start(config_for(&mock)).await;
-    let response = send(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        r#"{"model":"m","stream":true}"#,
-    )
-    .await;
+    let response = send("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m","stream":true}"#).await;
     let mut body = response.into_body();
     next_chunk(&mut body).await.unwrap().unwrap();
     drop(body);
-    assert!(
-        mock.wait_cancelled(1, LIMIT).await,
-        "the upstream stream was not closed"
-    );
-    assert!(
-        eventually(LIMIT, || sluice.proxy.admission().snapshot().inflight == 0).await,
-        "the slot was not freed"
-    );
+    assert!(mock.wait_cancelled(1, LIMIT).await, "the upstream stream was not closed");
+    assert!(eventually(LIMIT, || sluice.proxy.admission().snapshot().inflight == 0).await, "the slot was not freed");
 }
 
 #[tokio::test]
@@ -426,21 +315,10 @@ async fn an_unreachable_upstream_gets_502_once_the_deadline_passes() {
 #[tokio::test]
 async fn graceful_shutdown_lets_a_running_stream_finish() {
     let gate = Arc::new(Notify::new());
-    let script = vec![
-        chunk_event("before"),
-        Chunk::Gate(gate.clone()),
-        chunk_event("after"),
-        data("data: [DONE]\n\n"),
-    ];
+    let script = vec![chunk_event("before"), Chunk::Gate(gate.clone()), chunk_event("after"), data("data: [DONE]\n\n")];
     let mock = Mock::start(move |_, _| Reply::sse(script.clone(), Ending::Complete)).await;
     let mut sluice = Sluice::start(config_for(&mock)).await;
-    let response = send(
-        "POST",
-        &sluice.url("/v1/chat/completions"),
-        &[],
-        r#"{"model":"m","stream":true}"#,
-    )
-    .await;
+    let response = send("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m","stream":true}"#).await;
     let mut body = response.into_body();
     next_chunk(&mut body).await.unwrap().unwrap();
 
@@ -457,8 +335,5 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
         rest.extend_from_slice(&chunk.unwrap());
     }
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
-    tokio::time::timeout(LIMIT, server)
-        .await
-        .expect("server stops once the stream is done")
-        .unwrap();
+    tokio::time::timeout(LIMIT, server).await.expect("server stops once the stream is done").unwrap();
 }

@@ -47,6 +47,12 @@ impl Cooldown {
         }
     }
 
+    /// Takes new delays (hot reload); a running cooldown keeps its end.
+    pub fn set_delays(&mut self, base_delay: Duration, max_delay: Duration) {
+        self.base_delay = base_delay;
+        self.max_delay = max_delay;
+    }
+
     /// The upstream throttled a request. Returns the cooldown's end when this started or extended one.
     pub fn throttled(&mut self, now: Instant, retry_after: Option<Duration>) -> Option<Instant> {
         let cooling = self.until.is_some_and(|until| now < until);
@@ -64,11 +70,7 @@ impl Cooldown {
         if self.until.is_some_and(|current| current >= until) {
             return None;
         }
-        let started = if cooling {
-            self.until.unwrap_or(now)
-        } else {
-            now
-        };
+        let started = if cooling { self.until.unwrap_or(now) } else { now };
         self.total += until - started;
         self.until = Some(until);
         self.ramp_until = Some(until + length);
@@ -135,11 +137,7 @@ mod tests {
         let mut cooldown = Cooldown::new(BASE, MAX);
         assert_eq!(cooldown.blocked_until(now), None);
         let until = cooldown.throttled(now, None).unwrap();
-        assert!(
-            until >= now + BASE / 2 && until <= now + BASE,
-            "{:?}",
-            until - now
-        );
+        assert!(until >= now + BASE / 2 && until <= now + BASE, "{:?}", until - now);
         assert_eq!(cooldown.blocked_until(now), Some(until));
         assert!(cooldown.active(now));
         assert!(!cooldown.active(until));
@@ -151,10 +149,7 @@ mod tests {
         let mut cooldown = Cooldown::new(BASE, MAX);
         let until = cooldown.throttled(now, None).unwrap();
         for i in 1..50 {
-            assert_eq!(
-                cooldown.throttled(now + Duration::from_millis(i), None),
-                None
-            );
+            assert_eq!(cooldown.throttled(now + Duration::from_millis(i), None), None);
         }
         assert_eq!(cooldown.blocked_until(now), Some(until));
         assert_eq!(cooldown.streak, 1);
@@ -173,10 +168,7 @@ mod tests {
         // Equal jitter: attempt n lies in [base·2^n / 2, base·2^n].
         for (n, length) in lengths.iter().enumerate() {
             let full = BASE * (1 << n);
-            assert!(
-                *length >= full / 2 && *length <= full,
-                "cooldown {n}: {length:?}"
-            );
+            assert!(*length >= full / 2 && *length <= full, "cooldown {n}: {length:?}");
         }
         cooldown.succeeded();
         let until = cooldown.throttled(now, None).unwrap();
@@ -187,15 +179,9 @@ mod tests {
     fn retry_after_sets_the_length_capped_by_max_delay() {
         let now = Instant::now();
         let mut cooldown = Cooldown::new(BASE, MAX);
-        assert_eq!(
-            cooldown.throttled(now, Some(Duration::from_secs(2))),
-            Some(now + Duration::from_secs(2))
-        );
+        assert_eq!(cooldown.throttled(now, Some(Duration::from_secs(2))), Some(now + Duration::from_secs(2)));
         // A longer Retry-After during the cooldown extends it; the cap holds.
-        assert_eq!(
-            cooldown.throttled(now, Some(Duration::from_secs(60))),
-            Some(now + MAX)
-        );
+        assert_eq!(cooldown.throttled(now, Some(Duration::from_secs(60))), Some(now + MAX));
         assert_eq!(cooldown.total(), MAX);
     }
 
@@ -203,9 +189,7 @@ mod tests {
     fn resumption_is_spread_over_the_ramp() {
         let now = Instant::now();
         let mut cooldown = Cooldown::new(BASE, MAX);
-        let until = cooldown
-            .throttled(now, Some(Duration::from_secs(1)))
-            .unwrap();
+        let until = cooldown.throttled(now, Some(Duration::from_secs(1))).unwrap();
         let mut at = until;
         let mut dispatched = 0;
         while at < until + Duration::from_secs(1) {
@@ -219,15 +203,8 @@ mod tests {
             at += Duration::from_micros(1);
         }
         // About RAMP_STEPS dispatches in the window, far from "all at once".
-        assert!(
-            (5..=200).contains(&dispatched),
-            "{dispatched} dispatches during the ramp"
-        );
+        assert!((5..=200).contains(&dispatched), "{dispatched} dispatches during the ramp");
         cooldown.dispatched(at);
-        assert_eq!(
-            cooldown.blocked_until(at),
-            None,
-            "full speed after the ramp"
-        );
+        assert_eq!(cooldown.blocked_until(at), None, "full speed after the ramp");
     }
 }

@@ -55,6 +55,11 @@ pub struct Snapshot {
     pub lanes: Vec<(String, usize, Option<usize>)>,
     pub cooldown_active: bool,
     pub cooldown_total: Duration,
+    /// The global rate limit in force and its burst.
+    pub rate: Option<(crate::config::Rate, u32)>,
+    /// The global concurrency cap and the queue bound in force.
+    pub max_concurrency: usize,
+    pub max_depth: usize,
     /// How often the dispatcher woke up since start.
     pub dispatcher_wakeups: u64,
 }
@@ -104,10 +109,7 @@ impl Admission {
             wakeups: AtomicU64::new(0),
         });
         tokio::spawn(run_dispatcher(shared.clone()));
-        Self {
-            _owner: Arc::new(Owner(shared.clone())),
-            shared,
-        }
+        Self { _owner: Arc::new(Owner(shared.clone())), shared }
     }
 
     /// Waits for a slot. Dropping the future (the client went away) leaves the queue at once.
@@ -125,18 +127,9 @@ impl Admission {
             }
             if ticket.deadline <= now {
                 state.forget_lane_if_idle(&lane);
-                return Err(Rejected::DeadlineExceeded {
-                    retry_after: state.retry_after_secs(now),
-                });
+                return Err(Rejected::DeadlineExceeded { retry_after: state.retry_after_secs(now) });
             }
-            match state.enqueue(
-                lane.clone(),
-                ticket.client,
-                ticket.priority,
-                ticket.deadline,
-                ticket.retry,
-                tx,
-            ) {
+            match state.enqueue(lane.clone(), ticket.client, ticket.priority, ticket.deadline, ticket.retry, tx) {
                 Ok(id) => id,
                 Err(_) => {
                     state.forget_lane_if_idle(&lane);
@@ -147,15 +140,19 @@ impl Admission {
                 }
             }
         };
+        tracing::debug!(entry = id, model = ticket.model.unwrap_or(UNKNOWN_MODEL), retry = ticket.retry, "queued");
         self.shared.wake.notify_one();
-        let mut entry = QueueEntry {
-            shared: &self.shared,
-            id,
-            settled: false,
-        };
+        let mut entry = QueueEntry { shared: &self.shared, id, settled: false };
         let outcome = rx.await;
         entry.settled = true;
         outcome.unwrap_or(Err(Rejected::ShuttingDown))
+    }
+
+    /// Puts new limits, queue bounds and retry delays in force without disturbing queued or in-flight
+    /// requests (hot reload).
+    pub fn reconfigure(&self, limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) {
+        self.shared.lock().reconfigure(limits, queue, retry);
+        self.shared.wake.notify_one();
     }
 
     /// Turns away everyone still waiting and every newcomer with `ShuttingDown` (end of a drain).
@@ -165,11 +162,7 @@ impl Admission {
 
     /// The upstream throttled a request (429, or 503 overload): cool everyone down.
     pub fn throttled(&self, retry_after: Option<Duration>) {
-        let until = self
-            .shared
-            .lock()
-            .cooldown
-            .throttled(Instant::now(), retry_after);
+        let until = self.shared.lock().cooldown.throttled(Instant::now(), retry_after);
         if let Some(until) = until {
             tracing::info!(
                 cooldown_ms = (until - Instant::now()).as_millis() as u64,
@@ -193,6 +186,9 @@ impl Admission {
             lanes: state.lanes(),
             cooldown_active: state.cooldown.active(now),
             cooldown_total: state.cooldown.total(),
+            rate: state.limits.rate(),
+            max_concurrency: state.limits.max_concurrency(),
+            max_depth: state.limits.max_depth(),
             dispatcher_wakeups: self.shared.wakeups.load(Ordering::Relaxed),
         }
     }

@@ -119,10 +119,7 @@ impl FairQueue {
     /// The class the next dispatch goes to (see the module doc for the rule).
     fn next_class(&self) -> Option<usize> {
         let waiting = |c: &usize| self.classes[*c].len > 0;
-        (0..3)
-            .filter(waiting)
-            .find(|c| self.skips[*c] >= STARVATION_LIMIT)
-            .or_else(|| (0..3).find(waiting))
+        (0..3).filter(waiting).find(|c| self.skips[*c] >= STARVATION_LIMIT).or_else(|| (0..3).find(waiting))
     }
 
     /// The id `pop` would return, without taking it.
@@ -181,10 +178,7 @@ mod tests {
         let order = drain(&mut queue);
         let first_ten = &order[..10];
         for id in 1000..1005 {
-            assert!(
-                first_ten.contains(&id),
-                "client 2's {id} not among the first ten: {first_ten:?}"
-            );
+            assert!(first_ten.contains(&id), "client 2's {id} not among the first ten: {first_ten:?}");
         }
         assert_eq!(order.len(), 205);
     }
@@ -210,14 +204,8 @@ mod tests {
         assert_eq!(order[0], 0, "high goes first");
         let normal_at = order.iter().position(|&id| id == 500).unwrap();
         let low_at = order.iter().position(|&id| id == 900).unwrap();
-        assert_eq!(
-            normal_at as u32, STARVATION_LIMIT,
-            "normal served after {STARVATION_LIMIT} skips"
-        );
-        assert!(
-            low_at as u32 <= STARVATION_LIMIT + 1,
-            "low served by dispatch {low_at}"
-        );
+        assert_eq!(normal_at as u32, STARVATION_LIMIT, "normal served after {STARVATION_LIMIT} skips");
+        assert!(low_at as u32 <= STARVATION_LIMIT + 1, "low served by dispatch {low_at}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::cooldown::Cooldown;
 use super::queue::{ClientId, FairQueue, Priority};
 use super::Rejected;
-use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
+use crate::config::{LimitsConfig, QueueConfig, Rate, RetryConfig};
 
 /// The lane of requests whose model could not be read (no JSON body, invalid JSON, no `model`).
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -28,34 +28,41 @@ pub struct Limits {
     max_depth: usize,
     caps: HashMap<String, usize>,
     aliases: HashMap<String, String>,
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// The GCRA limiter and the (rate, burst) it was built for.
+    limiter: Option<(DefaultDirectRateLimiter, Rate, u32)>,
 }
 
 impl Limits {
-    pub fn new(limits: &LimitsConfig, queue: &QueueConfig) -> Self {
-        let limiter = limits
-            .rate
-            .zip(limits.effective_burst())
-            .and_then(|(rate, burst)| {
-                let quota =
-                    Quota::with_period(rate.interval())?.allow_burst(NonZeroU32::new(burst)?);
-                Some(RateLimiter::direct(quota))
-            });
+    /// Derives the limits; `previous` lends its limiter when the rate and burst are unchanged, so a
+    /// reload does not hand out a fresh burst.
+    pub fn new(limits: &LimitsConfig, queue: &QueueConfig, previous: Option<Limits>) -> Self {
+        let wanted = limits.rate.zip(limits.effective_burst());
+        let kept = previous.and_then(|p| p.limiter).filter(|(_, rate, burst)| Some((*rate, *burst)) == wanted);
+        let limiter = kept.or_else(|| {
+            let (rate, burst) = wanted?;
+            let quota = Quota::with_period(rate.interval())?.allow_burst(NonZeroU32::new(burst)?);
+            Some((RateLimiter::direct(quota), rate, burst))
+        });
         Self {
             max_concurrency: limits.max_concurrency as usize,
             max_depth: queue.max_depth,
-            caps: limits
-                .models
-                .iter()
-                .map(|(name, m)| (name.clone(), m.max_concurrency as usize))
-                .collect(),
-            aliases: limits
-                .aliases
-                .iter()
-                .map(|(a, b)| (a.clone(), b.clone()))
-                .collect(),
+            caps: limits.models.iter().map(|(name, m)| (name.clone(), m.max_concurrency as usize)).collect(),
+            aliases: limits.aliases.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
             limiter,
         }
+    }
+
+    pub fn max_concurrency(&self) -> usize {
+        self.max_concurrency
+    }
+
+    pub fn max_depth(&self) -> usize {
+        self.max_depth
+    }
+
+    /// The configured rate and burst, if any.
+    pub fn rate(&self) -> Option<(Rate, u32)> {
+        self.limiter.as_ref().map(|(_, rate, burst)| (*rate, *burst))
     }
 }
 
@@ -67,10 +74,7 @@ pub struct Waiter {
 }
 
 /// What the dispatcher must deliver after unlocking: a permit or a rejection per waiter.
-pub type Delivery = (
-    oneshot::Sender<Result<super::Permit, Rejected>>,
-    Result<super::Permit, Rejected>,
-);
+pub type Delivery = (oneshot::Sender<Result<super::Permit, Rejected>>, Result<super::Permit, Rejected>);
 
 /// One model's share: its cap, what it has in flight, and who waits for it.
 #[derive(Default)]
@@ -105,7 +109,7 @@ pub struct State {
 impl State {
     pub fn new(limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) -> Self {
         Self {
-            limits: Limits::new(limits, queue),
+            limits: Limits::new(limits, queue, None),
             cooldown: Cooldown::new(retry.base_delay, retry.max_delay),
             lanes: HashMap::new(),
             ring: VecDeque::new(),
@@ -116,6 +120,17 @@ impl State {
             next_id: 0,
             closed: false,
         }
+    }
+
+    /// Puts new limits in force. Queued and in-flight requests keep their place and their slots; lanes
+    /// take their new caps at once (a lowered cap just admits nobody until enough slots come back).
+    pub fn reconfigure(&mut self, limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) {
+        let previous = std::mem::replace(&mut self.limits, Limits::new(limits, queue, None));
+        self.limits = Limits::new(limits, queue, Some(previous));
+        for (name, lane) in &mut self.lanes {
+            lane.cap = self.limits.caps.get(name.as_ref()).copied();
+        }
+        self.cooldown.set_delays(retry.base_delay, retry.max_delay);
     }
 
     /// The lane a model's requests use: aliases resolved, unreadable or overlong names in `unknown`.
@@ -130,21 +145,13 @@ impl State {
         }
         let key: Arc<str> = Arc::from(name);
         let cap = self.limits.caps.get(name).copied();
-        self.lanes.insert(
-            key.clone(),
-            Lane {
-                cap,
-                ..Lane::default()
-            },
-        );
+        self.lanes.insert(key.clone(), Lane { cap, ..Lane::default() });
         key
     }
 
     /// Takes a slot at once if nothing waits and every limit allows it (the uncontended path).
     pub fn try_take_now(&mut self, lane: &Arc<str>, now: Instant) -> bool {
-        if !self.waiters.is_empty()
-            || self.blocked_until(now).is_some()
-            || self.inflight >= self.limits.max_concurrency
+        if !self.waiters.is_empty() || self.blocked_until(now).is_some() || self.inflight >= self.limits.max_concurrency
         {
             return false;
         }
@@ -196,8 +203,7 @@ impl State {
         }
         if self.deadlines.len() > 2 * self.waiters.len() + 64 {
             let waiters = &self.waiters;
-            self.deadlines
-                .retain(|Reverse((_, id))| waiters.contains_key(id));
+            self.deadlines.retain(|Reverse((_, id))| waiters.contains_key(id));
         }
         self.forget_lane_if_idle(&waiter.lane);
         true
@@ -216,11 +222,7 @@ impl State {
     /// The dispatcher's step: expire deadlines, then hand out slots in queue order while every limit
     /// allows. Returns what to deliver, and when to look again if not woken before (None: only a
     /// release or a new arrival can change anything).
-    pub fn dispatch(
-        &mut self,
-        now: Instant,
-        shared: &Arc<super::Shared>,
-    ) -> (Vec<Delivery>, Option<Instant>) {
+    pub fn dispatch(&mut self, now: Instant, shared: &Arc<super::Shared>) -> (Vec<Delivery>, Option<Instant>) {
         let mut out = Vec::new();
         while let Some(&Reverse((at, id))) = self.deadlines.peek() {
             if at > now {
@@ -249,10 +251,7 @@ impl State {
             if let Some(ready_at) = self.take_rate_token() {
                 break Some(now + ready_at);
             }
-            let taken = self
-                .lanes
-                .get_mut(&lane)
-                .and_then(|entry| entry.queue.pop());
+            let taken = self.lanes.get_mut(&lane).and_then(|entry| entry.queue.pop());
             debug_assert_eq!(taken, Some(id));
             if let Some(waiter) = self.remove_waiter(id) {
                 self.occupy(&lane, now);
@@ -278,9 +277,7 @@ impl State {
 
     /// Seconds a rejected client should wait: what is left of the cooldown, at least one.
     pub fn retry_after_secs(&self, now: Instant) -> u64 {
-        self.blocked_until(now)
-            .map_or(1, |until| (until - now).as_secs_f64().ceil() as u64)
-            .max(1)
+        self.blocked_until(now).map_or(1, |until| (until - now).as_secs_f64().ceil() as u64).max(1)
     }
 
     pub fn queued(&self) -> usize {
@@ -297,11 +294,8 @@ impl State {
 
     /// In-flight count and cap of every lane that has either.
     pub fn lanes(&self) -> Vec<(String, usize, Option<usize>)> {
-        let mut lanes: Vec<_> = self
-            .lanes
-            .iter()
-            .map(|(name, lane)| (name.to_string(), lane.inflight, lane.cap))
-            .collect();
+        let mut lanes: Vec<_> =
+            self.lanes.iter().map(|(name, lane)| (name.to_string(), lane.inflight, lane.cap)).collect();
         lanes.sort();
         lanes
     }
@@ -312,11 +306,8 @@ impl State {
 
     /// Takes a GCRA token; `Some(wait)` when none is available yet.
     fn take_rate_token(&self) -> Option<std::time::Duration> {
-        let limiter = self.limits.limiter.as_ref()?;
-        limiter
-            .check()
-            .err()
-            .map(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        let (limiter, _, _) = self.limits.limiter.as_ref()?;
+        limiter.check().err().map(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 
     fn occupy(&mut self, lane: &Arc<str>, now: Instant) {
@@ -368,11 +359,7 @@ impl State {
     }
 
     pub fn forget_lane_if_idle(&mut self, key: &Arc<str>) {
-        if self
-            .lanes
-            .get(key)
-            .is_some_and(|lane| lane.inflight == 0 && lane.waiting == 0 && !lane.in_ring)
-        {
+        if self.lanes.get(key).is_some_and(|lane| lane.inflight == 0 && lane.waiting == 0 && !lane.in_ring) {
             self.lanes.remove(key);
         }
     }

@@ -13,22 +13,12 @@ fn admission(global: u32, models: &[(&str, u32)], max_depth: usize) -> Admission
         max_concurrency: global,
         models: models
             .iter()
-            .map(|(name, cap)| {
-                (
-                    name.to_string(),
-                    ModelLimits {
-                        max_concurrency: *cap,
-                    },
-                )
-            })
+            .map(|(name, cap)| (name.to_string(), ModelLimits { max_concurrency: *cap }))
             .collect::<BTreeMap<_, _>>(),
         aliases: BTreeMap::from([("alias".to_string(), "m".to_string())]),
         ..LimitsConfig::default()
     };
-    let queue = QueueConfig {
-        max_depth,
-        max_wait: Duration::from_secs(60),
-    };
+    let queue = QueueConfig { max_depth, max_wait: Duration::from_secs(60) };
     Admission::new(&limits, &queue, &RetryConfig::default())
 }
 
@@ -66,9 +56,7 @@ async fn per_model_cap_holds_and_a_release_admits_the_next() {
     let mut tasks = Vec::new();
     for client in 0..5 {
         let admission = admission.clone();
-        tasks.push(tokio::spawn(async move {
-            admission.acquire(ticket("m", client)).await
-        }));
+        tasks.push(tokio::spawn(async move { admission.acquire(ticket("m", client)).await }));
     }
     settle().await;
     let snapshot = admission.snapshot();
@@ -84,11 +72,7 @@ async fn per_model_cap_holds_and_a_release_admits_the_next() {
     assert_eq!(permits.len(), 2);
     permits.pop();
     settle().await;
-    assert_eq!(
-        admission.snapshot().queued,
-        2,
-        "one waiter took the released slot"
-    );
+    assert_eq!(admission.snapshot().queued, 2, "one waiter took the released slot");
     assert_eq!(admission.snapshot().inflight, 3);
 }
 
@@ -113,22 +97,11 @@ async fn a_full_queue_rejects_at_once() {
     let mut waiting = Vec::new();
     for _ in 0..2 {
         let admission = admission.clone();
-        waiting.push(tokio::spawn(async move {
-            admission.acquire(ticket("m", 1)).await
-        }));
+        waiting.push(tokio::spawn(async move { admission.acquire(ticket("m", 1)).await }));
     }
     settle().await;
     let rejected = admission.acquire(ticket("m", 1)).await.unwrap_err();
-    assert!(
-        matches!(
-            rejected,
-            Rejected::QueueFull {
-                depth: 2,
-                retry_after: 1
-            }
-        ),
-        "{rejected:?}"
-    );
+    assert!(matches!(rejected, Rejected::QueueFull { depth: 2, retry_after: 1 }), "{rejected:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -139,15 +112,8 @@ async fn the_deadline_ends_the_wait() {
     let mut waiting = ticket("m", 2);
     waiting.deadline = started + Duration::from_secs(5);
     let rejected = admission.acquire(waiting).await.unwrap_err();
-    assert!(
-        matches!(rejected, Rejected::DeadlineExceeded { .. }),
-        "{rejected:?}"
-    );
-    assert_eq!(
-        started.elapsed(),
-        Duration::from_secs(5),
-        "paused clock: exactly the deadline"
-    );
+    assert!(matches!(rejected, Rejected::DeadlineExceeded { .. }), "{rejected:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(5), "paused clock: exactly the deadline");
     assert_eq!(admission.snapshot().queued, 0);
 }
 
@@ -166,11 +132,7 @@ async fn a_waiter_that_goes_away_leaves_the_queue_and_takes_no_slot() {
     assert_eq!(admission.snapshot().queued, 0);
     drop(held);
     settle().await;
-    assert_eq!(
-        admission.snapshot().inflight,
-        0,
-        "no slot went to the departed waiter"
-    );
+    assert_eq!(admission.snapshot().inflight, 0, "no slot went to the departed waiter");
     let _next = admission.acquire(ticket("m", 3)).await.unwrap();
 }
 
@@ -194,11 +156,7 @@ async fn the_dispatcher_wakes_per_dispatch_not_per_waiter() {
     // Let a lot of (virtual) time pass with everyone waiting: an idle queue costs no wake-ups.
     let before_idle = admission.snapshot().dispatcher_wakeups;
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(
-        admission.snapshot().dispatcher_wakeups,
-        before_idle,
-        "waiting costs no wake-ups"
-    );
+    assert_eq!(admission.snapshot().dispatcher_wakeups, before_idle, "waiting costs no wake-ups");
 
     let before = admission.snapshot().dispatcher_wakeups;
     drop(first);
@@ -207,10 +165,7 @@ async fn the_dispatcher_wakes_per_dispatch_not_per_waiter() {
         drop(permit);
     }
     let wakeups = admission.snapshot().dispatcher_wakeups - before;
-    assert!(
-        wakeups <= 2 * WAITERS as u64 + 10,
-        "{wakeups} wake-ups for {WAITERS} dispatches"
-    );
+    assert!(wakeups <= 2 * WAITERS as u64 + 10, "{wakeups} wake-ups for {WAITERS} dispatches");
     assert_eq!(admission.snapshot().queued, 0);
 }
 
@@ -254,13 +209,7 @@ async fn retries_go_ahead_of_their_clients_newer_requests() {
 #[tokio::test(start_paused = true)]
 async fn unreadable_models_share_the_unknown_lane() {
     let admission = admission(10, &[], 10);
-    let permit = admission
-        .acquire(Ticket {
-            model: None,
-            ..ticket("", 1)
-        })
-        .await
-        .unwrap();
+    let permit = admission.acquire(Ticket { model: None, ..ticket("", 1) }).await.unwrap();
     assert_eq!(permit.lane(), UNKNOWN_MODEL);
     let long = "x".repeat(500);
     let permit = admission.acquire(ticket(&long, 1)).await.unwrap();
@@ -278,8 +227,5 @@ async fn closing_rejects_waiters_and_newcomers() {
     settle().await;
     admission.close();
     assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::ShuttingDown);
-    assert_eq!(
-        admission.acquire(ticket("m", 3)).await.unwrap_err(),
-        Rejected::ShuttingDown
-    );
+    assert_eq!(admission.acquire(ticket("m", 3)).await.unwrap_err(), Rejected::ShuttingDown);
 }

@@ -27,14 +27,9 @@ pub struct Overrides {
 /// Builds the effective config from all layers and validates it. `env` is the process environment
 /// (passed in so tests need not touch the real one).
 pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
-    let mut builder =
-        ::config::Config::builder().add_source(::config::Config::try_from(&Config::default())?);
+    let mut builder = ::config::Config::builder().add_source(::config::Config::try_from(&Config::default())?);
     if let Some(path) = &overrides.config_path {
-        builder = builder.add_source(
-            File::from(path.as_path())
-                .format(FileFormat::Toml)
-                .required(true),
-        );
+        builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true));
     }
     builder = builder.add_source(
         Environment::with_prefix("SLUICE")
@@ -60,28 +55,18 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
 /// Only `SLUICE_<SECTION>__<KEY>` variables are config keys; `SLUICE_CONFIG` and the like are not.
 fn config_env(env: &HashMap<String, String>) -> ::config::Map<String, String> {
     env.iter()
-        .filter(|(key, _)| {
-            key.strip_prefix("SLUICE_")
-                .is_some_and(|rest| rest.contains("__"))
-        })
+        .filter(|(key, _)| key.strip_prefix("SLUICE_").is_some_and(|rest| rest.contains("__")))
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect()
 }
 
 /// Finds the API key: `upstream.api_key_file`, else `$CREDENTIALS_DIRECTORY/deepseek-api-key` (systemd),
 /// else `DEEPSEEK_API_KEY`. None of them: the client's own `Authorization` is passed through.
-pub fn load_api_key(
-    config: &Config,
-    env: &HashMap<String, String>,
-) -> Result<Option<ApiKey>, ConfigError> {
-    let credential = env
-        .get("CREDENTIALS_DIRECTORY")
-        .map(|dir| PathBuf::from(dir).join(CREDENTIAL_NAME));
+pub fn load_api_key(config: &Config, env: &HashMap<String, String>) -> Result<Option<ApiKey>, ConfigError> {
+    let credential = env.get("CREDENTIALS_DIRECTORY").map(|dir| PathBuf::from(dir).join(CREDENTIAL_NAME));
     let file = match (&config.upstream.api_key_file, credential) {
         (Some(path), _) => Some((path.clone(), "upstream.api_key_file")),
-        (None, Some(path)) if path.exists() => {
-            Some((path, "$CREDENTIALS_DIRECTORY/deepseek-api-key"))
-        }
+        (None, Some(path)) if path.exists() => Some((path, "$CREDENTIALS_DIRECTORY/deepseek-api-key")),
         _ => None,
     };
     if let Some((path, key)) = file {
@@ -90,23 +75,19 @@ pub fn load_api_key(
             path: path.clone(),
             source,
         })?;
-        return ApiKey::new(&text, path.display().to_string())
-            .map(Some)
-            .ok_or_else(|| ConfigError::Invalid {
-                key: key.into(),
-                value: path.display().to_string(),
-                expected: "a file holding one non-empty API key of printable characters".into(),
-            });
+        return ApiKey::new(&text, path.display().to_string()).map(Some).ok_or_else(|| ConfigError::Invalid {
+            key: key.into(),
+            value: path.display().to_string(),
+            expected: "a file holding one non-empty API key of printable characters".into(),
+        });
     }
     match env.get(API_KEY_ENV) {
         Some(raw) if !raw.trim().is_empty() => {
-            ApiKey::new(raw, API_KEY_ENV)
-                .map(Some)
-                .ok_or_else(|| ConfigError::Invalid {
-                    key: API_KEY_ENV.into(),
-                    value: "[redacted]".into(),
-                    expected: "an API key of printable characters".into(),
-                })
+            ApiKey::new(raw, API_KEY_ENV).map(Some).ok_or_else(|| ConfigError::Invalid {
+                key: API_KEY_ENV.into(),
+                value: "[redacted]".into(),
+                expected: "an API key of printable characters".into(),
+            })
         }
         _ => Ok(None),
     }
@@ -119,15 +100,11 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn temp_file(name: &str, text: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("sluice-config-test-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("sluice-config-test-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -136,10 +113,7 @@ mod tests {
 
     #[test]
     fn no_sources_gives_the_embedded_defaults() {
-        assert_eq!(
-            load(&Overrides::default(), &env(&[])).unwrap(),
-            Config::default()
-        );
+        assert_eq!(load(&Overrides::default(), &env(&[])).unwrap(), Config::default());
     }
 
     #[test]
@@ -162,31 +136,17 @@ mod tests {
         let config = load(&overrides, &env).unwrap();
         assert_eq!(config.server.listen.port(), 9100, "flag beats file");
         assert_eq!(config.server.max_body_bytes, 2000, "env beats file");
-        assert_eq!(
-            config.queue.max_wait,
-            Duration::from_secs(90),
-            "file beats defaults"
-        );
+        assert_eq!(config.queue.max_wait, Duration::from_secs(90), "file beats defaults");
         assert_eq!(config.retry.on_status, vec![429, 503]);
         assert_eq!(config.upstream.base_url, "http://127.0.0.1:1234");
         assert_eq!(config.limits.models["my-model"].max_concurrency, 7);
-        assert!(
-            config.limits.models.contains_key("deepseek-v4-pro"),
-            "models merge with the defaults"
-        );
+        assert!(config.limits.models.contains_key("deepseek-v4-pro"), "models merge with the defaults");
     }
 
     #[test]
     fn unknown_keys_are_named() {
         let file = temp_file("unknown.toml", "[server]\nlisten_addr = \"127.0.0.1:1\"\n");
-        let err = load(
-            &Overrides {
-                config_path: Some(file),
-                ..Default::default()
-            },
-            &env(&[]),
-        )
-        .unwrap_err();
+        let err = load(&Overrides { config_path: Some(file), ..Default::default() }, &env(&[])).unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
 
         let err = load(&Overrides::default(), &env(&[("SLUICE_QUEUE__DEPTH", "5")])).unwrap_err();
@@ -196,59 +156,32 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         let file = temp_file("bad.toml", "[upstream]\nheader_timeout = \"soon\"\n");
-        let err = load(
-            &Overrides {
-                config_path: Some(file),
-                ..Default::default()
-            },
-            &env(&[]),
-        )
-        .unwrap_err();
+        let err = load(&Overrides { config_path: Some(file), ..Default::default() }, &env(&[])).unwrap_err();
         assert!(err.to_string().contains("header_timeout"), "{err}");
 
-        let err = load(
-            &Overrides {
-                listen: Some("nowhere".into()),
-                ..Default::default()
-            },
-            &env(&[]),
-        )
-        .unwrap_err();
+        let err = load(&Overrides { listen: Some("nowhere".into()), ..Default::default() }, &env(&[])).unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
     }
 
     #[test]
     fn api_key_sources_in_order() {
         let key_file = temp_file("key", "sk-from-file\n");
-        let cred_dir = temp_file(CREDENTIAL_NAME, "sk-from-credential")
-            .parent()
-            .unwrap()
-            .to_path_buf();
+        let cred_dir = temp_file(CREDENTIAL_NAME, "sk-from-credential").parent().unwrap().to_path_buf();
         let cred_dir = cred_dir.to_str().unwrap();
 
         let from_env = load(&Overrides::default(), &env(&[(API_KEY_ENV, "sk-env")])).unwrap();
-        assert_eq!(
-            from_env.upstream.api_key.unwrap().authorization(),
-            "Bearer sk-env"
-        );
+        assert_eq!(from_env.upstream.api_key.unwrap().authorization(), "Bearer sk-env");
 
         let both = env(&[(API_KEY_ENV, "sk-env"), ("CREDENTIALS_DIRECTORY", cred_dir)]);
         let from_cred = load(&Overrides::default(), &both).unwrap();
-        assert_eq!(
-            from_cred.upstream.api_key.unwrap().authorization(),
-            "Bearer sk-from-credential"
-        );
+        assert_eq!(from_cred.upstream.api_key.unwrap().authorization(), "Bearer sk-from-credential");
 
         let mut config = Config::default();
         config.upstream.api_key_file = Some(key_file);
         let from_file = load_api_key(&config, &both).unwrap().unwrap();
         assert_eq!(from_file.authorization(), "Bearer sk-from-file");
 
-        assert!(load(&Overrides::default(), &env(&[]))
-            .unwrap()
-            .upstream
-            .api_key
-            .is_none());
+        assert!(load(&Overrides::default(), &env(&[])).unwrap().upstream.api_key.is_none());
     }
 
     #[test]

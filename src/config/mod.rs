@@ -115,10 +115,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
+        Self { format: LogFormat::Text, level: "info".into() }
     }
 }
 
@@ -148,9 +145,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        let model = |cap| ModelLimits {
-            max_concurrency: cap,
-        };
+        let model = |cap| ModelLimits { max_concurrency: cap };
         Self {
             rate: None,
             burst: None,
@@ -161,10 +156,7 @@ impl Default for LimitsConfig {
             ]),
             aliases: BTreeMap::from([
                 ("deepseek-chat".to_string(), "deepseek-v4-flash".to_string()),
-                (
-                    "deepseek-reasoner".to_string(),
-                    "deepseek-v4-flash".to_string(),
-                ),
+                ("deepseek-reasoner".to_string(), "deepseek-v4-flash".to_string()),
             ]),
         }
     }
@@ -174,10 +166,7 @@ impl LimitsConfig {
     /// The GCRA burst in force: the configured one, else one second's worth of the rate (at least 1).
     pub fn effective_burst(&self) -> Option<u32> {
         let rate = self.rate?;
-        Some(
-            self.burst
-                .unwrap_or_else(|| (rate.per_second().floor() as u32).max(1)),
-        )
+        Some(self.burst.unwrap_or_else(|| (rate.per_second().floor() as u32).max(1)))
     }
 }
 
@@ -203,10 +192,7 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self {
-            max_depth: 10_000,
-            max_wait: Duration::from_secs(300),
-        }
+        Self { max_depth: 10_000, max_wait: Duration::from_secs(300) }
     }
 }
 
@@ -238,39 +224,25 @@ impl Default for RetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("invalid value for `{key}`: {value} ({expected})")]
-    Invalid {
-        key: String,
-        value: String,
-        expected: String,
-    },
+    Invalid { key: String, value: String, expected: String },
     #[error("{0}")]
     Load(#[from] ::config::ConfigError),
     #[error("cannot read {what} from {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
 }
 
 fn invalid(key: impl Into<String>, value: impl std::fmt::Display, expected: &str) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        value: value.to_string(),
-        expected: expected.into(),
-    }
+    ConfigError::Invalid { key: key.into(), value: value.to_string(), expected: expected.into() }
 }
 
 impl Config {
     /// Checks what the types alone cannot: ranges, URLs, and references between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url: http::Uri = self.upstream.base_url.parse().map_err(|_| {
-            invalid(
-                "upstream.base_url",
-                &self.upstream.base_url,
-                "an http:// or https:// URL",
-            )
-        })?;
+        let url: http::Uri = self
+            .upstream
+            .base_url
+            .parse()
+            .map_err(|_| invalid("upstream.base_url", &self.upstream.base_url, "an http:// or https:// URL"))?;
         if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
             return Err(invalid(
                 "upstream.base_url",
@@ -279,27 +251,16 @@ impl Config {
             ));
         }
         if url.query().is_some() {
-            return Err(invalid(
-                "upstream.base_url",
-                &self.upstream.base_url,
-                "a URL without a query string",
-            ));
+            return Err(invalid("upstream.base_url", &self.upstream.base_url, "a URL without a query string"));
         }
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", 0, "at least 1"));
         }
         if !(8192..=16 * 1024 * 1024).contains(&self.server.max_header_bytes) {
-            return Err(invalid(
-                "server.max_header_bytes",
-                self.server.max_header_bytes,
-                "8192 to 16777216",
-            ));
+            return Err(invalid("server.max_header_bytes", self.server.max_header_bytes, "8192 to 16777216"));
         }
         let positive = [
-            (
-                "server.header_read_timeout",
-                self.server.header_read_timeout,
-            ),
+            ("server.header_read_timeout", self.server.header_read_timeout),
             ("server.body_read_timeout", self.server.body_read_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.header_timeout", self.upstream.header_timeout),
@@ -310,11 +271,7 @@ impl Config {
         ];
         for (key, value) in positive {
             if value.is_zero() {
-                return Err(invalid(
-                    key,
-                    "0s",
-                    "a duration longer than zero, such as \"500ms\" or \"10m\"",
-                ));
+                return Err(invalid(key, "0s", "a duration longer than zero, such as \"500ms\" or \"10m\""));
             }
         }
         if self.retry.base_delay > self.retry.max_delay {
@@ -326,11 +283,7 @@ impl Config {
         }
         for status in &self.retry.on_status {
             if !(400..=599).contains(status) || matches!(status, 400 | 401 | 402 | 422) {
-                return Err(invalid(
-                    "retry.on_status",
-                    status,
-                    "4xx/5xx statuses other than 400, 401, 402, 422",
-                ));
+                return Err(invalid("retry.on_status", status, "4xx/5xx statuses other than 400, 401, 402, 422"));
             }
         }
         if self.limits.max_concurrency == 0 {
@@ -341,11 +294,7 @@ impl Config {
         }
         for (name, model) in &self.limits.models {
             if model.max_concurrency == 0 {
-                return Err(invalid(
-                    format!("limits.models.\"{name}\".max_concurrency"),
-                    0,
-                    "at least 1",
-                ));
+                return Err(invalid(format!("limits.models.\"{name}\".max_concurrency"), 0, "at least 1"));
             }
         }
         for (alias, target) in &self.limits.aliases {
@@ -360,16 +309,9 @@ impl Config {
         if self.queue.max_depth == 0 {
             return Err(invalid("queue.max_depth", 0, "at least 1"));
         }
-        self.log
-            .level
-            .parse::<tracing_subscriber::filter::Targets>()
-            .map_err(|_| {
-                invalid(
-                    "log.level",
-                    format!("{:?}", self.log.level),
-                    "a level such as \"info\" or \"info,hyper=warn\"",
-                )
-            })?;
+        self.log.level.parse::<tracing_subscriber::filter::Targets>().map_err(|_| {
+            invalid("log.level", format!("{:?}", self.log.level), "a level such as \"info\" or \"info,hyper=warn\"")
+        })?;
         Ok(())
     }
 
@@ -393,26 +335,17 @@ mod tests {
         let mut config = Config::default();
         config.retry.on_status = vec![429, 401];
         let message = config.validate().unwrap_err().to_string();
-        assert!(
-            message.contains("retry.on_status") && message.contains("401"),
-            "{message}"
-        );
+        assert!(message.contains("retry.on_status") && message.contains("401"), "{message}");
 
         let mut config = Config::default();
         config.upstream.base_url = "ftp://example.com".into();
         let message = config.validate().unwrap_err().to_string();
-        assert!(
-            message.contains("upstream.base_url") && message.contains("ftp://example.com"),
-            "{message}"
-        );
+        assert!(message.contains("upstream.base_url") && message.contains("ftp://example.com"), "{message}");
 
         let mut config = Config::default();
         config.limits.aliases.insert("x".into(), "nope".into());
         let message = config.validate().unwrap_err().to_string();
-        assert!(
-            message.contains("limits.aliases") && message.contains("nope"),
-            "{message}"
-        );
+        assert!(message.contains("limits.aliases") && message.contains("nope"), "{message}");
     }
 
     #[test]

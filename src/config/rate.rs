@@ -36,12 +36,11 @@ impl std::str::FromStr for Rate {
     type Err = RateParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (count, period) = s
-            .split_once('/')
-            .ok_or_else(|| RateParseError(format!("no '/' in {s:?}")))?;
-        let count: u32 = count.trim().parse().map_err(|_| {
-            RateParseError(format!("count {:?} is not a whole number", count.trim()))
-        })?;
+        let (count, period) = s.split_once('/').ok_or_else(|| RateParseError(format!("no '/' in {s:?}")))?;
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| RateParseError(format!("count {:?} is not a whole number", count.trim())))?;
         if count == 0 {
             return Err(RateParseError("count must be at least 1".into()));
         }
@@ -49,8 +48,7 @@ impl std::str::FromStr for Rate {
             "s" | "sec" | "second" => Duration::from_secs(1),
             "m" | "min" | "minute" => Duration::from_secs(60),
             "h" | "hour" => Duration::from_secs(3600),
-            other => humantime::parse_duration(other)
-                .map_err(|e| RateParseError(format!("period {other:?}: {e}")))?,
+            other => humantime::parse_duration(other).map_err(|e| RateParseError(format!("period {other:?}: {e}")))?,
         };
         if period.is_zero() {
             return Err(RateParseError("period must be longer than zero".into()));
@@ -78,12 +76,7 @@ impl fmt::Display for Rate {
             1 if self.period.subsec_nanos() == 0 => write!(f, "{}/s", self.count),
             60 if self.period.subsec_nanos() == 0 => write!(f, "{}/min", self.count),
             3600 if self.period.subsec_nanos() == 0 => write!(f, "{}/hour", self.count),
-            _ => write!(
-                f,
-                "{}/{}",
-                self.count,
-                humantime::format_duration(self.period)
-            ),
+            _ => write!(f, "{}/{}", self.count, humantime::format_duration(self.period)),
         }
     }
 }
@@ -121,9 +114,6 @@ mod tests {
             let rate: Rate = text.parse().unwrap();
             assert_eq!(rate.to_string().parse::<Rate>().unwrap(), rate);
         }
-        assert_eq!(
-            "600/min".parse::<Rate>().unwrap().interval(),
-            Duration::from_millis(100)
-        );
+        assert_eq!("600/min".parse::<Rate>().unwrap().interval(), Duration::from_millis(100));
     }
 }

@@ -23,10 +23,7 @@ impl ApiKey {
         }
         let mut authorization = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
         authorization.set_sensitive(true);
-        Some(Self {
-            authorization,
-            source: source.into(),
-        })
+        Some(Self { authorization, source: source.into() })
     }
 
     /// The `Authorization` header value to send upstream.

@@ -58,6 +58,11 @@ impl RequestLog {
         }
     }
 
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Counts bytes sent to the client.
     pub fn add_bytes(&mut self, n: usize) {
         self.bytes += n as u64;

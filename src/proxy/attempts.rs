@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::request::{Inspection, Outgoing};
 use super::retry::{self, Decision};
-use super::Proxy;
+use super::{Generation, Proxy};
 use crate::admission::{Permit, Rejected, Ticket};
 use crate::error::ProxyError;
 use crate::upstream::SendError;
@@ -36,12 +36,13 @@ impl Proxy {
     /// or the request must end with sluice's own error.
     pub(super) async fn send_with_retries(
         &self,
+        generation: &Generation,
         outgoing: &Outgoing,
         seen: &Inspection,
         deadline: Instant,
         progress: &mut Progress,
     ) -> Result<(Response<Incoming>, Permit), ProxyError> {
-        let retry_config = &self.config.retry;
+        let retry_config = &generation.config.retry;
         let mut last_connection_error: Option<SendError> = None;
         loop {
             // Admission: first attempts and retries alike; a retry keeps its place ahead of newer requests.
@@ -55,29 +56,18 @@ impl Proxy {
             let waiting = Instant::now();
             let admitted = self.admission.acquire(ticket).await;
             progress.waited += waiting.elapsed();
-            let permit = admitted
-                .map_err(|rejected| gave_up(rejected, progress, last_connection_error.take()))?;
+            let permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_connection_error.take()))?;
 
             // One upstream attempt, classified.
             progress.attempts += 1;
             // Boxed: a queued request then carries no room for the (larger) send state.
-            let outcome = Box::pin(self.upstream.send(outgoing.attempt())).await;
+            let outcome = Box::pin(generation.upstream.send(outgoing.attempt())).await;
             let decision = match &outcome {
-                Ok(response) => retry::classify_status(
-                    response.status(),
-                    response.headers(),
-                    &retry_config.on_status,
-                ),
+                Ok(response) => retry::classify_status(response.status(), response.headers(), &retry_config.on_status),
                 Err(err) => retry::classify_error(err),
             };
             let (reason, retry_after) = match (decision, outcome) {
-                (
-                    Decision::Retry {
-                        reason,
-                        retry_after,
-                    },
-                    outcome,
-                ) => {
+                (Decision::Retry { reason, retry_after }, outcome) => {
                     drop(permit); // the failed attempt's slot goes back before anyone waits
                     match outcome {
                         Ok(response) => {
@@ -95,9 +85,7 @@ impl Proxy {
                     }
                     return Ok((response, permit));
                 }
-                (_, Err(SendError::HeaderTimeout(waited))) => {
-                    return Err(ProxyError::UpstreamTimeout(waited))
-                }
+                (_, Err(SendError::HeaderTimeout(waited))) => return Err(ProxyError::UpstreamTimeout(waited)),
                 (_, Err(err)) => return Err(ProxyError::UpstreamUnreachable(err.to_string())),
             };
 
@@ -108,12 +96,7 @@ impl Proxy {
                 Duration::ZERO
             } else {
                 let floor = retry_after.unwrap_or_default().min(retry_config.max_delay);
-                retry::backoff(
-                    progress.attempts,
-                    retry_config.base_delay,
-                    retry_config.max_delay,
-                )
-                .max(floor)
+                retry::backoff(progress.attempts, retry_config.base_delay, retry_config.max_delay).max(floor)
             };
             tracing::debug!(
                 attempt = progress.attempts,
@@ -124,11 +107,7 @@ impl Proxy {
             );
             if Instant::now() + delay >= deadline {
                 let retry_after = delay.as_secs().max(1);
-                return Err(gave_up(
-                    Rejected::DeadlineExceeded { retry_after },
-                    progress,
-                    last_connection_error,
-                ));
+                return Err(gave_up(Rejected::DeadlineExceeded { retry_after }, progress, last_connection_error));
             }
             tokio::time::sleep(delay).await;
             progress.waited += delay;
@@ -138,19 +117,14 @@ impl Proxy {
 
 /// Turns an admission rejection into the client's error. At the deadline, a request whose last attempt
 /// could not reach the upstream reports that (502); otherwise the last upstream status (503).
-fn gave_up(
-    rejected: Rejected,
-    progress: &Progress,
-    last_connection_error: Option<SendError>,
-) -> ProxyError {
+fn gave_up(rejected: Rejected, progress: &Progress, last_connection_error: Option<SendError>) -> ProxyError {
     match rejected {
         Rejected::QueueFull { depth, retry_after } => ProxyError::QueueFull { depth, retry_after },
         Rejected::ShuttingDown => ProxyError::ShuttingDown,
         Rejected::DeadlineExceeded { retry_after } => match last_connection_error {
-            Some(err) => ProxyError::UpstreamUnreachable(format!(
-                "{err} (gave up after {} attempts)",
-                progress.attempts
-            )),
+            Some(err) => {
+                ProxyError::UpstreamUnreachable(format!("{err} (gave up after {} attempts)", progress.attempts))
+            }
             None => ProxyError::DeadlineExceeded {
                 waited: progress.waited,
                 attempts: progress.attempts,

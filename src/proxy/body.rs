@@ -80,11 +80,7 @@ impl SseTail {
 impl ResponseBody {
     /// A complete body held in memory (sluice's own answers).
     pub fn full(bytes: Bytes) -> Self {
-        Self {
-            kind: Kind::Full(Some(bytes)),
-            permit: None,
-            log: None,
-        }
+        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None }
     }
 
     /// The upstream's body, forwarded as it arrives. `sse` turns on the in-band error event.
@@ -99,11 +95,7 @@ impl ResponseBody {
             ended: false,
             broke: false,
         };
-        Self {
-            kind: Kind::Upstream(Box::new(stream)),
-            permit: None,
-            log: None,
-        }
+        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None }
     }
 
     /// Hands the body the permit to hold until it ends.
@@ -134,10 +126,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),

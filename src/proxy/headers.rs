@@ -31,11 +31,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes every header whose name starts with `prefix` (lower case).
 pub fn strip_prefixed(headers: &mut HeaderMap, prefix: &str) {
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with(prefix))
-        .cloned()
-        .collect();
+    let doomed: Vec<HeaderName> = headers.keys().filter(|name| name.as_str().starts_with(prefix)).cloned().collect();
     for name in doomed {
         headers.remove(name);
     }

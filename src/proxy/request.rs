@@ -33,10 +33,7 @@ pub fn refuse_foreign<B>(request: &Request<B>) -> Result<(), ProxyError> {
     if request.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed(Method::CONNECT));
     }
-    let http1 = matches!(
-        request.version(),
-        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
-    );
+    let http1 = matches!(request.version(), Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11);
     if http1 && request.uri().authority().is_some() {
         return Err(ProxyError::BadRequest(
             "absolute-form request targets are refused: sluice is not an open proxy".into(),
@@ -51,9 +48,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
@@ -62,9 +57,7 @@ where
         // request must not pin that whole buffer.
         Ok(collected) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
         Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) => Err(ProxyError::BadRequest(format!(
-            "could not read the request body: {err}"
-        ))),
+        Err(err) => Err(ProxyError::BadRequest(format!("could not read the request body: {err}"))),
     }
 }
 
@@ -93,21 +86,14 @@ impl Inspection {
     /// token, else the peer IP — each hashed with this process's random key.
     pub fn new(headers: &HeaderMap, body: &[u8], peer: SocketAddr, hasher: &RandomState) -> Self {
         let peek = serde_json::from_slice::<Peek<'_>>(body).ok();
-        let client = match (
-            headers.get(CLIENT_HEADER),
-            headers.get(header::AUTHORIZATION),
-        ) {
+        let client = match (headers.get(CLIENT_HEADER), headers.get(header::AUTHORIZATION)) {
             (Some(name), _) => hasher.hash_one((0u8, name.as_bytes())),
             (None, Some(token)) => hasher.hash_one((1u8, token.as_bytes())),
             (None, None) => hasher.hash_one((2u8, peer.ip())),
         };
-        let priority = headers
-            .get(PRIORITY_HEADER)
-            .map_or(Priority::Normal, |v| Priority::from_header(v.as_bytes()));
+        let priority = headers.get(PRIORITY_HEADER).map_or(Priority::Normal, |v| Priority::from_header(v.as_bytes()));
         Self {
-            model: peek
-                .as_ref()
-                .and_then(|p| p.model.as_deref().map(str::to_owned)),
+            model: peek.as_ref().and_then(|p| p.model.as_deref().map(str::to_owned)),
             stream: peek.and_then(|p| p.stream).unwrap_or(false),
             client,
             priority,
@@ -136,9 +122,9 @@ impl Outgoing {
         request_id: &HeaderValue,
     ) -> Result<Self, ProxyError> {
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = upstream.target(path).ok_or_else(|| {
-            ProxyError::BadRequest(format!("request target {path:?} cannot be forwarded"))
-        })?;
+        let uri = upstream
+            .target(path)
+            .ok_or_else(|| ProxyError::BadRequest(format!("request target {path:?} cannot be forwarded")))?;
         let mut client_headers = parts.headers;
         strip_hop_by_hop(&mut client_headers);
         strip_prefixed(&mut client_headers, "x-sluice-");
@@ -152,12 +138,7 @@ impl Outgoing {
             headers.insert(header::AUTHORIZATION, key.authorization().clone());
         }
         headers.insert(REQUEST_ID_HEADER, request_id.clone());
-        Ok(Self {
-            method: parts.method.clone(),
-            uri,
-            headers,
-            body,
-        })
+        Ok(Self { method: parts.method.clone(), uri, headers, body })
     }
 
     /// A fresh request for one attempt.
@@ -179,15 +160,11 @@ fn owned(value: &HeaderValue) -> HeaderValue {
 
 /// The client's `x-request-id` if it sent a usable one, else a new random id.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(REQUEST_ID_HEADER)
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(owned)
-        .unwrap_or_else(|| {
-            // Sixteen hex digits are always a valid header value; the fallback is never taken.
-            HeaderValue::try_from(format!("sluice-{:016x}", fastrand::u64(..)))
-                .unwrap_or(HeaderValue::from_static("sluice"))
-        })
+    headers.get(REQUEST_ID_HEADER).filter(|v| !v.is_empty() && v.len() <= 128).map(owned).unwrap_or_else(|| {
+        // Sixteen hex digits are always a valid header value; the fallback is never taken.
+        HeaderValue::try_from(format!("sluice-{:016x}", fastrand::u64(..)))
+            .unwrap_or(HeaderValue::from_static("sluice"))
+    })
 }
 
 #[cfg(test)]
@@ -206,10 +183,7 @@ mod tests {
         assert_eq!(seen.model.as_deref(), Some("deepseek-v4-pro"));
         assert!(seen.stream);
         for junk in [&b"not json"[..], b"", b"{\"model\": 5}", b"[1,2]"] {
-            assert_eq!(
-                Inspection::new(&HeaderMap::new(), junk, peer(), &hasher).model,
-                None
-            );
+            assert_eq!(Inspection::new(&HeaderMap::new(), junk, peer(), &hasher).model, None);
         }
     }
 
@@ -223,27 +197,12 @@ mod tests {
             }
             Inspection::new(&headers, b"", SocketAddr::from((ip, 1)), &hasher).client
         };
-        let named = with(
-            &[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer x")],
-            [127, 0, 0, 1],
-        );
-        assert_eq!(
-            named,
-            with(
-                &[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer y")],
-                [127, 0, 0, 2]
-            )
-        );
+        let named = with(&[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer x")], [127, 0, 0, 1]);
+        assert_eq!(named, with(&[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer y")], [127, 0, 0, 2]));
         assert_ne!(named, with(&[(CLIENT_HEADER, "app-b")], [127, 0, 0, 1]));
         let token = with(&[("authorization", "Bearer x")], [127, 0, 0, 1]);
-        assert_eq!(
-            token,
-            with(&[("authorization", "Bearer x")], [127, 0, 0, 9])
-        );
-        assert_ne!(
-            token,
-            with(&[("authorization", "Bearer y")], [127, 0, 0, 1])
-        );
+        assert_eq!(token, with(&[("authorization", "Bearer x")], [127, 0, 0, 9]));
+        assert_ne!(token, with(&[("authorization", "Bearer y")], [127, 0, 0, 1]));
         assert_ne!(with(&[], [127, 0, 0, 1]), with(&[], [127, 0, 0, 2]));
     }
 

@@ -43,10 +43,7 @@ pub enum Decision {
     /// Give the response to the client, whatever its status.
     Deliver,
     /// Try again (if the deadline allows), not before `retry_after` when the upstream named one.
-    Retry {
-        reason: RetryReason,
-        retry_after: Option<Duration>,
-    },
+    Retry { reason: RetryReason, retry_after: Option<Duration> },
     /// Stop: the client gets sluice's error for this outcome.
     Fail,
 }
@@ -62,29 +59,23 @@ pub fn classify_status(status: StatusCode, headers: &HeaderMap, on_status: &[u16
         503 => RetryReason::Overloaded,
         _ => RetryReason::ServerError,
     };
-    Decision::Retry {
-        reason,
-        retry_after: retry_after(headers),
-    }
+    Decision::Retry { reason, retry_after: retry_after(headers) }
 }
 
 /// Classifies a failure to get any response. A header timeout is not retried: the upstream may still be
 /// working on (and billing) the request, and retrying a silent upstream only multiplies the wait.
 pub fn classify_error(err: &SendError) -> Decision {
     match err {
-        SendError::Connect(_) | SendError::Reset(_) => Decision::Retry {
-            reason: RetryReason::Connection,
-            retry_after: None,
-        },
+        SendError::Connect(_) | SendError::Reset(_) => {
+            Decision::Retry { reason: RetryReason::Connection, retry_after: None }
+        }
         SendError::HeaderTimeout(_) => Decision::Fail,
     }
 }
 
 /// Full-jitter backoff before attempt `attempt + 1`: random in [0, min(max, base · 2^(attempt-1))].
 pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-        .min(max);
+    let ceiling = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
     ceiling.mul_f64(fastrand::f64())
 }
 
@@ -98,10 +89,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -134,74 +122,28 @@ mod tests {
             (402, Decision::Deliver),
             (404, Decision::Deliver),
             (422, Decision::Deliver),
-            (
-                429,
-                Decision::Retry {
-                    reason: RetryReason::Throttled,
-                    retry_after: None,
-                },
-            ),
-            (
-                500,
-                Decision::Retry {
-                    reason: RetryReason::ServerError,
-                    retry_after: None,
-                },
-            ),
+            (429, Decision::Retry { reason: RetryReason::Throttled, retry_after: None }),
+            (500, Decision::Retry { reason: RetryReason::ServerError, retry_after: None }),
             (501, Decision::Deliver),
-            (
-                502,
-                Decision::Retry {
-                    reason: RetryReason::ServerError,
-                    retry_after: None,
-                },
-            ),
-            (
-                503,
-                Decision::Retry {
-                    reason: RetryReason::Overloaded,
-                    retry_after: None,
-                },
-            ),
-            (
-                504,
-                Decision::Retry {
-                    reason: RetryReason::ServerError,
-                    retry_after: None,
-                },
-            ),
+            (502, Decision::Retry { reason: RetryReason::ServerError, retry_after: None }),
+            (503, Decision::Retry { reason: RetryReason::Overloaded, retry_after: None }),
+            (504, Decision::Retry { reason: RetryReason::ServerError, retry_after: None }),
         ];
         for (status, expected) in cases {
             let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(
-                classify_status(status, &none, &DEFAULT),
-                expected,
-                "{status}"
-            );
+            assert_eq!(classify_status(status, &none, &DEFAULT), expected, "{status}");
         }
-        assert_eq!(
-            classify_status(StatusCode::BAD_GATEWAY, &none, &[429]),
-            Decision::Deliver
-        );
+        assert_eq!(classify_status(StatusCode::BAD_GATEWAY, &none, &[429]), Decision::Deliver);
     }
 
     #[test]
     fn error_table() {
         assert!(matches!(
             classify_error(&SendError::Connect("refused".into())),
-            Decision::Retry {
-                reason: RetryReason::Connection,
-                ..
-            }
+            Decision::Retry { reason: RetryReason::Connection, .. }
         ));
-        assert!(matches!(
-            classify_error(&SendError::Reset("reset".into())),
-            Decision::Retry { .. }
-        ));
-        assert_eq!(
-            classify_error(&SendError::HeaderTimeout(Duration::from_secs(1))),
-            Decision::Fail
-        );
+        assert!(matches!(classify_error(&SendError::Reset("reset".into())), Decision::Retry { .. }));
+        assert_eq!(classify_error(&SendError::HeaderTimeout(Duration::from_secs(1))), Decision::Fail);
     }
 
     #[test]
@@ -214,33 +156,18 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
+        assert_eq!(retry_after(&headers(&[("retry-after", "2")])), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&headers(&[("retry-after", "0.5")])), Some(Duration::from_millis(500)));
         assert_eq!(
-            retry_after(&headers(&[("retry-after", "2")])),
-            Some(Duration::from_secs(2))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "0.5")])),
-            Some(Duration::from_millis(500))
-        );
-        assert_eq!(
-            retry_after(&headers(&[
-                ("retry-after-ms", "1500"),
-                ("retry-after", "9")
-            ])),
+            retry_after(&headers(&[("retry-after-ms", "1500"), ("retry-after", "9")])),
             Some(Duration::from_millis(1500)),
             "retry-after-ms wins"
         );
         let in_ten = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(10));
         let parsed = retry_after(&headers(&[("retry-after", &in_ten)])).unwrap();
-        assert!(
-            parsed > Duration::from_secs(8) && parsed <= Duration::from_secs(10),
-            "{parsed:?}"
-        );
+        assert!(parsed > Duration::from_secs(8) && parsed <= Duration::from_secs(10), "{parsed:?}");
         let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(100));
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", &past)])),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(retry_after(&headers(&[("retry-after", &past)])), Some(Duration::ZERO));
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
         assert_eq!(retry_after(&HeaderMap::new()), None);
@@ -254,10 +181,7 @@ mod tests {
             let ceiling = (base * (1 << (attempt - 1))).min(max);
             for _ in 0..50 {
                 let delay = backoff(attempt, base, max);
-                assert!(
-                    delay <= ceiling,
-                    "attempt {attempt}: {delay:?} > {ceiling:?}"
-                );
+                assert!(delay <= ceiling, "attempt {attempt}: {delay:?} > {ceiling:?}");
             }
         }
         let spread: Vec<Duration> = (0..50).map(|_| backoff(5, base, max)).collect();

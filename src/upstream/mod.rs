@@ -53,10 +53,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, BuildError> {
-        let base: Uri = config
-            .base_url
-            .parse()
-            .map_err(|_| BuildError::BaseUrl(config.base_url.clone()))?;
+        let base: Uri = config.base_url.parse().map_err(|_| BuildError::BaseUrl(config.base_url.clone()))?;
         let (Some(scheme), Some(authority)) = (base.scheme_str(), base.authority()) else {
             return Err(BuildError::BaseUrl(config.base_url.clone()));
         };
@@ -90,17 +87,12 @@ impl Upstream {
         if !path_and_query.starts_with('/') {
             return None;
         }
-        let uri: Uri = format!("{}{}{}", self.origin, self.base_path, path_and_query)
-            .parse()
-            .ok()?;
+        let uri: Uri = format!("{}{}{}", self.origin, self.base_path, path_and_query).parse().ok()?;
         (uri.authority().map(|a| a.as_str()) == self.origin.split("://").nth(1)).then_some(uri)
     }
 
     /// Sends one request and waits for the response headers, at most `header_timeout`.
-    pub async fn send(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, SendError> {
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
         match tokio::time::timeout(self.header_timeout, self.client.request(request)).await {
             Err(_) => Err(SendError::HeaderTimeout(self.header_timeout)),
             Ok(Ok(response)) => Ok(response),
@@ -127,24 +119,15 @@ mod tests {
     use super::*;
 
     fn upstream(base_url: &str) -> Upstream {
-        let config = UpstreamConfig {
-            base_url: base_url.into(),
-            ..UpstreamConfig::default()
-        };
+        let config = UpstreamConfig { base_url: base_url.into(), ..UpstreamConfig::default() };
         Upstream::new(&config).unwrap()
     }
 
     #[tokio::test]
     async fn targets_stay_on_the_configured_origin() {
         let up = upstream("https://api.deepseek.com");
-        assert_eq!(
-            up.target("/v1/chat/completions?x=1").unwrap(),
-            "https://api.deepseek.com/v1/chat/completions?x=1"
-        );
-        assert_eq!(
-            up.target("//evil.example/x").unwrap().host(),
-            Some("api.deepseek.com")
-        );
+        assert_eq!(up.target("/v1/chat/completions?x=1").unwrap(), "https://api.deepseek.com/v1/chat/completions?x=1");
+        assert_eq!(up.target("//evil.example/x").unwrap().host(), Some("api.deepseek.com"));
         assert!(up.target("*").is_none());
         assert!(up.target("@evil.example/x").is_none());
         assert!(up.target("http://evil.example/x").is_none());
@@ -153,9 +136,6 @@ mod tests {
     #[tokio::test]
     async fn base_path_is_prefixed() {
         let up = upstream("http://127.0.0.1:9/prefix/");
-        assert_eq!(
-            up.target("/models").unwrap(),
-            "http://127.0.0.1:9/prefix/models"
-        );
+        assert_eq!(up.target("/models").unwrap(), "http://127.0.0.1:9/prefix/models");
     }
 }

@@ -61,11 +61,7 @@ pub enum Reply {
 
 impl Reply {
     pub fn json(status: u16, body: impl Into<String>) -> Self {
-        Reply::Json {
-            status,
-            headers: vec![],
-            body: body.into(),
-        }
+        Reply::Json { status, headers: vec![], body: body.into() }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -76,12 +72,7 @@ impl Reply {
     }
 
     pub fn sse(chunks: Vec<Chunk>, ending: Ending) -> Self {
-        Reply::Stream {
-            status: 200,
-            content_type: "text/event-stream",
-            chunks,
-            ending,
-        }
+        Reply::Stream { status: 200, content_type: "text/event-stream", chunks, ending }
     }
 }
 
@@ -127,9 +118,7 @@ pub struct Mock {
 
 impl Mock {
     /// Starts a mock answering with `handler(request, arrival index)`.
-    pub async fn start(
-        handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
-    ) -> Mock {
+    pub async fn start(handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static) -> Mock {
         Self::start_capped(None, handler).await
     }
 
@@ -183,13 +172,7 @@ impl Mock {
     }
 
     pub fn max_inflight_for(&self, model: &str) -> usize {
-        self.counters
-            .max_inflight
-            .lock()
-            .unwrap()
-            .get(model)
-            .copied()
-            .unwrap_or(0)
+        self.counters.max_inflight.lock().unwrap().get(model).copied().unwrap_or(0)
     }
 
     pub fn inflight(&self) -> usize {
@@ -210,10 +193,7 @@ impl Mock {
     pub async fn wait_cancelled(&self, n: usize, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while self.cancelled() < n {
-            if tokio::time::timeout_at(deadline, self.counters.cancelled_notify.notified())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, self.counters.cancelled_notify.notified()).await.is_err() {
                 return self.cancelled() >= n;
             }
         }
@@ -232,15 +212,9 @@ impl InflightGuard {
     fn try_new(counters: &Arc<Counters>, model: String, cap: Option<usize>) -> Option<Self> {
         let cap = cap.unwrap_or(usize::MAX);
         let reserved =
-            counters
-                .inflight_total
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    (n < cap).then_some(n + 1)
-                });
+            counters.inflight_total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < cap).then_some(n + 1));
         let total = reserved.ok()? + 1;
-        counters
-            .max_inflight_total
-            .fetch_max(total, Ordering::SeqCst);
+        counters.max_inflight_total.fetch_max(total, Ordering::SeqCst);
         let mut inflight = counters.inflight.lock().unwrap();
         let now = inflight.entry(model.clone()).or_default();
         *now += 1;
@@ -249,10 +223,7 @@ impl InflightGuard {
         *peak = (*peak).max(*now);
         drop(max);
         drop(inflight);
-        Some(Self {
-            counters: counters.clone(),
-            model,
-        })
+        Some(Self { counters: counters.clone(), model })
     }
 }
 
@@ -272,17 +243,10 @@ async fn answer(
     handler: &Handler,
 ) -> Response<MockBody> {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let recorded = Recorded {
         method: parts.method.to_string(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or("/".into(), |pq| pq.to_string()),
+        path: parts.uri.path_and_query().map_or("/".into(), |pq| pq.to_string()),
         headers: parts.headers,
         body,
         arrived: Instant::now(),
@@ -294,26 +258,15 @@ async fn answer(
     };
     let Some(guard) = InflightGuard::try_new(counters, recorded.model(), cap) else {
         counters.over_cap.fetch_add(1, Ordering::SeqCst);
-        let body = r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#;
+        let body =
+            r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#;
         return respond(429, "application/json", vec![], MockBody::full(body, None));
     };
     match handler(&recorded, index) {
-        Reply::Json {
-            status,
-            headers,
-            body,
-        } => respond(
-            status,
-            "application/json",
-            headers,
-            MockBody::full(body, Some(guard)),
-        ),
-        Reply::Stream {
-            status,
-            content_type,
-            chunks,
-            ending,
-        } => {
+        Reply::Json { status, headers, body } => {
+            respond(status, "application/json", headers, MockBody::full(body, Some(guard)))
+        }
+        Reply::Stream { status, content_type, chunks, ending } => {
             let (tx, rx) = mpsc::channel(1);
             let counters = counters.clone();
             tokio::spawn(async move {
@@ -342,16 +295,7 @@ async fn answer(
                     }
                 }
             });
-            respond(
-                status,
-                content_type,
-                vec![],
-                MockBody {
-                    full: None,
-                    rx: Some(rx),
-                    _guard: Some(guard),
-                },
-            )
+            respond(status, content_type, vec![], MockBody { full: None, rx: Some(rx), _guard: Some(guard) })
         }
         Reply::Silence => {
             std::future::pending::<()>().await;
@@ -366,16 +310,12 @@ fn respond(
     headers: Vec<(&'static str, String)>,
     body: MockBody,
 ) -> Response<MockBody> {
-    let mut builder = Response::builder()
-        .status(StatusCode::from_u16(status).unwrap())
-        .header("content-type", content_type);
+    let mut builder =
+        Response::builder().status(StatusCode::from_u16(status).unwrap()).header("content-type", content_type);
     for (name, value) in headers {
         builder = builder.header(name, value);
     }
-    builder
-        .header("x-ds-trace-id", "mock-trace")
-        .body(body)
-        .unwrap()
+    builder.header("x-ds-trace-id", "mock-trace").body(body).unwrap()
 }
 
 /// The mock's response body: whole, or fed from the scripted stream task.
@@ -387,11 +327,7 @@ pub struct MockBody {
 
 impl MockBody {
     fn full(body: impl Into<String>, guard: Option<InflightGuard>) -> Self {
-        Self {
-            full: Some(Bytes::from(body.into())),
-            rx: None,
-            _guard: guard,
-        }
+        Self { full: Some(Bytes::from(body.into())), rx: None, _guard: guard }
     }
 }
 
@@ -399,17 +335,12 @@ impl Body for MockBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Some(full) = self.full.take() {
             return Poll::Ready(Some(Ok(Frame::data(full))));
         }
         match self.rx.as_mut() {
-            Some(rx) => rx
-                .poll_recv(cx)
-                .map(|item| item.map(|r| r.map(Frame::data))),
+            Some(rx) => rx.poll_recv(cx).map(|item| item.map(|r| r.map(Frame::data))),
             None => Poll::Ready(None),
         }
     }
@@ -439,9 +370,7 @@ pub fn data(text: &'static str) -> Chunk {
 }
 
 /// A handler that holds the first request's response body at `gate` and answers every other at once.
-pub fn gated_first(
-    gate: Arc<Notify>,
-) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
+pub fn gated_first(gate: Arc<Notify>) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
     move |_, index| {
         if index == 0 {
             Reply::Stream {

@@ -2,6 +2,7 @@
 //! client helpers (hyper's client for ordinary requests, raw TCP for the malformed ones).
 #![allow(dead_code, unused_imports)]
 
+pub mod daemon;
 pub mod mock;
 
 use std::collections::HashMap;
@@ -57,12 +58,7 @@ impl Sluice {
         let task = tokio::spawn(sluice::server::run(listener, proxy.clone(), async move {
             let _ = stopped.await;
         }));
-        Sluice {
-            addr,
-            proxy,
-            stop: Some(stop),
-            task,
-        }
+        Sluice { addr, proxy, stop: Some(stop), task }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -84,20 +80,12 @@ pub fn client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Fu
 }
 
 /// Sends a request and returns its response with the body still streaming.
-pub async fn send(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Response<Incoming> {
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Response<Incoming> {
     let mut request = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    client()
-        .request(request.body(Full::new(body.into())).unwrap())
-        .await
-        .unwrap()
+    client().request(request.body(Full::new(body.into())).unwrap()).await.unwrap()
 }
 
 /// A finished exchange: status, headers, whole body.
@@ -113,17 +101,11 @@ impl Answer {
     }
 
     pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 
     pub fn error_type(&self) -> String {
-        self.json()["error"]["type"]
-            .as_str()
-            .unwrap_or("")
-            .to_string()
+        self.json()["error"]["type"].as_str().unwrap_or("").to_string()
     }
 
     pub fn text(&self) -> String {
@@ -132,27 +114,17 @@ impl Answer {
 }
 
 /// Sends a request and reads the whole response.
-pub async fn call(
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Answer {
+pub async fn call(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Answer {
     let response = send(method, url, headers, body).await;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    Answer { status, headers, body }
 }
 
 /// POSTs a chat request for `model`.
 pub async fn chat(sluice: &Sluice, model: &str, headers: &[(&str, &str)]) -> Answer {
-    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-        .to_string();
+    let body = serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string();
     let mut all = vec![("content-type", "application/json")];
     all.extend_from_slice(headers);
     call("POST", &sluice.url("/v1/chat/completions"), &all, body).await

@@ -1,0 +1,147 @@
+//! Living under a service manager: readiness, reload and stop notifications for systemd (`sd_notify`,
+//! a no-op without `NOTIFY_SOCKET`), the watchdog, the signals (SIGTERM/SIGINT stop, SIGHUP reloads the
+//! config), and `sluice healthcheck` for the Docker image.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+use crate::config::{self, Config, Overrides};
+use crate::proxy::Proxy;
+
+/// Tells systemd something; outside systemd (no `NOTIFY_SOCKET`) it does nothing.
+fn notify(states: &[NotifyState]) {
+    if let Err(err) = sd_notify::notify(states) {
+        tracing::warn!(error = %err, "cannot notify the service manager");
+    }
+}
+
+/// The listener is bound: connections are accepted from now on.
+pub fn ready() {
+    notify(&[NotifyState::Ready]);
+}
+
+/// Sends `WATCHDOG=1` at half the interval systemd asked for (`WatchdogSec=`), from the runtime that
+/// serves requests: if it stalls, the pings stop and systemd restarts sluice.
+pub fn spawn_watchdog() {
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tracing::info!(interval = %humantime::format_duration(interval), "systemd watchdog enabled");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+}
+
+/// Completes on SIGTERM or SIGINT, after telling systemd that sluice is stopping.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops sluice");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("stop signal received");
+    notify(&[NotifyState::Stopping]);
+}
+
+/// Reloads the config on every SIGHUP (`systemctl reload sluice`).
+#[cfg(unix)]
+pub fn spawn_reloader(proxy: Arc<Proxy>, overrides: Overrides) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGHUP; config reload is off");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let mut states = vec![NotifyState::Reloading];
+            states.extend(NotifyState::monotonic_usec_now().ok());
+            notify(&states);
+            let env: HashMap<String, String> = std::env::vars().collect();
+            reload(&proxy, &overrides, &env);
+            notify(&[NotifyState::Ready]);
+        }
+    });
+}
+
+/// Re-reads the config through all its layers and puts it in force. An invalid config is refused and
+/// the one in force stays; changes only a restart can apply are named in the log.
+pub fn reload(proxy: &Proxy, overrides: &Overrides, env: &HashMap<String, String>) -> bool {
+    let loaded = config::load(overrides, env).map_err(|err| err.to_string());
+    let outcome = loaded.and_then(|config| proxy.reload(config).map_err(|err| err.to_string()));
+    match outcome {
+        Ok(needs_restart) => {
+            if !needs_restart.is_empty() {
+                tracing::warn!(keys = ?needs_restart, "config reloaded, but these changes need a restart");
+            }
+            tracing::info!("config reloaded");
+            true
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "config reload refused; the previous config stays in force");
+            false
+        }
+    }
+}
+
+/// `sluice healthcheck`: asks the configured listener's `/readyz` (on loopback when it listens on all
+/// addresses). True on 200.
+pub fn healthcheck(config: &Config) -> bool {
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        let loopback = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        };
+        addr = SocketAddr::new(loopback, addr.port());
+    }
+    match probe(addr) {
+        Ok(status_line) => {
+            let ok = status_line.split_whitespace().nth(1) == Some("200");
+            if !ok {
+                eprintln!("sluice healthcheck: {addr}/readyz answered {status_line:?}");
+            }
+            ok
+        }
+        Err(err) => {
+            eprintln!("sluice healthcheck: cannot reach {addr}/readyz: {err}");
+            false
+        }
+    }
+}
+
+fn probe(addr: SocketAddr) -> std::io::Result<String> {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head)?;
+    let text = String::from_utf8_lossy(&head[..n]);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
