@@ -29,6 +29,10 @@ pub enum ProxyError {
     DeadlineExceeded { waited: Duration, attempts: u32, last_status: Option<u16>, retry_after: u64 },
     #[error("sluice is shutting down; retry later")]
     ShuttingDown,
+    #[error("this endpoint needs the admin token: Authorization: Bearer <token>")]
+    Unauthorized,
+    #[error("this endpoint is turned off in [observe]")]
+    NotFound,
 }
 
 impl ProxyError {
@@ -43,6 +47,8 @@ impl ProxyError {
             Self::QueueFull { .. } | Self::DeadlineExceeded { .. } | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound => StatusCode::NOT_FOUND,
         }
     }
 
@@ -57,6 +63,24 @@ impl ProxyError {
             Self::QueueFull { .. } => "sluice_queue_full",
             Self::DeadlineExceeded { .. } => "sluice_deadline_exceeded",
             Self::ShuttingDown => "sluice_shutting_down",
+            Self::Unauthorized => "sluice_unauthorized",
+            Self::NotFound => "sluice_not_found",
+        }
+    }
+
+    /// The request outcome this error stands for (`sluice_requests_total{outcome}`).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::UpstreamUnreachable(_) => "upstream_unreachable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::QueueFull { .. } => "queue_full",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::ShuttingDown => "shutting_down",
+            Self::BodyTooLarge { .. }
+            | Self::BadRequest(_)
+            | Self::MethodNotAllowed(_)
+            | Self::Unauthorized
+            | Self::NotFound => "rejected",
         }
     }
 

@@ -1,5 +1,6 @@
 //! The listener: accepts connections (one task each) and serves HTTP/1.1 and h2c through hyper-util,
-//! with header size and read-time limits; answers the reserved endpoints (`/healthz`, `/readyz`); hands
+//! with header size and read-time limits; answers the reserved endpoints (`/healthz`, `/readyz`, and the
+//! operator endpoints of `observe::endpoints`); hands
 //! every other request to the proxy; and on shutdown stops accepting and lets in-flight work finish
 //! within `server.shutdown_grace`, then turns away what is still queued with a 503.
 
@@ -19,6 +20,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::observe::endpoints::{self, Endpoint};
 use crate::proxy::{Proxy, ResponseBody};
 
 /// What the connection tasks share.
@@ -93,7 +95,11 @@ const FAREWELL: Duration = Duration::from_secs(1);
 
 /// Reserved paths are answered here and never forwarded; everything else goes to the proxy.
 async fn route(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
-    match request.uri().path() {
+    let path = request.uri().path();
+    if let Some(endpoint) = Endpoint::of(path) {
+        return endpoints::answer(endpoint, &request, &shared.proxy);
+    }
+    match path {
         "/healthz" => status_json(StatusCode::OK, "ok"),
         "/readyz" if shared.ready.load(Ordering::SeqCst) => status_json(StatusCode::OK, "ready"),
         "/readyz" => status_json(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),

@@ -71,6 +71,12 @@ pub struct Admission {
     _owner: Arc<Owner>,
 }
 
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").finish_non_exhaustive()
+    }
+}
+
 /// State shared by the handles, the dispatcher and the permits.
 pub struct Shared {
     state: Mutex<State>,

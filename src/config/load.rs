@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ::config::{Environment, File, FileFormat};
 
-use super::{ApiKey, Config, ConfigError};
+use super::{ApiKey, Config, ConfigError, Secret};
 
 /// The environment variable that holds the API key when no key file is configured.
 pub const API_KEY_ENV: &str = "DEEPSEEK_API_KEY";
@@ -49,6 +49,21 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
     let mut config: Config = builder.build()?.try_deserialize()?;
     config.validate()?;
     config.upstream.api_key = load_api_key(&config, env)?;
+    if let Some(path) = &config.observe.admin_token_file {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            what: "the admin token",
+            path: path.clone(),
+            source,
+        })?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "observe.admin_token_file".into(),
+                value: path.display().to_string(),
+                expected: "a file holding a non-empty token".into(),
+            });
+        }
+        config.observe.admin_token = Some(Secret::new(text.trim()));
+    }
     Ok(config)
 }
 

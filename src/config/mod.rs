@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
-pub use secret::ApiKey;
+pub use secret::{ApiKey, Secret};
 
 /// Everything sluice can be told. Every field has a default, so an empty file is a valid config.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -25,6 +25,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub queue: QueueConfig,
     pub retry: RetryConfig,
+    pub observe: ObserveConfig,
 }
 
 /// `[server]`: the listener that applications talk to.
@@ -220,6 +221,29 @@ impl Default for RetryConfig {
     }
 }
 
+/// `[observe]`: the operator endpoints on the listener (never forwarded upstream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObserveConfig {
+    /// Serve `GET /metrics` (Prometheus).
+    pub metrics: bool,
+    /// Serve `GET /status` (JSON snapshot).
+    pub status: bool,
+    /// Serve `GET /dashboard` (live HTML page).
+    pub dashboard: bool,
+    /// When set, /metrics, /status and /dashboard need `Authorization: Bearer <token>` (or `?token=`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<Secret>,
+    /// A file holding the admin token (instead of `admin_token`).
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl Default for ObserveConfig {
+    fn default() -> Self {
+        Self { metrics: true, status: true, dashboard: true, admin_token: None, admin_token_file: None }
+    }
+}
+
 /// A configuration that cannot be used, naming the key, the value and what would be valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -305,6 +329,16 @@ impl Config {
                     "the name of a model under [limits.models]",
                 ));
             }
+        }
+        if self.observe.admin_token.is_some() && self.observe.admin_token_file.is_some() {
+            return Err(invalid(
+                "observe.admin_token_file",
+                self.observe.admin_token_file.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                "unset while observe.admin_token is set: use one of the two",
+            ));
+        }
+        if self.observe.admin_token.as_ref().is_some_and(Secret::is_empty) {
+            return Err(invalid("observe.admin_token", "\"\"", "a non-empty token, or no admin_token at all"));
         }
         if self.queue.max_depth == 0 {
             return Err(invalid("queue.max_depth", 0, "at least 1"));

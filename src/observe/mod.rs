@@ -1,7 +1,18 @@
-//! What sluice tells operators: the log setup and the one log line written per request.
+//! What sluice tells operators: the log, the one log line per request, Prometheus metrics, the live
+//! status snapshot and the dashboard page that draws it.
 
+pub mod endpoints;
 mod log;
+mod metrics;
+mod recent;
 mod request_log;
+mod usage;
 
 pub use log::init_logging;
+pub use metrics::{model_label, Metrics, OUTCOMES};
+pub use recent::RecentSummary;
 pub use request_log::{End, RequestLog};
+pub use usage::Usage;
+
+/// The model label of requests whose model could not be read.
+pub const UNKNOWN_LABEL: &str = crate::admission::UNKNOWN_MODEL;

@@ -1,10 +1,14 @@
-//! The request log line: one line at info per request, written when its response body is finished or
-//! dropped, so it can say how many bytes went out and how the response ended. Never keys, never bodies.
+//! The record of one request, completed along its path and closed when its response body ends or is
+//! dropped: then it writes the one log line at info (never keys, never bodies) and the end-of-response
+//! metrics (duration, tokens read from the body's tail, broken streams).
 
 use std::sync::Arc;
 
 use http::Method;
 use tokio::time::Instant;
+
+use super::metrics::Metrics;
+use super::usage::UsageTail;
 
 /// How a response ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +21,7 @@ pub enum End {
     UpstreamBroken,
 }
 
-/// What is known about a request, completed along its path and written once on drop.
+/// What is known about a request.
 #[derive(Debug)]
 pub struct RequestLog {
     pub request_id: String,
@@ -25,17 +29,27 @@ pub struct RequestLog {
     /// The path without its query string (a query may carry things that do not belong in logs).
     pub path: String,
     pub status: u16,
+    /// The model as the request named it.
     pub model: Option<Arc<str>>,
+    /// The bounded metrics label for the model.
+    pub model_label: String,
     pub stream: bool,
     /// A hash of the client identity used for fair queueing (never the token itself).
     pub client: u64,
     pub attempts: u32,
     pub queue_ms: u64,
+    /// The status of the last upstream response, whether or not it was delivered.
+    pub upstream_status: Option<u16>,
+    /// Time to the delivered upstream response's headers.
+    pub ttfb_ms: Option<u64>,
     /// The `type` of sluice's own error, when it answered with one.
     pub error: Option<&'static str>,
     started: Instant,
     bytes: u64,
     end: End,
+    /// Set for upstream bodies: the tail where `usage` is looked for.
+    usage: Option<UsageTail>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RequestLog {
@@ -47,14 +61,19 @@ impl RequestLog {
             path: path.to_owned(),
             status: 0,
             model: None,
+            model_label: super::UNKNOWN_LABEL.to_string(),
             stream: false,
             client: 0,
             attempts: 0,
             queue_ms: 0,
+            upstream_status: None,
+            ttfb_ms: None,
             error: None,
             started,
             bytes: 0,
             end: End::ClientGone,
+            usage: None,
+            metrics: None,
         }
     }
 
@@ -63,9 +82,18 @@ impl RequestLog {
         self.started
     }
 
-    /// Counts bytes sent to the client.
-    pub fn add_bytes(&mut self, n: usize) {
-        self.bytes += n as u64;
+    /// Records the end-of-response metrics to `metrics`, reading token usage from the body if asked.
+    pub fn report_to(&mut self, metrics: Arc<Metrics>, read_usage: bool) {
+        self.metrics = Some(metrics);
+        self.usage = read_usage.then(UsageTail::default);
+    }
+
+    /// Counts a chunk sent to the client (and keeps its end for `usage`).
+    pub fn sent(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        if let Some(tail) = &mut self.usage {
+            tail.observe(chunk);
+        }
     }
 
     /// Records how the body ended (the first word stands).
@@ -78,6 +106,12 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
+        let usage = self.usage.as_ref().and_then(UsageTail::usage);
+        let duration = self.started.elapsed();
+        if let Some(metrics) = &self.metrics {
+            let model = std::mem::take(&mut self.model_label);
+            metrics.response_finished(duration, model, usage, self.end == End::UpstreamBroken);
+        }
         let end = match self.end {
             End::Complete => "complete",
             End::ClientGone => "client_gone",
@@ -88,7 +122,7 @@ impl Drop for RequestLog {
             method = %self.method,
             path = %self.path,
             status = self.status,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = duration.as_millis() as u64,
             bytes = self.bytes,
             end,
             model = self.model.as_deref().unwrap_or("-"),
@@ -96,6 +130,10 @@ impl Drop for RequestLog {
             client = format_args!("{:016x}", self.client),
             attempts = self.attempts,
             queue_ms = self.queue_ms,
+            upstream_status = self.upstream_status,
+            ttfb_ms = self.ttfb_ms,
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
             error = self.error.unwrap_or("-"),
             "request"
         );

@@ -23,8 +23,12 @@ pub struct Progress {
     pub attempts: u32,
     /// Time spent waiting for admission and in backoff.
     pub waited: Duration,
-    /// The status of the last retried attempt.
+    /// The status of the last upstream response (retried or delivered).
     pub last_status: Option<u16>,
+    /// Attempts answered 429 (absorbed, if the request then succeeds).
+    pub throttled: u32,
+    /// Time to the delivered response's headers.
+    pub ttfb: Option<Duration>,
 }
 
 /// A retried response body is read (up to this much, for this long) so its connection can be reused.
@@ -60,8 +64,18 @@ impl Proxy {
 
             // One upstream attempt, classified.
             progress.attempts += 1;
+            let sent = Instant::now();
             // Boxed: a queued request then carries no room for the (larger) send state.
             let outcome = Box::pin(generation.upstream.send(outgoing.attempt())).await;
+            let ttfb = sent.elapsed();
+            match &outcome {
+                Ok(response) => {
+                    progress.last_status = Some(response.status().as_u16());
+                    progress.throttled += u32::from(response.status() == http::StatusCode::TOO_MANY_REQUESTS);
+                    self.metrics.attempt(response.status().as_str(), Some(ttfb));
+                }
+                Err(err) => self.metrics.attempt(err.label(), None),
+            }
             let decision = match &outcome {
                 Ok(response) => retry::classify_status(response.status(), response.headers(), &retry_config.on_status),
                 Err(err) => retry::classify_error(err),
@@ -71,7 +85,6 @@ impl Proxy {
                     drop(permit); // the failed attempt's slot goes back before anyone waits
                     match outcome {
                         Ok(response) => {
-                            progress.last_status = Some(response.status().as_u16());
                             last_connection_error = None;
                             Box::pin(drain(response)).await;
                         }
@@ -80,6 +93,7 @@ impl Proxy {
                     (reason, retry_after)
                 }
                 (_, Ok(response)) => {
+                    progress.ttfb = Some(ttfb);
                     if response.status().is_success() {
                         self.admission.succeeded();
                     }
@@ -98,6 +112,7 @@ impl Proxy {
                 let floor = retry_after.unwrap_or_default().min(retry_config.max_delay);
                 retry::backoff(progress.attempts, retry_config.base_delay, retry_config.max_delay).max(floor)
             };
+            self.metrics.retry(reason.as_str());
             tracing::debug!(
                 attempt = progress.attempts,
                 reason = reason.as_str(),

@@ -115,9 +115,9 @@ impl ResponseBody {
         }
     }
 
-    fn count(&mut self, bytes: usize) {
+    fn sent(&mut self, chunk: &[u8]) {
         if let Some(log) = &mut self.log {
-            log.add_bytes(bytes);
+            log.sent(chunk);
         }
     }
 }
@@ -134,8 +134,9 @@ impl Body for ResponseBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                let len = frame.data_ref().map_or(0, Bytes::len);
-                this.count(len);
+                if let Some(data) = frame.data_ref() {
+                    this.sent(data);
+                }
             }
             Poll::Ready(Some(Err(_))) => this.finish(End::UpstreamBroken),
             Poll::Ready(None) => {

@@ -25,7 +25,7 @@ pub use request::{CLIENT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER};
 use crate::admission::{Admission, Permit};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::observe::RequestLog;
+use crate::observe::{self, Metrics, RequestLog};
 use crate::upstream::{BuildError, Upstream};
 use attempts::Progress;
 use request::{Inspection, Outgoing};
@@ -40,6 +40,7 @@ pub struct Proxy {
     /// Swapped whole by a reload; each request takes the one in force when it arrives and keeps it.
     current: RwLock<Arc<Generation>>,
     admission: Admission,
+    metrics: Arc<Metrics>,
     /// Keys the client-identity hash; random per process, so hashes mean nothing elsewhere.
     hasher: RandomState,
 }
@@ -60,7 +61,9 @@ impl Proxy {
         let upstream = Upstream::new(&config.upstream)?;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry);
         let current = RwLock::new(Arc::new(Generation { config, upstream }));
-        Ok(Self { current, admission, hasher: RandomState::new() })
+        let metrics = Arc::new(Metrics::new(admission.clone()));
+        metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));
+        Ok(Self { current, admission, metrics, hasher: RandomState::new() })
     }
 
     /// The config and upstream client in force.
@@ -96,6 +99,10 @@ impl Proxy {
         &self.admission
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Answers one client request (any path but the reserved ones).
     pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
     where
@@ -112,8 +119,17 @@ impl Proxy {
         let mut track = Track { request_id, log, progress: Progress::default() };
         let generation = self.current();
         let mut response = match self.forward(&generation, request, peer, &mut track).await {
-            Ok(response) => response,
+            Ok(response) => {
+                let outcome = match response.status().as_u16() {
+                    500.. => "upstream_error",
+                    400.. => "client_error",
+                    _ => "success",
+                };
+                self.answered(&track, outcome);
+                response
+            }
             Err(err) => {
+                self.answered(&track, err.outcome());
                 track.log.error = Some(err.kind());
                 tracing::debug!(request_id = %track.log.request_id, error = %err, "answering with sluice's own error");
                 err.into_response()
@@ -129,8 +145,17 @@ impl Proxy {
         log.status = response.status().as_u16();
         log.attempts = progress.attempts;
         log.queue_ms = progress.waited.as_millis() as u64;
+        log.upstream_status = progress.last_status;
+        log.ttfb_ms = progress.ttfb.map(|t| t.as_millis() as u64);
+        log.report_to(self.metrics.clone(), progress.ttfb.is_some());
         response.body_mut().log_to(log);
         response
+    }
+
+    /// Counts the request's outcome once it has its response.
+    fn answered(&self, track: &Track, outcome: &'static str) {
+        let progress = &track.progress;
+        self.metrics.request_answered(outcome, track.log.model_label.clone(), progress.waited, progress.throttled);
     }
 
     async fn forward<B>(
@@ -160,6 +185,7 @@ impl Proxy {
         // 3. Who asks, for which model, how urgently.
         let seen = Inspection::new(&parts.headers, &body, peer, &self.hasher);
         track.log.model = seen.model.as_deref().map(Arc::from);
+        track.log.model_label = observe::model_label(seen.model.as_deref(), &config.limits);
         track.log.stream = seen.stream;
         track.log.client = seen.client;
         // 4. The upstream request, built once: header hygiene, key injection, the configured origin only.

@@ -22,6 +22,8 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
+    pub const ALL: [RetryReason; 4] = [Self::Throttled, Self::Overloaded, Self::ServerError, Self::Connection];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Throttled => "throttled",

@@ -31,6 +31,17 @@ pub enum SendError {
     HeaderTimeout(Duration),
 }
 
+impl SendError {
+    /// A bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect_error",
+            Self::Reset(_) => "reset",
+            Self::HeaderTimeout(_) => "timeout",
+        }
+    }
+}
+
 /// Why the upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {

@@ -1,0 +1,148 @@
+//! The operator endpoints on the listener — `/metrics`, `/status`, `/dashboard` — with their on/off
+//! switches and the optional admin token. They are answered by sluice and never forwarded upstream.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::metrics::OUTCOMES;
+use crate::admission::{Priority, UNKNOWN_MODEL};
+use crate::config::Secret;
+use crate::error::ProxyError;
+use crate::proxy::{Generation, Proxy, ResponseBody};
+
+/// The dashboard: one self-contained page (no CDN, no external fonts) that polls `/status`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// An operator endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Metrics,
+    Status,
+    Dashboard,
+}
+
+impl Endpoint {
+    /// The endpoint a path names, if any.
+    pub fn of(path: &str) -> Option<Self> {
+        match path {
+            "/metrics" => Some(Self::Metrics),
+            "/status" => Some(Self::Status),
+            "/dashboard" => Some(Self::Dashboard),
+            _ => None,
+        }
+    }
+}
+
+/// Answers an operator endpoint: 404 when switched off, 401 without the admin token when one is set.
+pub fn answer<B>(endpoint: Endpoint, request: &Request<B>, proxy: &Proxy) -> Response<ResponseBody> {
+    let generation = proxy.current();
+    let observe = &generation.config.observe;
+    let enabled = match endpoint {
+        Endpoint::Metrics => observe.metrics,
+        Endpoint::Status => observe.status,
+        Endpoint::Dashboard => observe.dashboard,
+    };
+    if !enabled {
+        return ProxyError::NotFound.into_response();
+    }
+    if let Some(token) = &observe.admin_token {
+        if !authorized(request, token) {
+            let mut response = ProxyError::Unauthorized.into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    match endpoint {
+        Endpoint::Metrics => match proxy.metrics().render() {
+            Ok(text) => respond(text.into(), "text/plain; version=0.0.4; charset=utf-8"),
+            Err(_) => ProxyError::BadRequest("metrics could not be encoded".into()).into_response(),
+        },
+        Endpoint::Status => respond(status(proxy, &generation).to_string().into(), "application/json"),
+        Endpoint::Dashboard => respond(Bytes::from_static(DASHBOARD.as_bytes()), "text/html; charset=utf-8"),
+    }
+}
+
+/// The admin token as `Authorization: Bearer <token>`, or `?token=<token>` (for the dashboard in a browser).
+fn authorized<B>(request: &Request<B>, token: &Secret) -> bool {
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|given| token.matches(given));
+    let query = request
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("token="))
+        .any(|given| token.matches(given.as_bytes()));
+    bearer || query
+}
+
+fn respond(body: Bytes, content_type: &'static str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(body));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The `/status` snapshot.
+pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
+    let config = &generation.config;
+    let snapshot = proxy.admission().snapshot();
+    let metrics = proxy.metrics();
+    let totals = &metrics.totals;
+    let recent = metrics.recent.lock().map(|r| r.summary()).unwrap_or_else(|poisoned| poisoned.into_inner().summary());
+
+    // Every configured model (idle ones too), then "unknown" and "other" for the rest.
+    let mut models: BTreeMap<String, (usize, Option<usize>)> =
+        config.limits.models.iter().map(|(name, m)| (name.clone(), (0, Some(m.max_concurrency as usize)))).collect();
+    for (lane, inflight, _) in &snapshot.lanes {
+        let label = if models.contains_key(lane) || lane == UNKNOWN_MODEL { lane.clone() } else { "other".into() };
+        models.entry(label).or_insert((0, None)).0 += inflight;
+    }
+    let by_model: serde_json::Map<String, Value> = models
+        .into_iter()
+        .map(|(name, (inflight, limit))| (name, json!({ "inflight": inflight, "limit": limit })))
+        .collect();
+    let by_priority: serde_json::Map<String, Value> = Priority::ALL
+        .iter()
+        .map(|p| (p.as_str().to_string(), json!(snapshot.queued_by_priority[*p as usize])))
+        .collect();
+    let requests: serde_json::Map<String, Value> = OUTCOMES
+        .iter()
+        .zip(&totals.requests)
+        .map(|(outcome, count)| (outcome.to_string(), json!(count.load(Ordering::Relaxed))))
+        .collect();
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": metrics.started.elapsed().as_secs(),
+        "upstream": config.upstream.base_url,
+        "queue": { "depth": snapshot.queued, "by_priority": by_priority, "max_depth": snapshot.max_depth },
+        "inflight": { "all": snapshot.inflight, "by_model": by_model },
+        "limits": {
+            "max_concurrency": snapshot.max_concurrency,
+            "rate_per_second": snapshot.rate.map(|(rate, _)| rate.per_second()),
+            "burst": snapshot.rate.map(|(_, burst)| burst),
+            "max_wait_seconds": config.queue.max_wait.as_secs_f64(),
+        },
+        "cooldown": { "active": snapshot.cooldown_active, "total_seconds": snapshot.cooldown_total.as_secs_f64() },
+        "totals": {
+            "requests": requests,
+            "upstream_attempts": load(&totals.attempts),
+            "upstream_429": load(&totals.throttled),
+            "upstream_429_absorbed": load(&totals.absorbed_429),
+            "retries": load(&totals.retries),
+            "prompt_tokens": load(&totals.prompt_tokens),
+            "completion_tokens": load(&totals.completion_tokens),
+        },
+        "recent": recent,
+    })
+}

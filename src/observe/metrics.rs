@@ -1,0 +1,362 @@
+//! Prometheus metrics (prometheus-client; OpenMetrics text), declared here beside the events that feed
+//! them. Request, attempt, retry, timing and token metrics are recorded as things happen; queue depth,
+//! in-flight, limits and cooldown are read from admission at scrape time, so they can never drift.
+//! Label values are bounded: a model is its configured name, "unknown" or "other".
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use super::recent::Recent;
+use super::usage::Usage;
+use crate::admission::{Admission, Priority, UNKNOWN_MODEL};
+use crate::config::LimitsConfig;
+
+/// How a request ended, for `sluice_requests_total{outcome}` (a fixed set).
+pub const OUTCOMES: [&str; 9] = [
+    "success",
+    "client_error",
+    "upstream_error",
+    "upstream_unreachable",
+    "upstream_timeout",
+    "queue_full",
+    "deadline_exceeded",
+    "shutting_down",
+    "rejected",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    outcome: &'static str,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: &'static str,
+}
+
+/// The model label: the configured model (aliases resolved), "unknown" when unreadable, else "other".
+pub fn model_label(model: Option<&str>, limits: &LimitsConfig) -> String {
+    let Some(model) = model else { return UNKNOWN_MODEL.to_string() };
+    let model = limits.aliases.get(model).map_or(model, String::as_str);
+    if limits.models.contains_key(model) {
+        model.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// Totals since start, for `/status` (the Prometheus families are for scraping).
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub requests: [AtomicU64; OUTCOMES.len()],
+    pub attempts: AtomicU64,
+    pub throttled: AtomicU64,
+    pub absorbed_429: AtomicU64,
+    pub retries: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+/// Every metric sluice keeps.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    attempts: Family<StatusLabels, Counter>,
+    absorbed_429: Counter,
+    retries: Family<ReasonLabels, Counter>,
+    stream_errors: Counter,
+    queue_wait: Histogram,
+    ttfb: Histogram,
+    duration: Histogram,
+    tokens: Family<TokenLabels, Counter>,
+    pub totals: Totals,
+    pub recent: Mutex<Recent>,
+    pub started: Instant,
+}
+
+const WAIT_BUCKETS: [f64; 15] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+impl Metrics {
+    /// Registers every metric; `admission` is read at scrape time.
+    pub fn new(admission: Admission) -> Self {
+        let mut registry = Registry::with_prefix("sluice");
+        let metrics = Self {
+            requests: Family::default(),
+            attempts: Family::default(),
+            absorbed_429: Counter::default(),
+            retries: Family::default(),
+            stream_errors: Counter::default(),
+            queue_wait: Histogram::new(WAIT_BUCKETS),
+            ttfb: Histogram::new(LATENCY_BUCKETS),
+            duration: Histogram::new(LATENCY_BUCKETS),
+            tokens: Family::default(),
+            totals: Totals::default(),
+            recent: Mutex::new(Recent::default()),
+            started: Instant::now(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by final outcome and model", metrics.requests.clone());
+        registry.register("upstream_attempts", "Upstream attempts by response status", metrics.attempts.clone());
+        registry.register(
+            "upstream_429_absorbed",
+            "Upstream 429s that were retried and whose request then succeeded",
+            metrics.absorbed_429.clone(),
+        );
+        registry.register("retries", "Retries by reason", metrics.retries.clone());
+        registry.register(
+            "stream_errors",
+            "Responses whose upstream broke or stalled mid-way",
+            metrics.stream_errors.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time a request spent waiting for admission and in backoff",
+            metrics.queue_wait.clone(),
+        );
+        registry.register(
+            "upstream_ttfb_seconds",
+            "Time from sending an upstream attempt to its response headers",
+            metrics.ttfb.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to the end of its response body",
+            metrics.duration.clone(),
+        );
+        registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.clone());
+        registry.register_collector(Box::new(AdmissionCollector(admission)));
+        Self { registry, ..metrics }
+    }
+
+    /// The exposition for `/metrics`, in the Prometheus text format (0.0.4).
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(openmetrics_to_prometheus(&text))
+    }
+
+    /// A request got its response (or sluice's error): its outcome and how long it waited in all.
+    pub fn request_answered(&self, outcome: &'static str, model: String, waited: Duration, absorbed_429: u32) {
+        self.requests.get_or_create(&RequestLabels { outcome, model }).inc();
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.totals.requests[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.queue_wait.observe(waited.as_secs_f64());
+        if absorbed_429 > 0 && outcome == "success" {
+            self.absorbed_429.inc_by(u64::from(absorbed_429));
+            self.totals.absorbed_429.fetch_add(u64::from(absorbed_429), Ordering::Relaxed);
+        }
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner).request(waited);
+    }
+
+    /// An upstream attempt ended: `status` is the response status, or "connect_error", "reset", "timeout".
+    pub fn attempt(&self, status: &str, ttfb: Option<Duration>) {
+        self.attempts.get_or_create(&StatusLabels { status: status.to_string() }).inc();
+        self.totals.attempts.fetch_add(1, Ordering::Relaxed);
+        let throttled = status == "429";
+        if throttled {
+            self.totals.throttled.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(ttfb) = ttfb {
+            self.ttfb.observe(ttfb.as_secs_f64());
+        }
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner).attempt(throttled);
+    }
+
+    /// Creates the retry series at zero, so every reason is scraped from the start.
+    pub fn declare_retry_reasons(&self, reasons: impl IntoIterator<Item = &'static str>) {
+        for reason in reasons {
+            drop(self.retries.get_or_create(&ReasonLabels { reason }));
+        }
+    }
+
+    pub fn retry(&self, reason: &'static str) {
+        self.retries.get_or_create(&ReasonLabels { reason }).inc();
+        self.totals.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A response body ended (or was dropped): total duration, tokens, and whether the upstream broke.
+    pub fn response_finished(&self, duration: Duration, model: String, usage: Option<Usage>, broken: bool) {
+        self.duration.observe(duration.as_secs_f64());
+        if broken {
+            self.stream_errors.inc();
+        }
+        if let Some(usage) = usage {
+            self.totals.prompt_tokens.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+            self.totals.completion_tokens.fetch_add(usage.completion_tokens, Ordering::Relaxed);
+            self.recent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .tokens(usage.prompt_tokens + usage.completion_tokens);
+            for (kind, count) in usage.kinds() {
+                if count > 0 {
+                    self.tokens.get_or_create(&TokenLabels { model: model.clone(), kind }).inc_by(count);
+                }
+            }
+        }
+    }
+}
+
+/// prometheus-client writes OpenMetrics, where a counter family is named without `_total` and the text
+/// ends with `# EOF`. The Prometheus text format (what `promtool check metrics` and every Prometheus
+/// scraper read) names the family with `_total` and has no `# EOF`; the samples are the same.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(text.len() + 16 * counters.len());
+    for line in text.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match header {
+            Some((prefix, rest)) if counters.iter().any(|c| rest.split(' ').next() == Some(c)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Reads admission's state at scrape time.
+#[derive(Debug)]
+struct AdmissionCollector(Admission);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PriorityLabels {
+    priority: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+impl prometheus_client::collector::Collector for AdmissionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut build =
+            encoder.encode_descriptor("build_info", "Always 1; the version is a label", None, MetricType::Gauge)?;
+        ConstGauge::new(1).encode(build.encode_family(&VersionLabels { version: env!("CARGO_PKG_VERSION") })?)?;
+        let snapshot = self.0.snapshot();
+        let mut depth =
+            encoder.encode_descriptor("queue_depth", "Requests waiting, by priority", None, MetricType::Gauge)?;
+        for priority in Priority::ALL {
+            let labels = PriorityLabels { priority: priority.as_str() };
+            ConstGauge::new(snapshot.queued_by_priority[priority as usize] as i64)
+                .encode(depth.encode_family(&labels)?)?;
+        }
+        // Lanes by bounded label: configured models by name, the rest summed into "unknown" / "other".
+        let mut lanes: Vec<(String, i64, Option<i64>)> = Vec::new();
+        for (name, inflight, cap) in &snapshot.lanes {
+            let label = match cap {
+                Some(_) => name.clone(),
+                None if name == UNKNOWN_MODEL => UNKNOWN_MODEL.to_string(),
+                None => "other".to_string(),
+            };
+            match lanes.iter_mut().find(|(l, _, _)| *l == label) {
+                Some(entry) => entry.1 += *inflight as i64,
+                None => lanes.push((label, *inflight as i64, cap.map(|c| c as i64))),
+            }
+        }
+        let mut inflight =
+            encoder.encode_descriptor("inflight", "Upstream requests in flight, by model", None, MetricType::Gauge)?;
+        ConstGauge::new(snapshot.inflight as i64)
+            .encode(inflight.encode_family(&ModelLabels { model: "all".into() })?)?;
+        for (model, count, _) in &lanes {
+            ConstGauge::new(*count).encode(inflight.encode_family(&ModelLabels { model: model.clone() })?)?;
+        }
+        let mut limit = encoder.encode_descriptor(
+            "concurrency_limit",
+            "Concurrency cap in force, by model (\"all\" is the global cap)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(snapshot.max_concurrency as i64)
+            .encode(limit.encode_family(&ModelLabels { model: "all".into() })?)?;
+        for (model, _, cap) in &lanes {
+            if let Some(cap) = cap {
+                ConstGauge::new(*cap).encode(limit.encode_family(&ModelLabels { model: model.clone() })?)?;
+            }
+        }
+        let rate = snapshot.rate.map_or(0.0, |(rate, _)| rate.per_second());
+        ConstGauge::new(rate).encode(encoder.encode_descriptor(
+            "rate_limit_per_second",
+            "Global rate limit in force (0: none)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::from(snapshot.cooldown_active)).encode(encoder.encode_descriptor(
+            "cooldown_active",
+            "1 while a shared cooldown pauses dispatch",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(snapshot.cooldown_total.as_secs_f64()).encode(encoder.encode_descriptor(
+            "cooldown_seconds",
+            "Time dispatch was paused by shared cooldowns",
+            None,
+            MetricType::Counter,
+        )?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_families_take_their_total_name() {
+        let open = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total{a=\"b\"} 3\n\
+                    # HELP x_depth Depth.\n# TYPE x_depth gauge\nx_depth 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(open),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total{a=\"b\"} 3\n\
+             # HELP x_depth Depth.\n# TYPE x_depth gauge\nx_depth 1\n"
+        );
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let limits = LimitsConfig::default();
+        assert_eq!(model_label(Some("deepseek-v4-pro"), &limits), "deepseek-v4-pro");
+        assert_eq!(model_label(Some("deepseek-chat"), &limits), "deepseek-v4-flash", "aliases resolve");
+        assert_eq!(model_label(Some("anything-else"), &limits), "other");
+        assert_eq!(model_label(None, &limits), "unknown");
+    }
+}
