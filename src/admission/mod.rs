@@ -3,7 +3,9 @@
 //! Waiting requests sit in a bounded fair queue with deadlines; one dispatcher task hands out slots in
 //! queue order, so a waiting request costs memory, not CPU. A slot is an RAII `Permit`.
 
+mod adaptive;
 mod cooldown;
+mod pacing;
 mod queue;
 mod state;
 
@@ -14,9 +16,11 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
+pub use adaptive::{DECREASE, LATENCY_GUARD};
 pub use cooldown::RAMP_STEPS;
+pub use pacing::{parse_go_duration, Window};
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
-pub use state::UNKNOWN_MODEL;
+pub use state::{LaneView, UNKNOWN_MODEL};
 
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
 use state::{Delivery, State};
@@ -51,8 +55,8 @@ pub struct Snapshot {
     pub queued: usize,
     pub queued_by_priority: [usize; 3],
     pub inflight: usize,
-    /// (lane, in flight, cap) for every lane with traffic.
-    pub lanes: Vec<(String, usize, Option<usize>)>,
+    /// Every lane in use (models with traffic and configured ones seen so far).
+    pub lanes: Vec<LaneView>,
     pub cooldown_active: bool,
     pub cooldown_total: Duration,
     /// The global rate limit in force and its burst.
@@ -166,22 +170,6 @@ impl Admission {
         close(&self.shared);
     }
 
-    /// The upstream throttled a request (429, or 503 overload): cool everyone down.
-    pub fn throttled(&self, retry_after: Option<Duration>) {
-        let until = self.shared.lock().cooldown.throttled(Instant::now(), retry_after);
-        if let Some(until) = until {
-            tracing::info!(
-                cooldown_ms = (until - Instant::now()).as_millis() as u64,
-                "upstream throttled: cooling down"
-            );
-        }
-    }
-
-    /// An upstream request succeeded: the throttle streak is over.
-    pub fn succeeded(&self) {
-        self.shared.lock().cooldown.succeeded();
-    }
-
     pub fn snapshot(&self) -> Snapshot {
         let state = self.shared.lock();
         let now = Instant::now();
@@ -219,16 +207,44 @@ impl Drop for QueueEntry<'_> {
 pub struct Permit {
     shared: Arc<Shared>,
     lane: Arc<str>,
+    granted: Instant,
+    /// Set once the attempt succeeded: then the hold time feeds the learned limit's window.
+    succeeded: bool,
 }
 
 impl Permit {
     fn new(shared: Arc<Shared>, lane: Arc<str>) -> Self {
-        Self { shared, lane }
+        Self { shared, lane, granted: Instant::now(), succeeded: false }
     }
 
     /// The lane (model, after aliases) this slot belongs to.
     pub fn lane(&self) -> &str {
         &self.lane
+    }
+
+    /// The upstream throttled this attempt (429, or 503 overload): everyone cools down, and this
+    /// model's learned limit comes down (once per window).
+    pub fn throttled(&self, retry_after: Option<Duration>) {
+        let change = self.shared.lock().throttled(&self.lane, Instant::now(), retry_after);
+        if let Some(adaptive::Change::Decreased { from, to }) = change {
+            tracing::info!(model = %self.lane, from, to, "upstream throttled: concurrency limit decreased");
+        }
+    }
+
+    /// This attempt got a successful response after `rtt`: the throttle streak is over, and the learned
+    /// limit may grow.
+    pub fn succeeded(&mut self, rtt: Duration) {
+        self.succeeded = true;
+        let change = self.shared.lock().succeeded(&self.lane, Instant::now(), rtt);
+        if let Some(adaptive::Change::Increased { to }) = change {
+            tracing::debug!(model = %self.lane, to, "concurrency limit increased");
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// The upstream's response carried rate-limit headers: pace dispatch by them.
+    pub fn paced(&self, window: Window) {
+        self.shared.lock().paced(Instant::now(), window);
     }
 }
 
@@ -240,7 +256,8 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let anyone_waiting = self.shared.lock().release(&self.lane);
+        let hold = self.succeeded.then(|| self.granted.elapsed());
+        let anyone_waiting = self.shared.lock().release(&self.lane, hold);
         if anyone_waiting {
             self.shared.wake.notify_one();
         }

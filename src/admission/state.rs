@@ -12,7 +12,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::adaptive::{Aimd, Change};
 use super::cooldown::Cooldown;
+use super::pacing::{Pacer, Window};
 use super::queue::{ClientId, FairQueue, Priority};
 use super::Rejected;
 use crate::config::{LimitsConfig, QueueConfig, Rate, RetryConfig};
@@ -26,6 +28,8 @@ const MAX_MODEL_NAME: usize = 128;
 pub struct Limits {
     max_concurrency: usize,
     max_depth: usize,
+    adaptive: bool,
+    min_concurrency: usize,
     caps: HashMap<String, usize>,
     aliases: HashMap<String, String>,
     /// The GCRA limiter and the (rate, burst) it was built for.
@@ -46,6 +50,8 @@ impl Limits {
         Self {
             max_concurrency: limits.max_concurrency as usize,
             max_depth: queue.max_depth,
+            adaptive: limits.adaptive,
+            min_concurrency: limits.min_concurrency as usize,
             caps: limits.models.iter().map(|(name, m)| (name.clone(), m.max_concurrency as usize)).collect(),
             aliases: limits.aliases.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
             limiter,
@@ -58,6 +64,11 @@ impl Limits {
 
     pub fn max_depth(&self) -> usize {
         self.max_depth
+    }
+
+    /// The learned limit a lane starts with: between the floor and its cap (or the global cap).
+    fn aimd_for(&self, cap: Option<usize>, now: Instant) -> Option<Aimd> {
+        self.adaptive.then(|| Aimd::new(self.min_concurrency, cap.unwrap_or(self.max_concurrency), now))
     }
 
     /// The configured rate and burst, if any.
@@ -76,10 +87,13 @@ pub struct Waiter {
 /// What the dispatcher must deliver after unlocking: a permit or a rejection per waiter.
 pub type Delivery = (oneshot::Sender<Result<super::Permit, Rejected>>, Result<super::Permit, Rejected>);
 
-/// One model's share: its cap, what it has in flight, and who waits for it.
+/// One model's share: its caps, what it has in flight, and who waits for it.
 #[derive(Default)]
 struct Lane {
+    /// The configured cap (`limits.models`), if the model is configured.
     cap: Option<usize>,
+    /// The learned limit, when `limits.adaptive` is on.
+    aimd: Option<Aimd>,
     inflight: usize,
     waiting: usize,
     queue: FairQueue,
@@ -87,14 +101,31 @@ struct Lane {
 }
 
 impl Lane {
-    fn full(&self) -> bool {
-        self.cap.is_some_and(|cap| self.inflight >= cap)
+    /// The limit in force: the learned one (which never exceeds the cap), else the configured cap.
+    fn limit(&self) -> Option<usize> {
+        self.aimd.as_ref().map(Aimd::limit).or(self.cap)
     }
+
+    fn full(&self) -> bool {
+        self.limit().is_some_and(|limit| self.inflight >= limit)
+    }
+}
+
+/// A lane as the outside sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneView {
+    pub name: String,
+    pub inflight: usize,
+    /// The limit in force (learned or configured); None: only the global cap.
+    pub limit: Option<usize>,
+    /// The configured cap; None for models not under `limits.models`.
+    pub configured: Option<usize>,
 }
 
 pub struct State {
     pub limits: Limits,
     pub cooldown: Cooldown,
+    pub pacer: Pacer,
     lanes: HashMap<Arc<str>, Lane>,
     /// Lanes with waiting entries, served round-robin.
     ring: VecDeque<Arc<str>>,
@@ -111,6 +142,7 @@ impl State {
         Self {
             limits: Limits::new(limits, queue, None),
             cooldown: Cooldown::new(retry.base_delay, retry.max_delay),
+            pacer: Pacer::default(),
             lanes: HashMap::new(),
             ring: VecDeque::new(),
             waiters: HashMap::new(),
@@ -127,8 +159,17 @@ impl State {
     pub fn reconfigure(&mut self, limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) {
         let previous = std::mem::replace(&mut self.limits, Limits::new(limits, queue, None));
         self.limits = Limits::new(limits, queue, Some(previous));
+        let now = Instant::now();
         for (name, lane) in &mut self.lanes {
             lane.cap = self.limits.caps.get(name.as_ref()).copied();
+            let ceiling = lane.cap.unwrap_or(self.limits.max_concurrency);
+            lane.aimd = match lane.aimd.take() {
+                Some(mut aimd) if self.limits.adaptive => {
+                    aimd.set_bounds(self.limits.min_concurrency, ceiling);
+                    Some(aimd)
+                }
+                _ => self.limits.aimd_for(lane.cap, now),
+            };
         }
         self.cooldown.set_delays(retry.base_delay, retry.max_delay);
     }
@@ -145,7 +186,8 @@ impl State {
         }
         let key: Arc<str> = Arc::from(name);
         let cap = self.limits.caps.get(name).copied();
-        self.lanes.insert(key.clone(), Lane { cap, ..Lane::default() });
+        let aimd = self.limits.aimd_for(cap, Instant::now());
+        self.lanes.insert(key.clone(), Lane { cap, aimd, ..Lane::default() });
         key
     }
 
@@ -209,11 +251,15 @@ impl State {
         true
     }
 
-    /// A permit came back. Returns whether anyone waits (then the dispatcher should look).
-    pub fn release(&mut self, lane: &Arc<str>) -> bool {
+    /// A permit came back; `hold` is how long a successful attempt held it. Returns whether anyone
+    /// waits (then the dispatcher should look).
+    pub fn release(&mut self, lane: &Arc<str>, hold: Option<std::time::Duration>) -> bool {
         self.inflight = self.inflight.saturating_sub(1);
         if let Some(entry) = self.lanes.get_mut(lane) {
             entry.inflight = entry.inflight.saturating_sub(1);
+            if let (Some(aimd), Some(hold)) = (entry.aimd.as_mut(), hold) {
+                aimd.released(hold);
+            }
         }
         self.forget_lane_if_idle(lane);
         !self.waiters.is_empty()
@@ -292,16 +338,46 @@ impl State {
         self.inflight
     }
 
-    /// In-flight count and cap of every lane that has either.
-    pub fn lanes(&self) -> Vec<(String, usize, Option<usize>)> {
-        let mut lanes: Vec<_> =
-            self.lanes.iter().map(|(name, lane)| (name.to_string(), lane.inflight, lane.cap)).collect();
-        lanes.sort();
+    /// Every lane in use.
+    pub fn lanes(&self) -> Vec<LaneView> {
+        let mut lanes: Vec<_> = self
+            .lanes
+            .iter()
+            .map(|(name, lane)| LaneView {
+                name: name.to_string(),
+                inflight: lane.inflight,
+                limit: lane.limit(),
+                configured: lane.cap,
+            })
+            .collect();
+        lanes.sort_by(|a, b| a.name.cmp(&b.name));
         lanes
     }
 
+    /// The upstream throttled a request of `lane`: the shared cooldown, and the lane's learned limit.
+    pub fn throttled(&mut self, lane: &str, now: Instant, retry_after: Option<std::time::Duration>) -> Option<Change> {
+        self.cooldown.throttled(now, retry_after);
+        let entry = self.lanes.get_mut(lane)?;
+        let inflight = entry.inflight;
+        entry.aimd.as_mut()?.throttled(now, inflight)
+    }
+
+    /// An attempt of `lane` succeeded after `rtt` (time to response headers).
+    pub fn succeeded(&mut self, lane: &str, now: Instant, rtt: std::time::Duration) -> Option<Change> {
+        self.cooldown.succeeded();
+        let entry = self.lanes.get_mut(lane)?;
+        let inflight = entry.inflight;
+        entry.aimd.as_mut()?.succeeded(now, inflight, rtt)
+    }
+
+    /// An upstream response carried rate-limit headers.
+    pub fn paced(&mut self, now: Instant, window: Window) {
+        self.pacer.observe(now, window);
+    }
+
+    /// When dispatch may resume, if it is paused (cooldown or pacing).
     fn blocked_until(&self, now: Instant) -> Option<Instant> {
-        self.cooldown.blocked_until(now)
+        self.cooldown.blocked_until(now).max(self.pacer.blocked_until(now))
     }
 
     /// Takes a GCRA token; `Some(wait)` when none is available yet.
@@ -316,6 +392,7 @@ impl State {
             entry.inflight += 1;
         }
         self.cooldown.dispatched(now);
+        self.pacer.dispatched(now);
     }
 
     /// The next lane (round-robin) with a live waiter and a free slot, and that waiter's id.

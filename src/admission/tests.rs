@@ -172,12 +172,53 @@ async fn the_dispatcher_wakes_per_dispatch_not_per_waiter() {
 #[tokio::test(start_paused = true)]
 async fn a_throttle_pauses_every_dispatch_until_the_cooldown_ends() {
     let admission = admission(10, &[], 10);
-    admission.throttled(Some(Duration::from_secs(3)));
+    let throttled = admission.acquire(ticket("m", 1)).await.unwrap();
+    throttled.throttled(Some(Duration::from_secs(3)));
+    drop(throttled);
     assert!(admission.snapshot().cooldown_active);
     let started = Instant::now();
-    let _permit = admission.acquire(ticket("m", 1)).await.unwrap();
-    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    let _permit = admission.acquire(ticket("other-model", 1)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(3), "every model waits");
     assert!(!admission.snapshot().cooldown_active);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttle_lowers_the_models_learned_limit() {
+    let admission = admission(100, &[("m", 50)], 100);
+    let mut held = Vec::new();
+    for client in 0..20 {
+        held.push(admission.acquire(ticket("m", client)).await.unwrap());
+    }
+    held[0].throttled(None);
+    let lane = |admission: &Admission| admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
+    assert_eq!(lane(&admission).limit, Some(18), "min(limit 50, 20 in flight) x 0.9");
+    assert_eq!(lane(&admission).configured, Some(50));
+    // A lane at its learned limit queues newcomers even though the configured cap is far away.
+    held.truncate(18);
+    let waiting = tokio::spawn({
+        let admission = admission.clone();
+        async move { admission.acquire(ticket("m", 99)).await }
+    });
+    settle().await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // past the cooldown
+    assert!(!waiting.is_finished());
+    held.pop();
+    settle().await;
+    assert!(waiting.is_finished(), "a freed slot under the learned limit admits the next");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_adaptive_off_only_the_configured_cap_holds() {
+    let limits = LimitsConfig {
+        adaptive: false,
+        models: BTreeMap::from([("m".to_string(), ModelLimits { max_concurrency: 50 })]),
+        ..LimitsConfig::default()
+    };
+    let admission = Admission::new(&limits, &QueueConfig::default(), &RetryConfig::default());
+    let permit = admission.acquire(ticket("m", 1)).await.unwrap();
+    permit.throttled(None);
+    let lane = admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
+    assert_eq!(lane.limit, Some(50));
 }
 
 #[tokio::test(start_paused = true)]

@@ -138,6 +138,10 @@ pub struct LimitsConfig {
     pub burst: Option<u32>,
     /// Requests in flight upstream at once, all models together.
     pub max_concurrency: u32,
+    /// Learn each model's real concurrency limit (AIMD) between `min_concurrency` and its configured cap.
+    pub adaptive: bool,
+    /// The floor of a learned limit.
+    pub min_concurrency: u32,
     /// Per-model caps on requests in flight (a stream holds its slot until it ends).
     pub models: BTreeMap<String, ModelLimits>,
     /// Model names that share another model's slots (DeepSeek's deprecated names count as v4-flash).
@@ -151,6 +155,8 @@ impl Default for LimitsConfig {
             rate: None,
             burst: None,
             max_concurrency: 4096,
+            adaptive: true,
+            min_concurrency: 1,
             models: BTreeMap::from([
                 ("deepseek-v4-pro".to_string(), model(500)),
                 ("deepseek-v4-flash".to_string(), model(2500)),
@@ -312,6 +318,9 @@ impl Config {
         }
         if self.limits.max_concurrency == 0 {
             return Err(invalid("limits.max_concurrency", 0, "at least 1"));
+        }
+        if self.limits.min_concurrency == 0 || self.limits.min_concurrency > self.limits.max_concurrency {
+            return Err(invalid("limits.min_concurrency", self.limits.min_concurrency, "1 to limits.max_concurrency"));
         }
         if self.limits.burst == Some(0) {
             return Err(invalid("limits.burst", 0, "at least 1"));

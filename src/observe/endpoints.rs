@@ -100,16 +100,31 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
     let totals = &metrics.totals;
     let recent = metrics.recent.lock().map(|r| r.summary()).unwrap_or_else(|poisoned| poisoned.into_inner().summary());
 
-    // Every configured model (idle ones too), then "unknown" and "other" for the rest.
-    let mut models: BTreeMap<String, (usize, Option<usize>)> =
-        config.limits.models.iter().map(|(name, m)| (name.clone(), (0, Some(m.max_concurrency as usize)))).collect();
-    for (lane, inflight, _) in &snapshot.lanes {
-        let label = if models.contains_key(lane) || lane == UNKNOWN_MODEL { lane.clone() } else { "other".into() };
-        models.entry(label).or_insert((0, None)).0 += inflight;
+    // Every configured model (idle ones too), then "unknown" and "other" for the rest. `limit` is the
+    // one in force (learned when adaptive), `configured_limit` the cap from the config.
+    let mut models: BTreeMap<String, (usize, Option<usize>, Option<usize>)> = config
+        .limits
+        .models
+        .iter()
+        .map(|(name, m)| (name.clone(), (0, Some(m.max_concurrency as usize), Some(m.max_concurrency as usize))))
+        .collect();
+    for lane in &snapshot.lanes {
+        let label = match lane.configured {
+            Some(_) => lane.name.clone(),
+            None if lane.name == UNKNOWN_MODEL => lane.name.clone(),
+            None => "other".into(),
+        };
+        let entry = models.entry(label).or_insert((0, None, None));
+        entry.0 += lane.inflight;
+        if lane.configured.is_some() {
+            entry.1 = lane.limit;
+        }
     }
     let by_model: serde_json::Map<String, Value> = models
         .into_iter()
-        .map(|(name, (inflight, limit))| (name, json!({ "inflight": inflight, "limit": limit })))
+        .map(|(name, (inflight, limit, configured))| {
+            (name, json!({ "inflight": inflight, "limit": limit, "configured_limit": configured }))
+        })
         .collect();
     let by_priority: serde_json::Map<String, Value> = Priority::ALL
         .iter()
@@ -128,6 +143,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
         "queue": { "depth": snapshot.queued, "by_priority": by_priority, "max_depth": snapshot.max_depth },
         "inflight": { "all": snapshot.inflight, "by_model": by_model },
         "limits": {
+            "adaptive": config.limits.adaptive,
             "max_concurrency": snapshot.max_concurrency,
             "rate_per_second": snapshot.rate.map(|(rate, _)| rate.per_second()),
             "burst": snapshot.rate.map(|(_, burst)| burst),

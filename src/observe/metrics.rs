@@ -281,16 +281,18 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
                 .encode(depth.encode_family(&labels)?)?;
         }
         // Lanes by bounded label: configured models by name, the rest summed into "unknown" / "other".
+        // The limit shown is the one in force (learned when adaptive, else configured).
         let mut lanes: Vec<(String, i64, Option<i64>)> = Vec::new();
-        for (name, inflight, cap) in &snapshot.lanes {
-            let label = match cap {
-                Some(_) => name.clone(),
-                None if name == UNKNOWN_MODEL => UNKNOWN_MODEL.to_string(),
+        for lane in &snapshot.lanes {
+            let label = match lane.configured {
+                Some(_) => lane.name.clone(),
+                None if lane.name == UNKNOWN_MODEL => UNKNOWN_MODEL.to_string(),
                 None => "other".to_string(),
             };
+            let limit = lane.configured.and(lane.limit).map(|l| l as i64);
             match lanes.iter_mut().find(|(l, _, _)| *l == label) {
-                Some(entry) => entry.1 += *inflight as i64,
-                None => lanes.push((label, *inflight as i64, cap.map(|c| c as i64))),
+                Some(entry) => entry.1 += lane.inflight as i64,
+                None => lanes.push((label, lane.inflight as i64, limit)),
             }
         }
         let mut inflight =
@@ -302,7 +304,7 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
         }
         let mut limit = encoder.encode_descriptor(
             "concurrency_limit",
-            "Concurrency cap in force, by model (\"all\" is the global cap)",
+            "Concurrency limit in force, by model: learned when adaptive, else configured (\"all\": the global cap)",
             None,
             MetricType::Gauge,
         )?;

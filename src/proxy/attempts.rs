@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::request::{Inspection, Outgoing};
 use super::retry::{self, Decision};
 use super::{Generation, Proxy};
-use crate::admission::{Permit, Rejected, Ticket};
+use crate::admission::{Permit, Rejected, Ticket, Window};
 use crate::error::ProxyError;
 use crate::upstream::SendError;
 
@@ -60,7 +60,7 @@ impl Proxy {
             let waiting = Instant::now();
             let admitted = self.admission.acquire(ticket).await;
             progress.waited += waiting.elapsed();
-            let permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_connection_error.take()))?;
+            let mut permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_connection_error.take()))?;
 
             // One upstream attempt, classified.
             progress.attempts += 1;
@@ -80,8 +80,14 @@ impl Proxy {
                 Ok(response) => retry::classify_status(response.status(), response.headers(), &retry_config.on_status),
                 Err(err) => retry::classify_error(err),
             };
+            if let Some(window) = outcome.as_ref().ok().and_then(|r| Window::from_headers(r.headers())) {
+                permit.paced(window);
+            }
             let (reason, retry_after) = match (decision, outcome) {
                 (Decision::Retry { reason, retry_after }, outcome) => {
+                    if reason.pauses_everyone() {
+                        permit.throttled(retry_after);
+                    }
                     drop(permit); // the failed attempt's slot goes back before anyone waits
                     match outcome {
                         Ok(response) => {
@@ -95,7 +101,7 @@ impl Proxy {
                 (_, Ok(response)) => {
                     progress.ttfb = Some(ttfb);
                     if response.status().is_success() {
-                        self.admission.succeeded();
+                        permit.succeeded(ttfb);
                     }
                     return Ok((response, permit));
                 }
@@ -103,10 +109,9 @@ impl Proxy {
                 (_, Err(err)) => return Err(ProxyError::UpstreamUnreachable(err.to_string())),
             };
 
-            // Backoff: a throttle pauses everyone through the shared cooldown (admission holds the retry
-            // back); anything else waits its own jittered backoff, at least the upstream's Retry-After.
+            // Backoff: a throttle paused everyone through the shared cooldown above (admission holds the
+            // retry back); anything else waits its own jittered backoff, at least the upstream's Retry-After.
             let delay = if reason.pauses_everyone() {
-                self.admission.throttled(retry_after);
                 Duration::ZERO
             } else {
                 let floor = retry_after.unwrap_or_default().min(retry_config.max_delay);

@@ -106,6 +106,8 @@ struct Counters {
     inflight_total: AtomicUsize,
     max_inflight_total: AtomicUsize,
     over_cap: AtomicUsize,
+    /// Per arrival: whether the hidden cap answered it 429.
+    throttled_flags: Mutex<Vec<bool>>,
     cancelled: AtomicUsize,
     cancelled_notify: Notify,
 }
@@ -184,6 +186,11 @@ impl Mock {
         self.counters.over_cap.load(Ordering::SeqCst)
     }
 
+    /// Per arrival, in order: whether the hidden cap answered it 429.
+    pub fn throttled_flags(&self) -> Vec<bool> {
+        self.counters.throttled_flags.lock().unwrap().clone()
+    }
+
     /// Streamed bodies whose reader went away before the end.
     pub fn cancelled(&self) -> usize {
         self.counters.cancelled.load(Ordering::SeqCst)
@@ -256,7 +263,9 @@ async fn answer(
         requests.push(recorded.clone());
         requests.len() - 1
     };
-    let Some(guard) = InflightGuard::try_new(counters, recorded.model(), cap) else {
+    let guard = InflightGuard::try_new(counters, recorded.model(), cap);
+    counters.throttled_flags.lock().unwrap().push(guard.is_none());
+    let Some(guard) = guard else {
         counters.over_cap.fetch_add(1, Ordering::SeqCst);
         let body =
             r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#;
