@@ -232,7 +232,9 @@ async fn answer(sim: Arc<Sim>, request: Request<Incoming>) -> Response<SimBody> 
     let jitter = sim.options.jitter.mul_f64(fastrand::f64() * 2.0);
     let latency = (sim.options.latency + jitter).saturating_sub(sim.options.jitter);
     if !stream {
-        tokio::time::sleep(latency).await;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let body = format!(
             r#"{{"id":"sim","object":"chat.completion","created":1,"model":"deepseek-v4-flash","choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},"finish_reason":"stop"}}],"usage":{USAGE}}}"#
         );

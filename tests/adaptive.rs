@@ -11,8 +11,8 @@ use std::time::Duration;
 use sluice::config::ModelLimits;
 use support::*;
 
-const HIDDEN_CAP: usize = 4;
-const WORKERS: usize = 16;
+const HIDDEN_CAP: usize = 8;
+const WORKERS: usize = 24;
 const PER_WORKER: usize = 15;
 const MODEL: &str = "deepseek-v4-pro";
 
@@ -22,7 +22,7 @@ async fn late_429_share(adaptive: bool) -> f64 {
     let mock = Mock::start_capped(Some(HIDDEN_CAP), |_, _| Reply::Stream {
         status: 200,
         content_type: "application/json",
-        chunks: vec![Chunk::Pause(Duration::from_millis(20)), data("{}")],
+        chunks: vec![Chunk::Pause(Duration::from_millis(40)), data("{}")],
         ending: Ending::Complete,
     })
     .await;
@@ -65,8 +65,8 @@ async fn sluice_learns_a_hidden_cap_far_below_the_configured_one() {
         100.0 * adaptive,
         100.0 * fixed
     );
-    // Observed on this machine: 7.7-10.8 % adaptive (the limit probes one step above the cap of 4 now
-    // and then), 35-41 % with the fixed limit of 500. The bounds leave room for a loaded machine.
+    // Observed on this machine: 4.9-5.6 % adaptive (the limit probes one step above the cap of 8 now
+    // and then), 52-55 % with the fixed limit of 500. The bounds leave room for a loaded machine.
     assert!(adaptive <= 0.2, "too many wasted attempts after warm-up");
-    assert!(adaptive * 2.0 < fixed, "learning the cap must beat a fixed limit of 500");
+    assert!(adaptive * 3.0 < fixed, "learning the cap must beat a fixed limit of 500");
 }

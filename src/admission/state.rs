@@ -355,11 +355,20 @@ impl State {
     }
 
     /// The upstream throttled a request of `lane`: the shared cooldown, and the lane's learned limit.
+    ///
+    /// With a learned limit, lowering it is the shared slowdown: the model's dispatch waits until enough
+    /// of what is in flight has finished. The cooldown, which pauses every dispatch, is kept for an
+    /// explicit Retry-After and for lanes without a learned limit (`adaptive = false`).
     pub fn throttled(&mut self, lane: &str, now: Instant, retry_after: Option<std::time::Duration>) -> Option<Change> {
-        self.cooldown.throttled(now, retry_after);
-        let entry = self.lanes.get_mut(lane)?;
-        let inflight = entry.inflight;
-        entry.aimd.as_mut()?.throttled(now, inflight)
+        let entry = self.lanes.get_mut(lane);
+        let learned = entry.and_then(|entry| {
+            let inflight = entry.inflight;
+            entry.aimd.as_mut().map(|aimd| aimd.throttled(now, inflight))
+        });
+        if retry_after.is_some() || learned.is_none() {
+            self.cooldown.throttled(now, retry_after);
+        }
+        learned.flatten()
     }
 
     /// An attempt of `lane` succeeded after `rtt` (time to response headers).

@@ -170,7 +170,7 @@ async fn the_dispatcher_wakes_per_dispatch_not_per_waiter() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_throttle_pauses_every_dispatch_until_the_cooldown_ends() {
+async fn a_retry_after_pauses_every_dispatch_until_the_cooldown_ends() {
     let admission = admission(10, &[], 10);
     let throttled = admission.acquire(ticket("m", 1)).await.unwrap();
     throttled.throttled(Some(Duration::from_secs(3)));
@@ -190,6 +190,7 @@ async fn a_throttle_lowers_the_models_learned_limit() {
         held.push(admission.acquire(ticket("m", client)).await.unwrap());
     }
     held[0].throttled(None);
+    assert!(!admission.snapshot().cooldown_active, "the lowered limit is the slowdown, no global pause");
     let lane = |admission: &Admission| admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
     assert_eq!(lane(&admission).limit, Some(18), "min(limit 50, 20 in flight) x 0.9");
     assert_eq!(lane(&admission).configured, Some(50));
@@ -208,7 +209,7 @@ async fn a_throttle_lowers_the_models_learned_limit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn with_adaptive_off_only_the_configured_cap_holds() {
+async fn with_adaptive_off_only_the_configured_cap_holds_and_a_throttle_cools_everyone_down() {
     let limits = LimitsConfig {
         adaptive: false,
         models: BTreeMap::from([("m".to_string(), ModelLimits { max_concurrency: 50 })]),
@@ -219,6 +220,7 @@ async fn with_adaptive_off_only_the_configured_cap_holds() {
     permit.throttled(None);
     let lane = admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
     assert_eq!(lane.limit, Some(50));
+    assert!(admission.snapshot().cooldown_active, "without a learned limit, the cooldown is the slowdown");
 }
 
 #[tokio::test(start_paused = true)]

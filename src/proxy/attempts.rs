@@ -109,14 +109,11 @@ impl Proxy {
                 (_, Err(err)) => return Err(ProxyError::UpstreamUnreachable(err.to_string())),
             };
 
-            // Backoff: a throttle paused everyone through the shared cooldown above (admission holds the
-            // retry back); anything else waits its own jittered backoff, at least the upstream's Retry-After.
-            let delay = if reason.pauses_everyone() {
-                Duration::ZERO
-            } else {
-                let floor = retry_after.unwrap_or_default().min(retry_config.max_delay);
-                retry::backoff(progress.attempts, retry_config.base_delay, retry_config.max_delay).max(floor)
-            };
+            // Backoff: every retry waits its own jittered backoff, never less than the upstream's
+            // Retry-After, so a throttled request cannot spin. A throttle also slowed everyone down above
+            // (`permit.throttled`): the model's learned limit dropped, or without one, all dispatch pauses.
+            let floor = retry_after.unwrap_or_default().min(retry_config.max_delay);
+            let delay = retry::backoff(progress.attempts, retry_config.base_delay, retry_config.max_delay).max(floor);
             self.metrics.retry(reason.as_str());
             tracing::debug!(
                 attempt = progress.attempts,
