@@ -122,6 +122,17 @@ pub struct LaneView {
     pub configured: Option<usize>,
 }
 
+impl LaneView {
+    /// A bounded label for metrics and status: configured models by name, "unknown", else "other".
+    pub fn label(&self) -> &str {
+        if self.configured.is_some() || self.name == UNKNOWN_MODEL {
+            &self.name
+        } else {
+            "other"
+        }
+    }
+}
+
 pub struct State {
     pub limits: Limits,
     pub cooldown: Cooldown,

@@ -192,10 +192,10 @@ async fn a_throttle_lowers_the_models_learned_limit() {
     held[0].throttled(None);
     assert!(!admission.snapshot().cooldown_active, "the lowered limit is the slowdown, no global pause");
     let lane = |admission: &Admission| admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
-    assert_eq!(lane(&admission).limit, Some(18), "min(limit 50, 20 in flight) x 0.9");
+    assert_eq!(lane(&admission).limit, Some(19), "min(limit 50, 20 in flight) x 0.95");
     assert_eq!(lane(&admission).configured, Some(50));
     // A lane at its learned limit queues newcomers even though the configured cap is far away.
-    held.truncate(18);
+    held.truncate(19);
     let waiting = tokio::spawn({
         let admission = admission.clone();
         async move { admission.acquire(ticket("m", 99)).await }

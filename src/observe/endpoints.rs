@@ -9,7 +9,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
 use super::metrics::OUTCOMES;
-use crate::admission::{Priority, UNKNOWN_MODEL};
+use crate::admission::Priority;
 use crate::config::Secret;
 use crate::error::ProxyError;
 use crate::proxy::{Generation, Proxy, ResponseBody};
@@ -109,12 +109,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
         .map(|(name, m)| (name.clone(), (0, Some(m.max_concurrency as usize), Some(m.max_concurrency as usize))))
         .collect();
     for lane in &snapshot.lanes {
-        let label = match lane.configured {
-            Some(_) => lane.name.clone(),
-            None if lane.name == UNKNOWN_MODEL => lane.name.clone(),
-            None => "other".into(),
-        };
-        let entry = models.entry(label).or_insert((0, None, None));
+        let entry = models.entry(lane.label().to_string()).or_insert((0, None, None));
         entry.0 += lane.inflight;
         if lane.configured.is_some() {
             entry.1 = lane.limit;

@@ -284,11 +284,7 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
         // The limit shown is the one in force (learned when adaptive, else configured).
         let mut lanes: Vec<(String, i64, Option<i64>)> = Vec::new();
         for lane in &snapshot.lanes {
-            let label = match lane.configured {
-                Some(_) => lane.name.clone(),
-                None if lane.name == UNKNOWN_MODEL => UNKNOWN_MODEL.to_string(),
-                None => "other".to_string(),
-            };
+            let label = lane.label().to_string();
             let limit = lane.configured.and(lane.limit).map(|l| l as i64);
             match lanes.iter_mut().find(|(l, _, _)| *l == label) {
                 Some(entry) => entry.1 += lane.inflight as i64,
