@@ -5,6 +5,7 @@
 
 mod adaptive;
 mod cooldown;
+mod limits;
 mod pacing;
 mod queue;
 mod state;
@@ -18,9 +19,10 @@ use tokio::time::Instant;
 
 pub use adaptive::{DECREASE, LATENCY_GUARD};
 pub use cooldown::RAMP_STEPS;
+pub use limits::LaneView;
 pub use pacing::{parse_go_duration, Window};
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
-pub use state::{LaneView, UNKNOWN_MODEL};
+pub use state::UNKNOWN_MODEL;
 
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
 use state::{Delivery, State};
@@ -59,8 +61,10 @@ pub struct Snapshot {
     pub lanes: Vec<LaneView>,
     pub cooldown_active: bool,
     pub cooldown_total: Duration,
-    /// The global rate limit in force and its burst.
+    /// The configured global rate limit and its burst.
     pub rate: Option<(crate::config::Rate, u32)>,
+    /// The rate in force (req/s): the configured one, lowered while the learned limits are.
+    pub effective_rate: Option<f64>,
     /// The global concurrency cap and the queue bound in force.
     pub max_concurrency: usize,
     pub max_depth: usize,
@@ -181,6 +185,7 @@ impl Admission {
             cooldown_active: state.cooldown.active(now),
             cooldown_total: state.cooldown.total(),
             rate: state.limits.rate(),
+            effective_rate: state.limits.effective_rate(),
             max_concurrency: state.limits.max_concurrency(),
             max_depth: state.limits.max_depth(),
             dispatcher_wakeups: self.shared.wakeups.load(Ordering::Relaxed),

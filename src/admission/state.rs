@@ -1,81 +1,27 @@
 //! The admission state behind one mutex: per-model lanes (each a fair queue plus its in-flight count),
-//! the waiting entries, their deadlines, the global counts, the rate limiter and the cooldown.
+//! the waiting entries, their deadlines, the global counts, the limits (`limits.rs`), the cooldown and
+//! the pacer.
 //! Plain data and decisions; no tasks, no sleeps. `mod.rs` wraps it in the async API and the dispatcher.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::adaptive::{Aimd, Change};
+use super::adaptive::Change;
 use super::cooldown::Cooldown;
+use super::limits::{Lane, LaneView, Limits};
 use super::pacing::{Pacer, Window};
-use super::queue::{ClientId, FairQueue, Priority};
+use super::queue::{ClientId, Priority};
 use super::Rejected;
-use crate::config::{LimitsConfig, QueueConfig, Rate, RetryConfig};
+use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
 
 /// The lane of requests whose model could not be read (no JSON body, invalid JSON, no `model`).
 pub const UNKNOWN_MODEL: &str = "unknown";
 /// Model names longer than this share the unknown lane (a client cannot grow the lane map with junk).
 const MAX_MODEL_NAME: usize = 128;
-
-/// The limits in force, derived from the config.
-pub struct Limits {
-    max_concurrency: usize,
-    max_depth: usize,
-    adaptive: bool,
-    min_concurrency: usize,
-    caps: HashMap<String, usize>,
-    aliases: HashMap<String, String>,
-    /// The GCRA limiter and the (rate, burst) it was built for.
-    limiter: Option<(DefaultDirectRateLimiter, Rate, u32)>,
-}
-
-impl Limits {
-    /// Derives the limits; `previous` lends its limiter when the rate and burst are unchanged, so a
-    /// reload does not hand out a fresh burst.
-    pub fn new(limits: &LimitsConfig, queue: &QueueConfig, previous: Option<Limits>) -> Self {
-        let wanted = limits.rate.zip(limits.effective_burst());
-        let kept = previous.and_then(|p| p.limiter).filter(|(_, rate, burst)| Some((*rate, *burst)) == wanted);
-        let limiter = kept.or_else(|| {
-            let (rate, burst) = wanted?;
-            let quota = Quota::with_period(rate.interval())?.allow_burst(NonZeroU32::new(burst)?);
-            Some((RateLimiter::direct(quota), rate, burst))
-        });
-        Self {
-            max_concurrency: limits.max_concurrency as usize,
-            max_depth: queue.max_depth,
-            adaptive: limits.adaptive,
-            min_concurrency: limits.min_concurrency as usize,
-            caps: limits.models.iter().map(|(name, m)| (name.clone(), m.max_concurrency as usize)).collect(),
-            aliases: limits.aliases.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
-            limiter,
-        }
-    }
-
-    pub fn max_concurrency(&self) -> usize {
-        self.max_concurrency
-    }
-
-    pub fn max_depth(&self) -> usize {
-        self.max_depth
-    }
-
-    /// The learned limit a lane starts with: between the floor and its cap (or the global cap).
-    fn aimd_for(&self, cap: Option<usize>, now: Instant) -> Option<Aimd> {
-        self.adaptive.then(|| Aimd::new(self.min_concurrency, cap.unwrap_or(self.max_concurrency), now))
-    }
-
-    /// The configured rate and burst, if any.
-    pub fn rate(&self) -> Option<(Rate, u32)> {
-        self.limiter.as_ref().map(|(_, rate, burst)| (*rate, *burst))
-    }
-}
 
 /// A request waiting for dispatch, and how to tell it the outcome.
 pub struct Waiter {
@@ -86,52 +32,6 @@ pub struct Waiter {
 
 /// What the dispatcher must deliver after unlocking: a permit or a rejection per waiter.
 pub type Delivery = (oneshot::Sender<Result<super::Permit, Rejected>>, Result<super::Permit, Rejected>);
-
-/// One model's share: its caps, what it has in flight, and who waits for it.
-#[derive(Default)]
-struct Lane {
-    /// The configured cap (`limits.models`), if the model is configured.
-    cap: Option<usize>,
-    /// The learned limit, when `limits.adaptive` is on.
-    aimd: Option<Aimd>,
-    inflight: usize,
-    waiting: usize,
-    queue: FairQueue,
-    in_ring: bool,
-}
-
-impl Lane {
-    /// The limit in force: the learned one (which never exceeds the cap), else the configured cap.
-    fn limit(&self) -> Option<usize> {
-        self.aimd.as_ref().map(Aimd::limit).or(self.cap)
-    }
-
-    fn full(&self) -> bool {
-        self.limit().is_some_and(|limit| self.inflight >= limit)
-    }
-}
-
-/// A lane as the outside sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LaneView {
-    pub name: String,
-    pub inflight: usize,
-    /// The limit in force (learned or configured); None: only the global cap.
-    pub limit: Option<usize>,
-    /// The configured cap; None for models not under `limits.models`.
-    pub configured: Option<usize>,
-}
-
-impl LaneView {
-    /// A bounded label for metrics and status: configured models by name, "unknown", else "other".
-    pub fn label(&self) -> &str {
-        if self.configured.is_some() || self.name == UNKNOWN_MODEL {
-            &self.name
-        } else {
-            "other"
-        }
-    }
-}
 
 pub struct State {
     pub limits: Limits,
@@ -172,15 +72,7 @@ impl State {
         self.limits = Limits::new(limits, queue, Some(previous));
         let now = Instant::now();
         for (name, lane) in &mut self.lanes {
-            lane.cap = self.limits.caps.get(name.as_ref()).copied();
-            let ceiling = lane.cap.unwrap_or(self.limits.max_concurrency);
-            lane.aimd = match lane.aimd.take() {
-                Some(mut aimd) if self.limits.adaptive => {
-                    aimd.set_bounds(self.limits.min_concurrency, ceiling);
-                    Some(aimd)
-                }
-                _ => self.limits.aimd_for(lane.cap, now),
-            };
+            self.limits.refit(name, lane, now);
         }
         self.cooldown.set_delays(retry.base_delay, retry.max_delay);
     }
@@ -191,20 +83,21 @@ impl State {
             Some(name) if name.len() <= MAX_MODEL_NAME => name,
             _ => UNKNOWN_MODEL,
         };
-        let name = self.limits.aliases.get(name).map_or(name, String::as_str);
+        let name = self.limits.alias(name);
         if let Some((key, _)) = self.lanes.get_key_value(name) {
             return key.clone();
         }
         let key: Arc<str> = Arc::from(name);
-        let cap = self.limits.caps.get(name).copied();
-        let aimd = self.limits.aimd_for(cap, Instant::now());
-        self.lanes.insert(key.clone(), Lane { cap, aimd, ..Lane::default() });
+        let lane = self.limits.lane(name, Instant::now());
+        self.lanes.insert(key.clone(), lane);
         key
     }
 
     /// Takes a slot at once if nothing waits and every limit allows it (the uncontended path).
     pub fn try_take_now(&mut self, lane: &Arc<str>, now: Instant) -> bool {
-        if !self.waiters.is_empty() || self.blocked_until(now).is_some() || self.inflight >= self.limits.max_concurrency
+        if !self.waiters.is_empty()
+            || self.blocked_until(now).is_some()
+            || self.inflight >= self.limits.max_concurrency()
         {
             return false;
         }
@@ -225,7 +118,7 @@ impl State {
         retry: bool,
         tx: oneshot::Sender<Result<super::Permit, Rejected>>,
     ) -> Result<u64, oneshot::Sender<Result<super::Permit, Rejected>>> {
-        if self.waiters.len() >= self.limits.max_depth {
+        if self.waiters.len() >= self.limits.max_depth() {
             return Err(tx);
         }
         let id = self.next_id;
@@ -299,7 +192,7 @@ impl State {
             if let Some(until) = self.blocked_until(now) {
                 break Some(until);
             }
-            if self.inflight >= self.limits.max_concurrency {
+            if self.inflight >= self.limits.max_concurrency() {
                 break None;
             }
             let Some((lane, id)) = self.next_dispatchable() else {
@@ -379,7 +272,11 @@ impl State {
         if retry_after.is_some() || learned.is_none() {
             self.cooldown.throttled(now, retry_after);
         }
-        learned.flatten()
+        let change = learned.flatten();
+        if matches!(change, Some(Change::Decreased { .. })) {
+            self.limits.rate_down();
+        }
+        change
     }
 
     /// An attempt of `lane` succeeded after `rtt` (time to response headers).
@@ -387,7 +284,11 @@ impl State {
         self.cooldown.succeeded();
         let entry = self.lanes.get_mut(lane)?;
         let inflight = entry.inflight;
-        entry.aimd.as_mut()?.succeeded(now, inflight, rtt)
+        let change = entry.aimd.as_mut()?.succeeded(now, inflight, rtt);
+        if matches!(change, Some(Change::Increased { .. })) {
+            self.limits.rate_up();
+        }
+        change
     }
 
     /// An upstream response carried rate-limit headers.
@@ -402,8 +303,7 @@ impl State {
 
     /// Takes a GCRA token; `Some(wait)` when none is available yet.
     fn take_rate_token(&self) -> Option<std::time::Duration> {
-        let (limiter, _, _) = self.limits.limiter.as_ref()?;
-        limiter.check().err().map(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+        self.limits.take_rate_token()
     }
 
     fn occupy(&mut self, lane: &Arc<str>, now: Instant) {

@@ -141,6 +141,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "adaptive": config.limits.adaptive,
             "max_concurrency": snapshot.max_concurrency,
             "rate_per_second": snapshot.rate.map(|(rate, _)| rate.per_second()),
+            "effective_rate_per_second": snapshot.effective_rate,
             "burst": snapshot.rate.map(|(_, burst)| burst),
             "max_wait_seconds": config.queue.max_wait.as_secs_f64(),
         },

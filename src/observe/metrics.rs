@@ -311,10 +311,10 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
                 ConstGauge::new(*cap).encode(limit.encode_family(&ModelLabels { model: model.clone() })?)?;
             }
         }
-        let rate = snapshot.rate.map_or(0.0, |(rate, _)| rate.per_second());
+        let rate = snapshot.effective_rate.unwrap_or(0.0);
         ConstGauge::new(rate).encode(encoder.encode_descriptor(
             "rate_limit_per_second",
-            "Global rate limit in force (0: none)",
+            "Global rate limit in force, req/s: the configured one, lowered while learned limits are (0: none)",
             None,
             MetricType::Gauge,
         )?)?;
