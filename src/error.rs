@@ -95,12 +95,10 @@ impl ProxyError {
 
     /// The client's response: status, JSON body, and `Retry-After` where waiting helps.
     pub fn into_response(self) -> Response<ResponseBody> {
-        let mut response = Response::new(ResponseBody::full(error_json(&self.to_string(), self.kind())));
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let body = error_json(&self.to_string(), self.kind());
+        let mut response = ResponseBody::response(self.status(), "application/json", body);
         if let Some(seconds) = self.retry_after() {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -109,8 +109,5 @@ async fn route(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) ->
 
 fn status_json(status: StatusCode, text: &str) -> Response<ResponseBody> {
     let body = Bytes::from(serde_json::json!({ "status": text }).to_string());
-    let mut response = Response::new(ResponseBody::full(body));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    ResponseBody::response(status, "application/json", body)
 }

@@ -176,13 +176,21 @@ async fn retry_after_is_honoured() {
     assert!(gap >= Duration::from_secs(1), "retried after {gap:?}, before the upstream's Retry-After");
 }
 
-#[tokio::test]
-async fn a_small_client_is_not_starved_by_a_flooding_one() {
+/// sluice with one upstream slot (`max_concurrency = 1`) in front of a mock that holds the first
+/// request's response at `gate`: whatever comes next waits in sluice's queue until the gate opens.
+async fn one_slot_held_at_a_gate(adjust: impl FnOnce(&mut sluice::config::Config)) -> (Arc<Notify>, Mock, Arc<Sluice>) {
     let gate = Arc::new(Notify::new());
     let mock = Mock::start(gated_first(gate.clone())).await;
     let mut config = config_for(&mock);
     config.limits.max_concurrency = 1;
+    adjust(&mut config);
     let sluice = Arc::new(Sluice::start(config).await);
+    (gate, mock, sluice)
+}
+
+#[tokio::test]
+async fn a_small_client_is_not_starved_by_a_flooding_one() {
+    let (gate, mock, sluice) = one_slot_held_at_a_gate(|_| {}).await;
     let send_as = |client: &'static str, n: usize| {
         let sluice = sluice.clone();
         tokio::spawn(async move {
@@ -213,12 +221,7 @@ async fn a_small_client_is_not_starved_by_a_flooding_one() {
 
 #[tokio::test]
 async fn a_full_queue_answers_503_at_once() {
-    let gate = Arc::new(Notify::new());
-    let mock = Mock::start(gated_first(gate.clone())).await;
-    let mut config = config_for(&mock);
-    config.limits.max_concurrency = 1;
-    config.queue.max_depth = 2;
-    let sluice = Arc::new(Sluice::start(config).await);
+    let (gate, _mock, sluice) = one_slot_held_at_a_gate(|config| config.queue.max_depth = 2).await;
     let mut held = Vec::new();
     for _ in 0..3 {
         let sluice = sluice.clone();
@@ -258,11 +261,7 @@ async fn the_deadline_ends_waiting_with_503_naming_the_last_status() {
 
 #[tokio::test]
 async fn a_client_that_leaves_the_queue_never_reaches_the_upstream() {
-    let gate = Arc::new(Notify::new());
-    let mock = Mock::start(gated_first(gate.clone())).await;
-    let mut config = config_for(&mock);
-    config.limits.max_concurrency = 1;
-    let sluice = Arc::new(Sluice::start(config).await);
+    let (gate, mock, sluice) = one_slot_held_at_a_gate(|_| {}).await;
     let first = tokio::spawn({
         let sluice = sluice.clone();
         async move { chat(&sluice, "m", &[]).await.status }

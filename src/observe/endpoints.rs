@@ -84,11 +84,8 @@ fn authorized<B>(request: &Request<B>, token: &Secret) -> bool {
 }
 
 fn respond(body: Bytes, content_type: &'static str) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::full(body));
-    *response.status_mut() = StatusCode::OK;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut response = ResponseBody::response(StatusCode::OK, content_type, body);
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 

@@ -83,6 +83,14 @@ impl ResponseBody {
         Self { kind: Kind::Full(Some(bytes)), permit: None, log: None }
     }
 
+    /// A whole response of sluice's own: status, content type and body.
+    pub fn response(status: http::StatusCode, content_type: &'static str, body: Bytes) -> http::Response<Self> {
+        let mut response = http::Response::new(Self::full(body));
+        *response.status_mut() = status;
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        response
+    }
+
     /// The upstream's body, forwarded as it arrives. `sse` turns on the in-band error event.
     pub fn upstream(incoming: Incoming, idle_timeout: Duration, sse: bool) -> Self {
         let now = Instant::now();
