@@ -28,7 +28,9 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = os.path.join(ROOT, "target", "release")
+TARGET = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout)["target_directory"]
+RELEASE = os.path.join(TARGET, "release")
 SLUICE = os.path.join(RELEASE, "sluice")
 SIM = os.path.join(RELEASE, "examples", "sluice_sim")
 LOADGEN = os.path.join(RELEASE, "examples", "loadgen")
@@ -402,13 +404,13 @@ def main():
         return
     command = "python3 bench/run.py" + (" --quick" if args.quick else "")
     text = report(results, args.quick, command)
-    out = args.out or os.path.join(ROOT, "target/bench-quick.md" if args.quick else "BENCHMARKS.md")
+    out = args.out or (os.path.join(TARGET, "bench-quick.md") if args.quick else os.path.join(ROOT, "BENCHMARKS.md"))
     existing = open(out).read() if os.path.exists(out) and not args.quick else ""
     anchor = "## Where sluice's time goes"  # hand-written sections from here on are kept
     keep = existing[existing.find(anchor):] if anchor in existing else ""
     with open(out, "w") as f:
         f.write(text + ("\n" + keep if keep else ""))
-    with open(os.path.join(ROOT, "target", "bench-results.json"), "w") as f:
+    with open(os.path.join(TARGET, "bench-results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(text)
     log(f"bench: wrote {out}")
