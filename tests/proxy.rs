@@ -337,3 +337,44 @@ async fn graceful_shutdown_lets_a_running_stream_finish() {
     assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
     tokio::time::timeout(LIMIT, server).await.expect("server stops once the stream is done").unwrap();
 }
+
+#[tokio::test]
+async fn h2c_clients_are_served_and_streamed_to() {
+    let gate = Arc::new(Notify::new());
+    let script = vec![chunk_event("first"), Chunk::Gate(gate.clone()), chunk_event("last"), data("data: [DONE]\n\n")];
+    let mock = Mock::start(move |request, _| {
+        if request.json()["stream"] == true {
+            Reply::sse(script.clone(), Ending::Complete)
+        } else {
+            Reply::json(200, completion("over h2c"))
+        }
+    })
+    .await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    // HTTP/2 with prior knowledge over plain TCP: what an h2c client does.
+    let h2c: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http();
+    let post = |body: &'static str| {
+        http::Request::post(sluice.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let response = h2c.request(post(r#"{"model":"m"}"#)).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().contains_key("x-request-id"));
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("over h2c"));
+
+    let mut stream = h2c.request(post(r#"{"model":"m","stream":true}"#)).await.unwrap().into_body();
+    let first = tokio::time::timeout(LIMIT, next_chunk(&mut stream)).await.unwrap().unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("first"), "the first event arrives before the gate opens");
+    gate.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = next_chunk(&mut stream).await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    assert_eq!(mock.requests()[0].headers["authorization"], format!("Bearer {TEST_KEY}").as_str());
+}
