@@ -101,7 +101,7 @@ impl State {
         {
             return false;
         }
-        if self.lanes.get(lane).is_none_or(Lane::full) || self.take_rate_token().is_some() {
+        if self.lanes.get(lane).is_none_or(Lane::full) || self.limits.take_rate_token().is_some() {
             return false;
         }
         self.occupy(lane, now);
@@ -198,7 +198,7 @@ impl State {
             let Some((lane, id)) = self.next_dispatchable() else {
                 break None;
             };
-            if let Some(ready_at) = self.take_rate_token() {
+            if let Some(ready_at) = self.limits.take_rate_token() {
                 break Some(now + ready_at);
             }
             let taken = self.lanes.get_mut(&lane).and_then(|entry| entry.queue.pop());
@@ -299,11 +299,6 @@ impl State {
     /// When dispatch may resume, if it is paused (cooldown or pacing).
     fn blocked_until(&self, now: Instant) -> Option<Instant> {
         self.cooldown.blocked_until(now).max(self.pacer.blocked_until(now))
-    }
-
-    /// Takes a GCRA token; `Some(wait)` when none is available yet.
-    fn take_rate_token(&self) -> Option<std::time::Duration> {
-        self.limits.take_rate_token()
     }
 
     fn occupy(&mut self, lane: &Arc<str>, now: Instant) {

@@ -95,7 +95,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
     let snapshot = proxy.admission().snapshot();
     let metrics = proxy.metrics();
     let totals = &metrics.totals;
-    let recent = metrics.recent.lock().map(|r| r.summary()).unwrap_or_else(|poisoned| poisoned.into_inner().summary());
+    let recent = metrics.recent_summary();
 
     // Every configured model (idle ones too), then "unknown" and "other" for the rest. `limit` is the
     // one in force (learned when adaptive), `configured_limit` the cap from the config.

@@ -16,7 +16,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
-use super::recent::Recent;
+use super::recent::{Recent, RecentSummary};
 use super::usage::Usage;
 use crate::admission::{Admission, Priority, UNKNOWN_MODEL};
 use crate::config::LimitsConfig;
@@ -93,7 +93,7 @@ pub struct Metrics {
     duration: Histogram,
     tokens: Family<TokenLabels, Counter>,
     pub totals: Totals,
-    pub recent: Mutex<Recent>,
+    recent: Mutex<Recent>,
     pub started: Instant,
 }
 
@@ -153,6 +153,16 @@ impl Metrics {
         Self { registry, ..metrics }
     }
 
+    /// The last minute, for `/status`.
+    pub fn recent_summary(&self) -> RecentSummary {
+        self.recent().summary()
+    }
+
+    /// The recent window; a panic elsewhere while it was held leaves counts that are still the best we have.
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The exposition for `/metrics`, in the Prometheus text format (0.0.4).
     pub fn render(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::with_capacity(8 * 1024);
@@ -171,7 +181,7 @@ impl Metrics {
             self.absorbed_429.inc_by(u64::from(absorbed_429));
             self.totals.absorbed_429.fetch_add(u64::from(absorbed_429), Ordering::Relaxed);
         }
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner).request(waited);
+        self.recent().request(waited);
     }
 
     /// An upstream attempt ended: `status` is the response status, or "connect_error", "reset", "timeout".
@@ -185,7 +195,7 @@ impl Metrics {
         if let Some(ttfb) = ttfb {
             self.ttfb.observe(ttfb.as_secs_f64());
         }
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner).attempt(throttled);
+        self.recent().attempt(throttled);
     }
 
     /// Creates the retry series at zero, so every reason is scraped from the start.
@@ -209,10 +219,7 @@ impl Metrics {
         if let Some(usage) = usage {
             self.totals.prompt_tokens.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
             self.totals.completion_tokens.fetch_add(usage.completion_tokens, Ordering::Relaxed);
-            self.recent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .tokens(usage.prompt_tokens + usage.completion_tokens);
+            self.recent().tokens(usage.prompt_tokens + usage.completion_tokens);
             for (kind, count) in usage.kinds() {
                 if count > 0 {
                     self.tokens.get_or_create(&TokenLabels { model: model.clone(), kind }).inc_by(count);

@@ -13,6 +13,3 @@ pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;
 pub use request_log::{End, RequestLog};
 pub use usage::Usage;
-
-/// The model label of requests whose model could not be read.
-pub const UNKNOWN_LABEL: &str = crate::admission::UNKNOWN_MODEL;

@@ -61,7 +61,7 @@ impl RequestLog {
             path: path.to_owned(),
             status: 0,
             model: None,
-            model_label: super::UNKNOWN_LABEL.to_string(),
+            model_label: crate::admission::UNKNOWN_MODEL.to_string(),
             stream: false,
             client: 0,
             attempts: 0,

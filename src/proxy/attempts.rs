@@ -68,17 +68,17 @@ impl Proxy {
             // Boxed: a queued request then carries no room for the (larger) send state.
             let outcome = Box::pin(generation.upstream.send(outgoing.attempt())).await;
             let ttfb = sent.elapsed();
-            match &outcome {
+            let decision = match &outcome {
                 Ok(response) => {
                     progress.last_status = Some(response.status().as_u16());
                     progress.throttled += u32::from(response.status() == http::StatusCode::TOO_MANY_REQUESTS);
                     self.metrics.attempt(response.status().as_str(), Some(ttfb));
+                    retry::classify_status(response.status(), response.headers(), &retry_config.on_status)
                 }
-                Err(err) => self.metrics.attempt(err.label(), None),
-            }
-            let decision = match &outcome {
-                Ok(response) => retry::classify_status(response.status(), response.headers(), &retry_config.on_status),
-                Err(err) => retry::classify_error(err),
+                Err(err) => {
+                    self.metrics.attempt(err.label(), None);
+                    retry::classify_error(err)
+                }
             };
             if let Some(window) = outcome.as_ref().ok().and_then(|r| Window::from_headers(r.headers())) {
                 permit.paced(window);
