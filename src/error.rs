@@ -33,6 +33,12 @@ pub enum ProxyError {
     Unauthorized,
     #[error("this endpoint is turned off in [observe]")]
     NotFound,
+    #[error("{0} is not an API path sluice forwards (upstream.paths)")]
+    NotForwarded(String),
+    #[error("sluice holds as many request bodies as it may (server.max_buffered_bytes); retry later")]
+    BodiesFull,
+    #[error("sluice failed internally ({0}); the request may not have reached the upstream")]
+    Internal(String),
 }
 
 impl ProxyError {
@@ -44,11 +50,12 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::QueueFull { .. } | Self::DeadlineExceeded { .. } | Self::ShuttingDown => {
+            Self::QueueFull { .. } | Self::DeadlineExceeded { .. } | Self::ShuttingDown | Self::BodiesFull => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NotForwarded(_) => StatusCode::NOT_FOUND,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -60,11 +67,12 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => "sluice_method_not_allowed",
             Self::UpstreamUnreachable(_) => "sluice_upstream_unreachable",
             Self::UpstreamTimeout(_) => "sluice_upstream_timeout",
-            Self::QueueFull { .. } => "sluice_queue_full",
+            Self::QueueFull { .. } | Self::BodiesFull => "sluice_queue_full",
             Self::DeadlineExceeded { .. } => "sluice_deadline_exceeded",
             Self::ShuttingDown => "sluice_shutting_down",
             Self::Unauthorized => "sluice_unauthorized",
-            Self::NotFound => "sluice_not_found",
+            Self::NotFound | Self::NotForwarded(_) => "sluice_not_found",
+            Self::Internal(_) => "sluice_internal_error",
         }
     }
 
@@ -73,14 +81,16 @@ impl ProxyError {
         match self {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
-            Self::QueueFull { .. } => "queue_full",
+            Self::QueueFull { .. } | Self::BodiesFull => "queue_full",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::ShuttingDown => "shutting_down",
+            Self::Internal(_) => "internal_error",
             Self::BodyTooLarge { .. }
             | Self::BadRequest(_)
             | Self::MethodNotAllowed(_)
             | Self::Unauthorized
-            | Self::NotFound => "rejected",
+            | Self::NotFound
+            | Self::NotForwarded(_) => "rejected",
         }
     }
 
@@ -88,7 +98,7 @@ impl ProxyError {
     fn retry_after(&self) -> Option<u64> {
         match self {
             Self::QueueFull { retry_after, .. } | Self::DeadlineExceeded { retry_after, .. } => Some(*retry_after),
-            Self::ShuttingDown => Some(1),
+            Self::ShuttingDown | Self::BodiesFull => Some(1),
             _ => None,
         }
     }

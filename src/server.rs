@@ -1,13 +1,16 @@
-//! The listener: accepts connections (one task each) and serves HTTP/1.1 and h2c through hyper-util,
-//! with header size and read-time limits; answers the reserved endpoints (`/healthz`, `/readyz`, and the
-//! operator endpoints of `observe::endpoints`); hands
-//! every other request to the proxy; and on shutdown stops accepting and lets in-flight work finish
-//! within `server.shutdown_grace`, then turns away what is still queued with a 503.
+//! The listener: accepts connections (one task each, at most `server.max_connections`) and serves
+//! HTTP/1.1 and h2c through hyper-util, with header size, read-time, idle and write-stall limits
+//! (`connection.rs`); answers the reserved endpoints (`/healthz`, `/readyz`, `/favicon.ico` and the
+//! operator endpoints of `observe::endpoints`); hands every other request to the proxy, rescuing a panic
+//! into a 500; and on shutdown stops accepting, lets in-flight work finish within
+//! `server.shutdown_grace`, then tells whatever is left to answer at once.
+
+mod connection;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,14 +23,23 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::catch_unwind::{panic_message, CatchUnwind};
+use crate::error::ProxyError;
 use crate::observe::endpoints::{self, Endpoint};
 use crate::proxy::{Proxy, ResponseBody};
+use connection::{ConnIo, ConnLimits, ConnState};
+
+/// HTTP/2 keep-alive pings: how often, and how long an answer may take before the connection is closed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What the connection tasks share.
 struct Shared {
     proxy: Arc<Proxy>,
     /// False once shutdown has begun: `/readyz` then answers 503.
     ready: AtomicBool,
+    /// Client connections open now.
+    connections: AtomicUsize,
 }
 
 /// Serves `listener` until `shutdown` completes, then drains: no new connections, in-flight requests
@@ -43,8 +55,10 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT)
         .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
-    let shared = Arc::new(Shared { proxy, ready: AtomicBool::new(true) });
+    let shared = Arc::new(Shared { proxy, ready: AtomicBool::new(true), connections: AtomicUsize::new(0) });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -60,17 +74,37 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             },
             () = &mut shutdown => break,
         };
+        // Over the cap: closed at once, before any work is done for it.
+        let config = shared.proxy.current();
+        let max = config.config.server.max_connections;
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= max {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            tracing::debug!(%peer, max, "connection refused: server.max_connections reached");
+            continue;
+        }
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let service = service_fn(move |request| {
+        let state = Arc::new(ConnState::default());
+        let limits = ConnLimits {
+            first_request: server_config.header_read_timeout,
+            idle: config.config.server.idle_timeout,
+            write_stall: config.config.upstream.idle_timeout,
+        };
+        let io = TokioIo::new(ConnIo::new(stream, state.clone(), limits));
+        let service = {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(route(&shared, request, peer).await) }
-        });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+            service_fn(move |request| {
+                let shared = shared.clone();
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(serve(&shared, request, peer, state).await) }
+            })
+        };
+        let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let shared = shared.clone();
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // Drain: /readyz says 503 from now on, no new connections; queued requests keep their place and
@@ -82,16 +116,36 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
     let drained = graceful.shutdown();
     tokio::pin!(drained);
     if tokio::time::timeout(grace, &mut drained).await.is_err() {
-        // Whoever still waits in the queue gets a clear 503 instead of a cut connection.
+        // Whoever is still on its way answers now: a clear 503, or an error event for a stream.
         let left = shared.proxy.admission().snapshot();
-        tracing::warn!(queued = left.queued, in_flight = left.inflight, "shutdown grace ended; turning away the queue");
-        shared.proxy.admission().close();
+        tracing::warn!(queued = left.queued, in_flight = left.inflight, "shutdown grace ended; answering what is left");
+        shared.proxy.stop_all();
         let _ = tokio::time::timeout(FAREWELL, &mut drained).await;
     }
 }
 
-/// After the grace period, how long the 503s to still-queued requests get to reach their clients.
-const FAREWELL: Duration = Duration::from_secs(1);
+/// After the grace period, how long the last answers get to reach their clients.
+const FAREWELL: Duration = Duration::from_secs(2);
+
+/// One request: counted on its connection until its response ends, and rescued should it panic.
+async fn serve(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    state: Arc<ConnState>,
+) -> Response<ResponseBody> {
+    state.request_started();
+    let mut response = match CatchUnwind::new(route(shared, request, peer)).await {
+        Ok(response) => response,
+        Err(panic) => {
+            shared.proxy.metrics().panicked();
+            tracing::error!(panic = panic_message(&*panic), "a request failed inside sluice; answering 500");
+            ProxyError::Internal("a bug while handling this request".into()).into_response()
+        }
+    };
+    response.body_mut().on_drop(move || state.request_done());
+    response
+}
 
 /// Reserved paths are answered here and never forwarded; everything else goes to the proxy.
 async fn route(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
@@ -103,6 +157,8 @@ async fn route(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) ->
         "/healthz" => status_json(StatusCode::OK, "ok"),
         "/readyz" if shared.ready.load(Ordering::SeqCst) => status_json(StatusCode::OK, "ready"),
         "/readyz" => status_json(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
+        // Browsers ask for it next to /dashboard: answered here, never forwarded with the key.
+        "/favicon.ico" => ResponseBody::response(StatusCode::NO_CONTENT, "image/x-icon", Bytes::new()),
         _ => shared.proxy.handle(request, peer).await,
     }
 }

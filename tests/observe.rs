@@ -134,7 +134,10 @@ async fn metrics_after_a_mixed_run_pass_promtool_and_match_what_happened() {
     };
     assert_eq!(requests("success"), 5.0);
     assert_eq!(requests("client_error"), 1.0);
-    assert_eq!(requests("queue_full"), 1.0);
+    // A full queue answers before the body (and its model) is read.
+    let unknown =
+        |outcome: &str| sample(&text, &format!("sluice_requests_total{{outcome=\"{outcome}\",model=\"unknown\"}}"));
+    assert_eq!(unknown("queue_full"), 1.0);
     // Tokens: three JSON completions carry usage (20 + 7 each; the held one answers "{}"), and the
     // stream's final usage chunk (11 + 5).
     let tokens =
@@ -193,8 +196,10 @@ async fn status_has_its_fields() {
         "/inflight/by_model/deepseek-v4-pro/limit",
         "/limits/max_concurrency",
         "/limits/rate_per_second",
-        "/cooldown/active",
-        "/cooldown/total_seconds",
+        "/probing/lanes",
+        "/probing/total_seconds",
+        "/lanes/0/account",
+        "/lanes/0/why",
         "/totals/requests/success",
         "/totals/upstream_attempts",
         "/totals/upstream_429",
@@ -206,7 +211,9 @@ async fn status_has_its_fields() {
     }
     assert_eq!(s["totals"]["requests"]["success"], 1);
     assert_eq!(s["totals"]["prompt_tokens"], 3);
-    assert_eq!(s["inflight"]["by_model"]["deepseek-v4-pro"]["limit"], 500);
+    // A fresh lane starts modest and grows with what the upstream accepts; the configured cap stays.
+    assert_eq!(s["inflight"]["by_model"]["deepseek-v4-pro"]["limit"], sluice::admission::INITIAL_LIMIT);
+    assert_eq!(s["inflight"]["by_model"]["deepseek-v4-pro"]["configured_limit"], 500);
     assert_eq!(s["upstream"], mock.url());
 }
 

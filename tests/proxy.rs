@@ -140,7 +140,7 @@ async fn oversized_bodies_get_413_and_never_reach_the_upstream() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("sluice_body_too_large"), "{response}");
     // Exactly at the limit is fine.
-    assert_eq!(call("POST", &sluice.url("/x"), &[], vec![b'x'; 1024]).await.status, 200);
+    assert_eq!(call("POST", &sluice.url("/v1/x"), &[], vec![b'x'; 1024]).await.status, 200);
     assert_eq!(mock.arrivals(), 1);
 }
 
@@ -161,9 +161,12 @@ async fn open_proxy_attempts_are_refused() {
     .await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
     let sneaky = call("GET", &sluice.url("//example.com/steal"), &[], "").await;
-    assert_eq!(sneaky.status, 200, "a double slash is just a path on the upstream");
+    assert_eq!(sneaky.status, 404, "not an API path: never forwarded");
+    assert_eq!(sneaky.error_type(), "sluice_not_found");
+    let inside = call("GET", &sluice.url("/v1//example.com/steal"), &[], "").await;
+    assert_eq!(inside.status, 200, "a double slash inside an API path is just a path on the upstream");
     assert_eq!(mock.requests().len(), 1);
-    assert_eq!(mock.requests()[0].path, "//example.com/steal");
+    assert_eq!(mock.requests()[0].path, "/v1//example.com/steal");
 }
 
 #[tokio::test]

@@ -1,26 +1,49 @@
-//! The limits in force and the lanes they apply to: the global caps, the GCRA rate limiter (and its
-//! effective rate, which follows the learned limits), per-model caps and learned limits, and the view of a
-//! lane that metrics and `/status` show.
+//! The limits in force, derived from the config: the global caps and queue bound, the GCRA rate limiter
+//! (and its effective rate, which follows the learned limits), the accounts and their per-model caps,
+//! aliases, and how a new lane starts. Also the view of a lane that metrics and `/status` show.
 
 use std::collections::HashMap;
-use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 
-use super::adaptive::{Aimd, DECREASE};
-use super::queue::FairQueue;
-use super::UNKNOWN_MODEL;
-use crate::config::{LimitsConfig, QueueConfig, Rate};
+use super::controller::Controller;
+use super::gcra::Gcra;
+use super::lane::{Delays, Lane};
+use crate::config::{LimitsConfig, QueueConfig, Rate, RetryConfig};
 
-/// With a configured rate and the adaptive limit on: the share of the configured rate regained with each
-/// increase of a learned limit (decreases scale it by `DECREASE`).
+/// With a configured rate and the adaptive limit on: the effective rate scales by this on a learned
+/// limit's decrease…
+pub const RATE_DECREASE: f64 = 0.95;
+/// …regains this share of the configured rate on an increase…
 pub const RATE_STEP: f64 = 0.05;
-/// The effective rate never drops below this share of the configured one.
+/// …at most once per this interval each way…
+pub const RATE_CHANGE_INTERVAL: Duration = Duration::from_secs(1);
+/// …and never drops below this share of the configured one.
 pub const RATE_FLOOR: f64 = 0.1;
 
-/// The limits in force, derived from the config.
+/// An account as admission sees it: a name (a label, never a key), a weight, and caps per model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountLimits {
+    pub name: Arc<str>,
+    /// Share of traffic when several accounts have headroom.
+    pub weight: u32,
+    /// Per-model caps of this account (over `[limits.models]`).
+    pub caps: HashMap<String, usize>,
+}
+
+impl AccountLimits {
+    /// The one account of a single-key setup.
+    pub fn default_account() -> Self {
+        Self { name: Arc::from(DEFAULT_ACCOUNT), weight: 1, caps: HashMap::new() }
+    }
+}
+
+/// The account name of a single-key configuration.
+pub const DEFAULT_ACCOUNT: &str = "default";
+
+/// The limits in force.
 pub struct Limits {
     max_concurrency: usize,
     max_depth: usize,
@@ -28,24 +51,35 @@ pub struct Limits {
     min_concurrency: usize,
     caps: HashMap<String, usize>,
     aliases: HashMap<String, String>,
-    /// The GCRA limiter and the (rate, burst) it was built for.
-    limiter: Option<(DefaultDirectRateLimiter, Rate, u32)>,
-    /// The effective rate as a share of the configured one (1.0 unless throttles lowered it).
-    rate_factor: f64,
+    pub accounts: Vec<AccountLimits>,
+    pub delays: Delays,
+    /// The configured rate and burst, the limiter, and the effective rate as a share of the configured.
+    rate: Option<RateLimit>,
+}
+
+struct RateLimit {
+    rate: Rate,
+    burst: u32,
+    gcra: Gcra,
+    factor: f64,
+    last_change: Option<Instant>,
 }
 
 impl Limits {
-    /// Derives the limits; `previous` lends its limiter when the rate and burst are unchanged, so a
+    /// Derives the limits; `previous` lends its limiter state when the rate and burst are unchanged, so a
     /// reload does not hand out a fresh burst.
-    pub fn new(limits: &LimitsConfig, queue: &QueueConfig, previous: Option<Limits>) -> Self {
+    pub fn new(
+        limits: &LimitsConfig,
+        queue: &QueueConfig,
+        retry: &RetryConfig,
+        accounts: Vec<AccountLimits>,
+        previous: Option<Limits>,
+    ) -> Self {
         let wanted = limits.rate.zip(limits.effective_burst());
-        let kept = previous
-            .and_then(|p| Some((p.limiter?, p.rate_factor)))
-            .filter(|((_, rate, burst), _)| Some((*rate, *burst)) == wanted);
-        let rate_factor = kept.as_ref().map_or(1.0, |(_, factor)| *factor);
-        let limiter = kept.map(|(limiter, _)| limiter).or_else(|| {
+        let kept = previous.and_then(|p| p.rate).filter(|r| Some((r.rate, r.burst)) == wanted);
+        let rate = kept.or_else(|| {
             let (rate, burst) = wanted?;
-            Some((gcra(rate, burst, 1.0)?, rate, burst))
+            Some(RateLimit { rate, burst, gcra: Gcra::new(rate.interval(), burst), factor: 1.0, last_change: None })
         });
         Self {
             max_concurrency: limits.max_concurrency as usize,
@@ -54,69 +88,87 @@ impl Limits {
             min_concurrency: limits.min_concurrency as usize,
             caps: limits.models.iter().map(|(name, m)| (name.clone(), m.max_concurrency as usize)).collect(),
             aliases: limits.aliases.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
-            limiter,
-            rate_factor,
+            accounts: if accounts.is_empty() { vec![AccountLimits::default_account()] } else { accounts },
+            delays: Delays { base: retry.base_delay, max: retry.max_delay },
+            rate,
         }
     }
 
-    fn cap(&self, model: &str) -> Option<usize> {
-        self.caps.get(model).copied()
+    /// Whether `model` is under `[limits.models]`.
+    pub fn configured(&self, model: &str) -> bool {
+        self.caps.contains_key(model)
     }
 
-    /// A new lane for a model, with its cap and (when adaptive) a learned limit starting at the cap.
-    pub fn lane(&self, name: &str, now: Instant) -> Lane {
-        let cap = self.cap(name);
-        Lane { cap, aimd: self.aimd_for(cap, now), ..Lane::default() }
+    /// The cap of `model` on `account`: the account's own, else `[limits.models]`.
+    pub fn cap(&self, account: &AccountLimits, model: &str) -> Option<usize> {
+        account.caps.get(model).or_else(|| self.caps.get(model)).copied()
+    }
+
+    /// A new lane for `model` on `account`: its cap and (when adaptive) a learned limit.
+    pub fn lane(&self, account: &AccountLimits, model: &str, now: Instant) -> Lane {
+        let cap = self.cap(account, model);
+        Lane::new(cap, self.controller_for(cap, now), now)
     }
 
     /// Fits an existing lane to these limits (reload): its cap, and its learned limit kept within the
     /// new bounds, started fresh, or dropped when adaptive is off.
-    pub fn refit(&self, name: &str, lane: &mut Lane, now: Instant) {
-        lane.cap = self.cap(name);
+    pub fn refit(&self, account: &AccountLimits, model: &str, lane: &mut Lane, now: Instant) {
+        lane.cap = self.cap(account, model);
         let ceiling = lane.cap.unwrap_or(self.max_concurrency);
-        lane.aimd = match lane.aimd.take() {
-            Some(mut aimd) if self.adaptive => {
-                aimd.set_bounds(self.min_concurrency, ceiling);
-                Some(aimd)
+        lane.controller = match lane.controller.take() {
+            Some(mut controller) if self.adaptive => {
+                controller.set_bounds(self.min_concurrency, ceiling);
+                Some(controller)
             }
-            _ => self.aimd_for(lane.cap, now),
+            _ => self.controller_for(lane.cap, now),
         };
+    }
+
+    fn controller_for(&self, cap: Option<usize>, now: Instant) -> Option<Controller> {
+        self.adaptive.then(|| Controller::new(self.min_concurrency, cap.unwrap_or(self.max_concurrency), now))
     }
 
     pub fn alias<'a>(&'a self, model: &'a str) -> &'a str {
         self.aliases.get(model).map_or(model, String::as_str)
     }
 
-    /// Takes a GCRA token; `Some(wait)` when none is available yet.
-    pub fn take_rate_token(&self) -> Option<std::time::Duration> {
-        let (limiter, _, _) = self.limiter.as_ref()?;
-        limiter.check().err().map(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    /// Takes a GCRA token at `now`; `Some(wait)` when none is available yet.
+    pub fn take_rate_token(&mut self, now: Instant) -> Option<Duration> {
+        self.rate.as_mut()?.gcra.take(now)
     }
 
-    /// A learned limit came down: the effective rate follows (by `DECREASE`).
-    pub fn rate_down(&mut self) {
-        self.set_rate_factor((self.rate_factor * DECREASE).max(RATE_FLOOR));
+    /// A learned limit came down: the effective rate follows (at most once per `RATE_CHANGE_INTERVAL`).
+    pub fn rate_down(&mut self, now: Instant) {
+        self.scale_rate(now, |factor| (factor * RATE_DECREASE).max(RATE_FLOOR));
     }
 
     /// A learned limit went up: the effective rate regains `RATE_STEP` of the configured one.
-    pub fn rate_up(&mut self) {
-        self.set_rate_factor((self.rate_factor + RATE_STEP).min(1.0));
+    pub fn rate_up(&mut self, now: Instant) {
+        self.scale_rate(now, |factor| (factor + RATE_STEP).min(1.0));
     }
 
-    fn set_rate_factor(&mut self, factor: f64) {
-        let Some((rate, burst)) = self.rate() else { return };
-        if (factor - self.rate_factor).abs() < 1e-9 {
+    fn scale_rate(&mut self, now: Instant, step: impl Fn(f64) -> f64) {
+        let Some(rate) = &mut self.rate else { return };
+        if rate.last_change.is_some_and(|at| now.saturating_duration_since(at) < RATE_CHANGE_INTERVAL) {
             return;
         }
-        if let Some(limiter) = gcra(rate, burst, factor) {
-            self.limiter = Some((limiter, rate, burst));
-            self.rate_factor = factor;
+        let factor = step(rate.factor);
+        if (factor - rate.factor).abs() < 1e-9 {
+            return;
         }
+        rate.factor = factor;
+        rate.last_change = Some(now);
+        rate.gcra.set_interval(rate.rate.interval().div_f64(factor), now);
     }
 
     /// The effective rate in requests per second, if a rate is configured.
     pub fn effective_rate(&self) -> Option<f64> {
-        self.limiter.as_ref().map(|(_, rate, _)| rate.per_second() * self.rate_factor)
+        self.rate.as_ref().map(|r| r.rate.per_second() * r.factor)
+    }
+
+    /// The configured rate and burst, if any.
+    pub fn rate(&self) -> Option<(Rate, u32)> {
+        self.rate.as_ref().map(|r| (r.rate, r.burst))
     }
 
     pub fn max_concurrency(&self) -> usize {
@@ -126,68 +178,36 @@ impl Limits {
     pub fn max_depth(&self) -> usize {
         self.max_depth
     }
-
-    /// The learned limit a lane starts with: between the floor and its cap (or the global cap).
-    fn aimd_for(&self, cap: Option<usize>, now: Instant) -> Option<Aimd> {
-        self.adaptive.then(|| Aimd::new(self.min_concurrency, cap.unwrap_or(self.max_concurrency), now))
-    }
-
-    /// The configured rate and burst, if any.
-    pub fn rate(&self) -> Option<(Rate, u32)> {
-        self.limiter.as_ref().map(|(_, rate, burst)| (*rate, *burst))
-    }
-}
-
-/// One model's share: its caps, what it has in flight, and who waits for it.
-#[derive(Default)]
-pub struct Lane {
-    /// The configured cap (`limits.models`), if the model is configured.
-    pub cap: Option<usize>,
-    /// The learned limit, when `limits.adaptive` is on.
-    pub aimd: Option<Aimd>,
-    pub inflight: usize,
-    pub waiting: usize,
-    pub queue: FairQueue,
-    pub in_ring: bool,
-}
-
-impl Lane {
-    /// The limit in force: the learned one (which never exceeds the cap), else the configured cap.
-    pub fn limit(&self) -> Option<usize> {
-        self.aimd.as_ref().map(Aimd::limit).or(self.cap)
-    }
-
-    pub fn full(&self) -> bool {
-        self.limit().is_some_and(|limit| self.inflight >= limit)
-    }
 }
 
 /// A lane as the outside sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaneView {
+    pub account: String,
+    /// The model (aliases resolved), "unknown" or an unconfigured model's name.
     pub name: String,
     pub inflight: usize,
     /// The limit in force (learned or configured); None: only the global cap.
     pub limit: Option<usize>,
     /// The configured cap; None for models not under `limits.models`.
     pub configured: Option<usize>,
+    /// The gate is probing after setbacks.
+    pub probing: bool,
+    /// Time the lane spent probing since start.
+    pub probing_total: Duration,
+    /// Why the lane holds requests back ("" when it does not).
+    pub why: String,
 }
 
 impl LaneView {
     /// A bounded label for metrics and status: configured models by name, "unknown", else "other".
     pub fn label(&self) -> &str {
-        if self.configured.is_some() || self.name == UNKNOWN_MODEL {
+        if self.configured.is_some() || self.name == super::UNKNOWN_MODEL {
             &self.name
         } else {
             "other"
         }
     }
-}
-
-/// A GCRA limiter for `rate` scaled by `factor`, with `burst`.
-fn gcra(rate: Rate, burst: u32, factor: f64) -> Option<DefaultDirectRateLimiter> {
-    let quota = Quota::with_period(rate.interval().div_f64(factor))?.allow_burst(NonZeroU32::new(burst)?);
-    Some(RateLimiter::direct(quota))
 }
 
 #[cfg(test)]
@@ -196,43 +216,49 @@ mod tests {
 
     fn limits(rate: &str) -> Limits {
         let config = LimitsConfig { rate: Some(rate.parse().unwrap()), burst: Some(1), ..LimitsConfig::default() };
-        Limits::new(&config, &QueueConfig::default(), None)
+        Limits::new(&config, &QueueConfig::default(), &RetryConfig::default(), vec![], None)
     }
 
     #[test]
     fn the_effective_rate_follows_the_learned_limits_within_bounds() {
+        let mut now = Instant::now();
         let mut limits = limits("100/s");
         assert_eq!(limits.effective_rate(), Some(100.0));
-        limits.rate_down();
+        limits.rate_down(now);
         assert!((limits.effective_rate().unwrap() - 95.0).abs() < 1e-6);
+        limits.rate_down(now);
+        assert!((limits.effective_rate().unwrap() - 95.0).abs() < 1e-6, "at most once per interval");
         for _ in 0..200 {
-            limits.rate_down();
+            now += RATE_CHANGE_INTERVAL;
+            limits.rate_down(now);
         }
         assert!((limits.effective_rate().unwrap() - 100.0 * RATE_FLOOR).abs() < 1e-6, "the floor holds");
         for _ in 0..200 {
-            limits.rate_up();
+            now += RATE_CHANGE_INTERVAL;
+            limits.rate_up(now);
         }
         assert_eq!(limits.effective_rate(), Some(100.0), "never above the configured rate");
     }
 
     #[test]
-    fn a_lowered_rate_spaces_tokens_further_apart() {
+    fn a_lowered_rate_spaces_tokens_further_apart_without_a_fresh_burst() {
+        let now = Instant::now();
         let mut limits = limits("1000/s");
-        assert_eq!(limits.take_rate_token(), None);
-        let full_rate_wait = limits.take_rate_token().unwrap();
-        for _ in 0..14 {
-            limits.rate_down(); // 0.95^14 ≈ 0.49
-        }
-        assert_eq!(limits.take_rate_token(), None, "a rebuilt limiter starts with its burst");
-        let slower_wait = limits.take_rate_token().unwrap();
+        assert_eq!(limits.take_rate_token(now), None);
+        let full_rate_wait = limits.take_rate_token(now).unwrap();
+        limits.rate_down(now);
+        let slower_wait = limits.take_rate_token(now).unwrap();
         assert!(slower_wait > full_rate_wait, "{slower_wait:?} vs {full_rate_wait:?}");
     }
 
     #[test]
     fn without_a_rate_nothing_scales() {
-        let mut limits = Limits::new(&LimitsConfig::default(), &QueueConfig::default(), None);
-        limits.rate_down();
+        let now = Instant::now();
+        let mut limits =
+            Limits::new(&LimitsConfig::default(), &QueueConfig::default(), &RetryConfig::default(), vec![], None);
+        limits.rate_down(now);
         assert_eq!(limits.effective_rate(), None);
-        assert_eq!(limits.take_rate_token(), None);
+        assert_eq!(limits.take_rate_token(now), None);
+        assert_eq!(limits.accounts.len(), 1, "one default account");
     }
 }

@@ -1,12 +1,17 @@
-//! The admission stage: every upstream attempt — first tries and retries alike — waits here for a global
-//! rate token (GCRA), a global and a per-model concurrency slot, and the end of any shared cooldown.
-//! Waiting requests sit in a bounded fair queue with deadlines; one dispatcher task hands out slots in
-//! queue order, so a waiting request costs memory, not CPU. A slot is an RAII `Permit`.
+//! The admission stage: every upstream attempt — first tries and retries alike — waits here until its
+//! lane (account × model) can take it: under the lane's learned or configured limit, its gate open (a
+//! lane that was throttled probes one request at a time), its pacing, the global concurrency cap and the
+//! global rate (GCRA). Waiting requests sit in a bounded fair queue with deadlines; one supervised
+//! dispatcher task hands out slots in queue order, so a waiting request costs memory, not CPU. A slot is
+//! an RAII `Permit` that carries the attempt's outcome back to its lane.
 
-mod adaptive;
-mod cooldown;
+mod controller;
+mod evidence;
+mod gcra;
+mod lane;
 mod limits;
 mod pacing;
+mod probe;
 mod queue;
 mod state;
 
@@ -17,15 +22,19 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-pub use adaptive::{DECREASE, LATENCY_GUARD};
-pub use cooldown::RAMP_STEPS;
-pub use limits::LaneView;
+pub use controller::{Change, INITIAL_LIMIT, LATENCY_GUARD, PLATEAU};
+pub use lane::{LaneKey, Signal};
+pub use limits::{AccountLimits, LaneView, DEFAULT_ACCOUNT};
 pub use pacing::{parse_go_duration, Window};
+pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
-pub use state::UNKNOWN_MODEL;
+pub use state::{OTHER_MODEL, UNKNOWN_MODEL};
 
+use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
-use state::{Delivery, State};
+use lane::Dispatch;
+use limits::Limits;
+use state::{Granted, State};
 
 /// What a request brings to admission.
 #[derive(Debug, Clone)]
@@ -49,6 +58,8 @@ pub enum Rejected {
     DeadlineExceeded { retry_after: u64 },
     #[error("sluice is shutting down")]
     ShuttingDown,
+    #[error("admission failed internally; the request was not sent")]
+    Internal,
 }
 
 /// A point-in-time view of admission, for `/status`, metrics and tests.
@@ -57,10 +68,8 @@ pub struct Snapshot {
     pub queued: usize,
     pub queued_by_priority: [usize; 3],
     pub inflight: usize,
-    /// Every lane in use (models with traffic and configured ones seen so far).
+    /// Every lane in use (models with traffic, per account).
     pub lanes: Vec<LaneView>,
-    pub cooldown_active: bool,
-    pub cooldown_total: Duration,
     /// The configured global rate limit and its burst.
     pub rate: Option<(crate::config::Rate, u32)>,
     /// The rate in force (req/s): the configured one, lowered while the learned limits are.
@@ -68,8 +77,21 @@ pub struct Snapshot {
     /// The global concurrency cap and the queue bound in force.
     pub max_concurrency: usize,
     pub max_depth: usize,
-    /// How often the dispatcher woke up since start.
+    /// How often the dispatcher woke up since start, and how often it failed and was restarted.
     pub dispatcher_wakeups: u64,
+    pub dispatcher_restarts: u64,
+}
+
+impl Snapshot {
+    /// Lanes whose gate is probing right now.
+    pub fn probing_lanes(&self) -> usize {
+        self.lanes.iter().filter(|l| l.probing).count()
+    }
+
+    /// Time lanes spent probing, summed over lanes.
+    pub fn probing_total(&self) -> Duration {
+        self.lanes.iter().map(|l| l.probing_total).sum()
+    }
 }
 
 /// The handle the proxy uses; cheap to clone. The dispatcher stops when the last handle is dropped.
@@ -88,14 +110,15 @@ impl std::fmt::Debug for Admission {
 /// State shared by the handles, the dispatcher and the permits.
 pub struct Shared {
     state: Mutex<State>,
-    /// Wakes the dispatcher: a new waiter, a released slot, shutdown.
+    /// Wakes the dispatcher: a new waiter, a released slot, an opened gate, shutdown.
     wake: Notify,
     wakeups: AtomicU64,
+    restarts: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // No code panics while holding the lock; should one ever, the counts are still the best we have.
+        // A panic while the lock was held leaves counts that are still the best we have.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -114,19 +137,25 @@ fn close(shared: &Shared) {
     shared.wake.notify_one();
 }
 
+/// Slack past a waiter's deadline before it stops waiting on its own (the dispatcher expires it first).
+const DEADLINE_SLACK: Duration = Duration::from_secs(1);
+
 impl Admission {
-    /// Builds the stage and starts its dispatcher on the current tokio runtime.
-    pub fn new(limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) -> Self {
+    /// Builds the stage for `accounts` (empty: one default account) and starts its dispatcher on the
+    /// current tokio runtime.
+    pub fn new(limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig, accounts: Vec<AccountLimits>) -> Self {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new(limits, queue, retry)),
+            state: Mutex::new(State::new(Limits::new(limits, queue, retry, accounts, None))),
             wake: Notify::new(),
             wakeups: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
         });
         tokio::spawn(run_dispatcher(shared.clone()));
         Self { _owner: Arc::new(Owner(shared.clone())), shared }
     }
 
-    /// Waits for a slot. Dropping the future (the client went away) leaves the queue at once.
+    /// Waits for a slot. Dropping the future (the client went away) leaves the queue at once. The wait
+    /// ends by the ticket's deadline even if the dispatcher never answers.
     pub async fn acquire(&self, ticket: Ticket<'_>) -> Result<Permit, Rejected> {
         let now = Instant::now();
         let (tx, rx) = oneshot::channel();
@@ -135,21 +164,19 @@ impl Admission {
             if state.closed {
                 return Err(Rejected::ShuttingDown);
             }
-            let lane = state.lane_key(ticket.model);
-            if state.try_take_now(&lane, now) {
-                return Ok(Permit::new(self.shared.clone(), lane));
+            let route = state.route_key(ticket.model);
+            if let Some(granted) = state.try_take_now(&route, now) {
+                return Ok(Permit::new(self.shared.clone(), granted));
             }
             if ticket.deadline <= now {
-                state.forget_lane_if_idle(&lane);
-                return Err(Rejected::DeadlineExceeded { retry_after: state.retry_after_secs(now) });
+                return Err(Rejected::DeadlineExceeded { retry_after: state.retry_after_secs(&route, now) });
             }
-            match state.enqueue(lane.clone(), ticket.client, ticket.priority, ticket.deadline, ticket.retry, tx) {
+            match state.enqueue(route.clone(), ticket.client, ticket.priority, ticket.deadline, ticket.retry, tx) {
                 Ok(id) => id,
                 Err(_) => {
-                    state.forget_lane_if_idle(&lane);
                     return Err(Rejected::QueueFull {
                         depth: state.queued(),
-                        retry_after: state.retry_after_secs(now),
+                        retry_after: state.retry_after_secs(&route, now),
                     });
                 }
             }
@@ -157,21 +184,52 @@ impl Admission {
         tracing::debug!(entry = id, model = ticket.model.unwrap_or(UNKNOWN_MODEL), retry = ticket.retry, "queued");
         self.shared.wake.notify_one();
         let mut entry = QueueEntry { shared: &self.shared, id, settled: false };
-        let outcome = rx.await;
-        entry.settled = true;
-        outcome.unwrap_or(Err(Rejected::ShuttingDown))
+        let give_up = ticket.deadline.checked_add(DEADLINE_SLACK).unwrap_or(ticket.deadline);
+        let outcome = tokio::time::timeout_at(give_up, rx).await;
+        match outcome {
+            Ok(delivered) => {
+                entry.settled = true;
+                delivered.unwrap_or(Err(Rejected::ShuttingDown))
+            }
+            // The dispatcher did not answer in time: leave the queue (the entry's drop) and say so.
+            Err(_) => Err(Rejected::DeadlineExceeded { retry_after: 1 }),
+        }
     }
 
-    /// Puts new limits, queue bounds and retry delays in force without disturbing queued or in-flight
-    /// requests (hot reload).
-    pub fn reconfigure(&self, limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) {
-        self.shared.lock().reconfigure(limits, queue, retry);
+    /// Whether the queue is at its bound (checked before reading a request's body).
+    pub fn is_full(&self) -> bool {
+        let state = self.shared.lock();
+        state.queued() >= state.limits.max_depth()
+    }
+
+    /// Puts new limits, queue bounds, retry delays and accounts in force without disturbing queued or
+    /// in-flight requests (hot reload).
+    pub fn reconfigure(
+        &self,
+        limits: &LimitsConfig,
+        queue: &QueueConfig,
+        retry: &RetryConfig,
+        accounts: Vec<AccountLimits>,
+    ) {
+        {
+            let mut state = self.shared.lock();
+            let previous =
+                std::mem::replace(&mut state.limits, Limits::new(limits, queue, retry, accounts.clone(), None));
+            let next = Limits::new(limits, queue, retry, accounts, Some(previous));
+            state.reconfigure(next);
+        }
         self.shared.wake.notify_one();
     }
 
     /// Turns away everyone still waiting and every newcomer with `ShuttingDown` (end of a drain).
     pub fn close(&self) {
         close(&self.shared);
+    }
+
+    /// Marks an account's lanes as serving or not (a disabled key set, a paused balance).
+    pub fn set_account_enabled(&self, account: &str, enabled: bool) {
+        self.shared.lock().set_account_enabled(account, enabled);
+        self.shared.wake.notify_one();
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -181,15 +239,20 @@ impl Admission {
             queued: state.queued(),
             queued_by_priority: state.queued_by_priority(),
             inflight: state.inflight(),
-            lanes: state.lanes(),
-            cooldown_active: state.cooldown.active(now),
-            cooldown_total: state.cooldown.total(),
+            lanes: state.lanes(now),
             rate: state.limits.rate(),
             effective_rate: state.limits.effective_rate(),
             max_concurrency: state.limits.max_concurrency(),
             max_depth: state.limits.max_depth(),
             dispatcher_wakeups: self.shared.wakeups.load(Ordering::Relaxed),
+            dispatcher_restarts: self.shared.restarts.load(Ordering::Relaxed),
         }
+    }
+
+    #[cfg(test)]
+    fn inject_dispatcher_panic(&self) {
+        self.shared.lock().panic_next_dispatch = true;
+        self.shared.wake.notify_one();
     }
 }
 
@@ -208,84 +271,129 @@ impl Drop for QueueEntry<'_> {
     }
 }
 
-/// One upstream slot (global and per model). Dropping it gives the slot back and wakes the dispatcher.
+/// One upstream slot of a lane (and of the global cap). Report the attempt's outcome with `report`;
+/// dropping the permit gives the slot back and wakes the dispatcher.
 pub struct Permit {
     shared: Arc<Shared>,
-    lane: Arc<str>,
+    lane: LaneKey,
+    dispatch: Dispatch,
     granted: Instant,
-    /// Set once the attempt succeeded: then the hold time feeds the learned limit's window.
-    succeeded: bool,
+    reported: bool,
+    /// Set once the attempt was accepted: then the hold time feeds the learned limit's window.
+    accepted: bool,
 }
 
 impl Permit {
-    fn new(shared: Arc<Shared>, lane: Arc<str>) -> Self {
-        Self { shared, lane, granted: Instant::now(), succeeded: false }
-    }
-
-    /// The lane (model, after aliases) this slot belongs to.
-    pub fn lane(&self) -> &str {
-        &self.lane
-    }
-
-    /// The upstream throttled this attempt (429, or 503 overload): everyone cools down, and this
-    /// model's learned limit comes down (once per window).
-    pub fn throttled(&self, retry_after: Option<Duration>) {
-        let change = self.shared.lock().throttled(&self.lane, Instant::now(), retry_after);
-        if let Some(adaptive::Change::Decreased { from, to }) = change {
-            tracing::info!(model = %self.lane, from, to, "upstream throttled: concurrency limit decreased");
+    fn new(shared: Arc<Shared>, granted: Granted) -> Self {
+        Self {
+            shared,
+            lane: granted.lane,
+            dispatch: granted.dispatch,
+            granted: Instant::now(),
+            reported: false,
+            accepted: false,
         }
     }
 
-    /// This attempt got a successful response after `rtt`: the throttle streak is over, and the learned
-    /// limit may grow.
-    pub fn succeeded(&mut self, rtt: Duration) {
-        self.succeeded = true;
-        let change = self.shared.lock().succeeded(&self.lane, Instant::now(), rtt);
-        if let Some(adaptive::Change::Increased { to }) = change {
-            tracing::debug!(model = %self.lane, to, "concurrency limit increased");
-            self.shared.wake.notify_one();
-        }
+    /// The model (after aliases) this slot belongs to.
+    pub fn model(&self) -> &str {
+        &self.lane.model
     }
 
-    /// The upstream's response carried rate-limit headers: pace dispatch by them.
+    /// The account this slot belongs to.
+    pub fn account(&self) -> &str {
+        &self.lane.account
+    }
+
+    /// Whether this attempt is its lane's probe.
+    pub fn probe(&self) -> bool {
+        self.dispatch.probe
+    }
+
+    /// Tells the lane what became of the attempt (once; later reports are ignored).
+    pub fn report(&mut self, signal: Signal) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        self.accepted = matches!(signal, Signal::Accepted { .. });
+        let (change, began_probing) = self.shared.lock().report(&self.lane, self.dispatch, signal);
+        let (account, model) = (&*self.lane.account, &*self.lane.model);
+        match change {
+            Some(Change::Decreased { from, to }) => {
+                tracing::info!(account, model, from, to, "upstream throttled: the lane's limit came down")
+            }
+            Some(Change::Restored { to }) => {
+                tracing::info!(account, model, to, "throttling was not caused by this lane's load: limit restored")
+            }
+            Some(Change::Increased { to }) => tracing::debug!(account, model, to, "the lane's limit went up"),
+            None => {}
+        }
+        if began_probing {
+            tracing::info!(account, model, "the lane is throttled: probing one request at a time");
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// The upstream's response carried rate-limit headers: pace the lane by them.
     pub fn paced(&self, window: Window) {
-        self.shared.lock().paced(Instant::now(), window);
+        self.shared.lock().paced(&self.lane, window);
     }
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("lane", &self.lane).finish()
+        f.debug_struct("Permit").field("lane", &self.lane).field("probe", &self.dispatch.probe).finish()
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let hold = self.succeeded.then(|| self.granted.elapsed());
-        let anyone_waiting = self.shared.lock().release(&self.lane, hold);
+        let hold = self.accepted.then(|| self.granted.elapsed());
+        let anyone_waiting = self.shared.lock().release(&self.lane, self.dispatch, hold, self.reported);
         if anyone_waiting {
             self.shared.wake.notify_one();
         }
     }
 }
 
-/// The one dispatcher: wakes on a new waiter, a released slot, or the earliest of the next rate token,
-/// the end of a cooldown and the next deadline — never once per waiter.
+/// The dispatcher, supervised: should a step ever panic, every waiter is answered (`Internal`) rather
+/// than left hanging, the failure is counted, and the dispatcher goes on.
 async fn run_dispatcher(shared: Arc<Shared>) {
     loop {
+        match CatchUnwind::new(dispatch_until_closed(&shared)).await {
+            Ok(()) => return,
+            Err(panic) => {
+                shared.restarts.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    panic = panic_message(&*panic),
+                    "the admission dispatcher failed; answering the queue and restarting it"
+                );
+                let waiting = shared.lock().drain();
+                reject(waiting, &Rejected::Internal);
+            }
+        }
+    }
+}
+
+/// The dispatcher's loop: wakes on a new waiter, a released slot, a report, or the earliest of the next
+/// rate token, a lane's next probe and the next deadline — never once per waiter.
+async fn dispatch_until_closed(shared: &Arc<Shared>) {
+    loop {
         shared.wakeups.fetch_add(1, Ordering::Relaxed);
-        let (deliveries, wake_at, closed) = {
+        let (deliveries, wake_at) = {
             let mut state = shared.lock();
             if state.closed {
-                (state.drain(), None, true)
-            } else {
-                let (deliveries, wake_at) = state.dispatch(Instant::now(), &shared);
-                (deliveries, wake_at, false)
+                let waiting = state.drain();
+                drop(state);
+                reject(waiting, &Rejected::ShuttingDown);
+                return;
             }
+            state.dispatch(Instant::now())
         };
-        deliver(deliveries);
-        if closed {
-            return;
+        // Outside the lock. A permit whose waiter is gone comes back from `send` and is dropped here,
+        // which returns its slot.
+        for (tx, outcome) in deliveries {
+            let _ = tx.send(outcome.map(|granted| Permit::new(shared.clone(), granted)));
         }
         match wake_at {
             Some(at) => {
@@ -299,11 +407,10 @@ async fn run_dispatcher(shared: Arc<Shared>) {
     }
 }
 
-/// Sends outcomes outside the lock. A permit whose waiter is gone comes back from `send` and is dropped
-/// here, which returns its slot.
-fn deliver(deliveries: Vec<Delivery>) {
-    for (tx, outcome) in deliveries {
-        let _ = tx.send(outcome);
+/// Answers drained waiters with `why`.
+fn reject(waiting: Vec<state::Sender>, why: &Rejected) {
+    for tx in waiting {
+        let _ = tx.send(Err(why.clone()));
     }
 }
 

@@ -1,8 +1,9 @@
-//! Proactive pacing from an upstream's rate-limit headers (OpenAI style; DeepSeek sends none):
-//! `x-ratelimit-remaining-requests` / `x-ratelimit-reset-requests` and the `-tokens` pair. With R requests
-//! left until the window resets in T, dispatches are spaced T/R apart until then, so the window is not
-//! exhausted early; with none left (requests or tokens), dispatch waits for the reset. A plain struct fed
-//! with header values and the time.
+//! Proactive pacing of one lane from its upstream's rate-limit headers (OpenAI style; DeepSeek sends
+//! none): `x-ratelimit-remaining-requests` / `x-ratelimit-reset-requests` and the `-tokens` pair. With R
+//! requests left until the window resets in T, the lane's dispatches are spaced T/R apart until then, so
+//! the window is not exhausted early; with none left (requests or tokens), the lane waits for the reset.
+//! Every wait read from a header is capped (by `retry.max_delay`): a peer cannot stop a lane for an hour.
+//! A plain struct fed with header values and the time.
 
 use std::time::Duration;
 
@@ -32,11 +33,15 @@ impl Window {
     }
 }
 
-/// A Go-style duration as OpenAI sends them: "1s", "6m0s", "12ms", "1h2m3.5s", "250us".
+/// Longest duration read from a header before capping (beyond it the value is nonsense anyway).
+const MAX_HEADER_SECONDS: f64 = 1e9;
+
+/// A Go-style duration as OpenAI sends them: "1s", "6m0s", "12ms", "1h2m3.5s", "250us". Checked: an
+/// overflowing, negative or non-finite value is `None`, never a panic.
 pub fn parse_go_duration(text: &str) -> Option<Duration> {
     let mut total = 0.0_f64;
     let mut rest = text.trim();
-    if rest.is_empty() {
+    if rest.is_empty() || rest.len() > 64 {
         return None;
     }
     while !rest.is_empty() {
@@ -56,7 +61,7 @@ pub fn parse_go_duration(text: &str) -> Option<Duration> {
         total += value * seconds;
         rest = &rest[unit_end..];
     }
-    (total.is_finite() && total >= 0.0).then(|| Duration::from_secs_f64(total))
+    (total.is_finite() && (0.0..=MAX_HEADER_SECONDS).contains(&total)).then(|| Duration::from_secs_f64(total))
 }
 
 /// The pacing in force.
@@ -70,20 +75,25 @@ pub struct Pacer {
 }
 
 impl Pacer {
-    /// Takes what the latest response said.
-    pub fn observe(&mut self, now: Instant, window: Window) {
+    /// Takes what the latest response said; no wait longer than `max` is taken from it.
+    pub fn observe(&mut self, now: Instant, window: Window, max: Duration) {
+        let capped = |reset: Option<Duration>| reset.unwrap_or(Duration::from_secs(1)).min(max);
         let exhausted =
             [(window.remaining_requests, window.reset_requests), (window.remaining_tokens, window.reset_tokens)]
                 .into_iter()
                 .filter(|(remaining, _)| *remaining == Some(0))
-                .map(|(_, reset)| reset.unwrap_or(Duration::from_secs(1)))
+                .map(|(_, reset)| capped(reset))
                 .max();
         if let Some(reset) = exhausted {
-            self.until = Some(self.until.map_or(now + reset, |until| until.max(now + reset)));
+            let until = now.checked_add(reset).unwrap_or(now);
+            self.until = Some(self.until.map_or(until, |current| current.max(until)));
         }
-        match (window.remaining_requests, window.reset_requests) {
-            (Some(remaining), Some(reset)) if remaining > 0 => self.gap = Some((reset / remaining as u32, now + reset)),
-            _ => {}
+        if let (Some(remaining), Some(reset)) = (window.remaining_requests, window.reset_requests) {
+            if remaining > 0 {
+                let reset = reset.min(max);
+                let gap = reset / u32::try_from(remaining).unwrap_or(u32::MAX);
+                self.gap = Some((gap, now.checked_add(reset).unwrap_or(now)));
+            }
         }
     }
 
@@ -112,12 +122,14 @@ mod tests {
 
     use super::*;
 
+    const MAX: Duration = Duration::from_secs(30);
+
     #[test]
     fn go_durations() {
         for (text, ms) in [("1s", 1000), ("6m0s", 360_000), ("12ms", 12), ("1h2m3.5s", 3_723_500), ("250us", 0)] {
             assert_eq!(parse_go_duration(text).map(|d| d.as_millis()), Some(ms), "{text}");
         }
-        for bad in ["", "s", "5", "1d", "1.2.3s"] {
+        for bad in ["", "s", "5", "1d", "1.2.3s", "1e20s", "99999999999999999999h", "-1s", "NaNs"] {
             assert_eq!(parse_go_duration(bad), None, "{bad}");
         }
     }
@@ -148,6 +160,7 @@ mod tests {
         pacer.observe(
             start,
             Window { remaining_requests: Some(10), reset_requests: Some(Duration::from_secs(1)), ..Window::default() },
+            MAX,
         );
         let mut at = start;
         let mut dispatches = vec![];
@@ -173,13 +186,34 @@ mod tests {
         pacer.observe(
             start,
             Window { remaining_tokens: Some(0), reset_tokens: Some(Duration::from_millis(1500)), ..Window::default() },
+            MAX,
         );
         assert_eq!(pacer.blocked_until(start), Some(start + Duration::from_millis(1500)));
         pacer.observe(
             start,
             Window { remaining_requests: Some(0), reset_requests: Some(Duration::from_secs(3)), ..Window::default() },
+            MAX,
         );
         assert_eq!(pacer.blocked_until(start + Duration::from_secs(2)), Some(start + Duration::from_secs(3)));
         assert_eq!(pacer.blocked_until(start + Duration::from_secs(3)), None);
+    }
+
+    #[test]
+    fn hostile_values_are_capped_and_never_divide_by_zero() {
+        let start = Instant::now();
+        let mut pacer = Pacer::default();
+        let hour = Some(Duration::from_secs(3600));
+        pacer.observe(start, Window { remaining_tokens: Some(0), reset_tokens: hour, ..Window::default() }, MAX);
+        assert_eq!(pacer.blocked_until(start), Some(start + MAX), "an hour asked, max_delay given");
+        let mut pacer = Pacer::default();
+        let huge = Window { remaining_requests: Some(u64::MAX), reset_requests: hour, ..Window::default() };
+        pacer.observe(start, huge, MAX);
+        pacer.dispatched(start);
+        assert!(pacer.blocked_until(start).is_none_or(|at| at <= start + MAX));
+        let headers = headers(&[
+            ("x-ratelimit-remaining-requests", "18446744073709551616"),
+            ("x-ratelimit-reset-requests", "1e308s"),
+        ]);
+        assert_eq!(Window::from_headers(&headers), None, "unparseable values are ignored");
     }
 }

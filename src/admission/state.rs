@@ -1,59 +1,88 @@
-//! The admission state behind one mutex: per-model lanes (each a fair queue plus its in-flight count),
-//! the waiting entries, their deadlines, the global counts, the limits (`limits.rs`), the cooldown and
-//! the pacer.
+//! The admission state behind one mutex: routes (one per model: the fair queue of its waiting requests)
+//! and the lanes that serve them (one per account × model, `lane.rs`), the waiting entries and their
+//! deadlines, the global counts and the limits (`limits.rs`).
 //! Plain data and decisions; no tasks, no sleeps. `mod.rs` wraps it in the async API and the dispatcher.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::adaptive::Change;
-use super::cooldown::Cooldown;
-use super::limits::{Lane, LaneView, Limits};
-use super::pacing::{Pacer, Window};
-use super::queue::{ClientId, Priority};
+use super::controller::Change;
+use super::lane::{Dispatch, Lane, LaneKey, Signal};
+use super::limits::{LaneView, Limits};
+use super::pacing::Window;
+use super::probe::Readiness;
+use super::queue::{ClientId, FairQueue, Priority};
 use super::Rejected;
-use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
 
 /// The lane of requests whose model could not be read (no JSON body, invalid JSON, no `model`).
 pub const UNKNOWN_MODEL: &str = "unknown";
+/// Where unconfigured models go once `MAX_ROUTES` distinct ones are in use.
+pub const OTHER_MODEL: &str = "other";
 /// Model names longer than this share the unknown lane (a client cannot grow the lane map with junk).
 const MAX_MODEL_NAME: usize = 128;
+/// Distinct models kept with their own queue and lanes; idle unconfigured ones are forgotten first.
+const MAX_ROUTES: usize = 256;
+
+/// How a waiter is told its outcome.
+pub type Sender = oneshot::Sender<Result<super::Permit, Rejected>>;
 
 /// A request waiting for dispatch, and how to tell it the outcome.
 pub struct Waiter {
-    lane: Arc<str>,
+    route: Arc<str>,
     priority: Priority,
-    tx: oneshot::Sender<Result<super::Permit, Rejected>>,
+    tx: Sender,
 }
 
-/// What the dispatcher must deliver after unlocking: a permit or a rejection per waiter.
-pub type Delivery = (oneshot::Sender<Result<super::Permit, Rejected>>, Result<super::Permit, Rejected>);
+/// What the dispatcher must deliver after unlocking: a slot (to wrap in a permit) or a rejection.
+pub type Delivery = (Sender, Result<Granted, Rejected>);
+
+/// One model's waiting requests and the lanes (one per account) that serve them.
+struct Route {
+    queue: FairQueue,
+    waiting: usize,
+    in_ring: bool,
+    lanes: Vec<LaneKey>,
+    /// Configured models are never forgotten.
+    configured: bool,
+}
+
+/// A waiter ready to go: its route, its entry id and the lane it goes to.
+type Ready = (Arc<str>, u64, LaneKey);
+
+/// A dispatch the dispatcher (or the uncontended path) made.
+pub struct Granted {
+    pub lane: LaneKey,
+    pub dispatch: Dispatch,
+}
 
 pub struct State {
     pub limits: Limits,
-    pub cooldown: Cooldown,
-    pub pacer: Pacer,
-    lanes: HashMap<Arc<str>, Lane>,
-    /// Lanes with waiting entries, served round-robin.
+    routes: HashMap<Arc<str>, Route>,
+    lanes: HashMap<LaneKey, Lane>,
+    /// Routes with waiting entries, served round-robin.
     ring: VecDeque<Arc<str>>,
     waiters: HashMap<u64, Waiter>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     depth: [usize; 3],
     inflight: usize,
     next_id: u64,
+    /// Breaks ties between accounts with equal headroom.
+    turn: usize,
     pub closed: bool,
+    #[cfg(test)]
+    pub panic_next_dispatch: bool,
 }
 
 impl State {
-    pub fn new(limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) -> Self {
+    pub fn new(limits: Limits) -> Self {
         Self {
-            limits: Limits::new(limits, queue, None),
-            cooldown: Cooldown::new(retry.base_delay, retry.max_delay),
-            pacer: Pacer::default(),
+            limits,
+            routes: HashMap::new(),
             lanes: HashMap::new(),
             ring: VecDeque::new(),
             waiters: HashMap::new(),
@@ -61,77 +90,119 @@ impl State {
             depth: [0; 3],
             inflight: 0,
             next_id: 0,
+            turn: 0,
             closed: false,
+            #[cfg(test)]
+            panic_next_dispatch: false,
         }
     }
 
     /// Puts new limits in force. Queued and in-flight requests keep their place and their slots; lanes
-    /// take their new caps at once (a lowered cap just admits nobody until enough slots come back).
-    pub fn reconfigure(&mut self, limits: &LimitsConfig, queue: &QueueConfig, retry: &RetryConfig) {
-        let previous = std::mem::replace(&mut self.limits, Limits::new(limits, queue, None));
-        self.limits = Limits::new(limits, queue, Some(previous));
+    /// keep what they learned and take their new caps at once; accounts that appeared get lanes, and
+    /// lanes of accounts that went away serve nothing new (their in-flight attempts finish).
+    pub fn reconfigure(&mut self, limits: Limits) {
         let now = Instant::now();
-        for (name, lane) in &mut self.lanes {
-            self.limits.refit(name, lane, now);
+        self.limits = limits;
+        let accounts = self.limits.accounts.clone();
+        for (model, route) in &mut self.routes {
+            route.lanes = accounts.iter().map(|a| LaneKey { account: a.name.clone(), model: model.clone() }).collect();
+            route.configured = self.limits.configured(model);
+            for account in &accounts {
+                let key = LaneKey { account: account.name.clone(), model: model.clone() };
+                match self.lanes.get_mut(&key) {
+                    Some(lane) => self.limits.refit(account, model, lane, now),
+                    None => drop(self.lanes.insert(key, self.limits.lane(account, model, now))),
+                }
+            }
         }
-        self.cooldown.set_delays(retry.base_delay, retry.max_delay);
+        let live: Vec<Arc<str>> = accounts.iter().map(|a| a.name.clone()).collect();
+        self.lanes.retain(|key, lane| lane.inflight > 0 || live.contains(&key.account));
     }
 
-    /// The lane a model's requests use: aliases resolved, unreadable or overlong names in `unknown`.
-    pub fn lane_key(&mut self, model: Option<&str>) -> Arc<str> {
+    /// The route a model's requests use: aliases resolved, unreadable or overlong names in `unknown`.
+    pub fn route_key(&mut self, model: Option<&str>) -> Arc<str> {
         let name = match model {
             Some(name) if name.len() <= MAX_MODEL_NAME => name,
             _ => UNKNOWN_MODEL,
         };
         let name = self.limits.alias(name);
-        if let Some((key, _)) = self.lanes.get_key_value(name) {
+        if let Some((key, _)) = self.routes.get_key_value(name) {
             return key.clone();
         }
+        let configured = self.limits.configured(name) || name == UNKNOWN_MODEL;
         let key: Arc<str> = Arc::from(name);
-        let lane = self.limits.lane(name, Instant::now());
-        self.lanes.insert(key.clone(), lane);
+        if !configured && self.routes.len() >= MAX_ROUTES && !self.forget_an_idle_route() {
+            return self.route_key(Some(OTHER_MODEL));
+        }
+        let now = Instant::now();
+        let mut lanes = Vec::new();
+        for account in &self.limits.accounts {
+            let lane = LaneKey { account: account.name.clone(), model: key.clone() };
+            self.lanes.entry(lane.clone()).or_insert_with(|| self.limits.lane(account, &key, now));
+            lanes.push(lane);
+        }
+        let route = Route { queue: FairQueue::default(), waiting: 0, in_ring: false, lanes, configured };
+        self.routes.insert(key.clone(), route);
         key
     }
 
-    /// Takes a slot at once if nothing waits and every limit allows it (the uncontended path).
-    pub fn try_take_now(&mut self, lane: &Arc<str>, now: Instant) -> bool {
-        if !self.waiters.is_empty()
-            || self.blocked_until(now).is_some()
-            || self.inflight >= self.limits.max_concurrency()
-        {
-            return false;
+    /// Forgets the unconfigured route idle the longest; false when none is idle.
+    fn forget_an_idle_route(&mut self) -> bool {
+        let lanes = &self.lanes;
+        let idle = |route: &Route| {
+            !route.configured
+                && route.waiting == 0
+                && !route.in_ring
+                && route.lanes.iter().all(|k| lanes.get(k).is_none_or(|l| l.inflight == 0))
+        };
+        let last_used = |route: &Route| route.lanes.iter().filter_map(|k| lanes.get(k)).map(|l| l.last_used).max();
+        let oldest =
+            self.routes.iter().filter(|(_, r)| idle(r)).min_by_key(|(_, r)| last_used(r)).map(|(k, _)| k.clone());
+        let Some(key) = oldest else { return false };
+        if let Some(route) = self.routes.remove(&key) {
+            for lane in route.lanes {
+                self.lanes.remove(&lane);
+            }
         }
-        if self.lanes.get(lane).is_none_or(Lane::full) || self.limits.take_rate_token().is_some() {
-            return false;
-        }
-        self.occupy(lane, now);
         true
+    }
+
+    /// Takes a slot at once if nothing waits and every limit allows it (the uncontended path).
+    pub fn try_take_now(&mut self, route: &Arc<str>, now: Instant) -> Option<Granted> {
+        if !self.waiters.is_empty() || self.inflight >= self.limits.max_concurrency() {
+            return None;
+        }
+        let lane = self.best_lane(route, now).ok()?;
+        if self.limits.take_rate_token(now).is_some() {
+            return None;
+        }
+        Some(self.occupy(lane, now))
     }
 
     /// Queues a waiter; `Err` when the queue is full.
     pub fn enqueue(
         &mut self,
-        lane: Arc<str>,
+        route: Arc<str>,
         client: ClientId,
         priority: Priority,
         deadline: Instant,
         retry: bool,
-        tx: oneshot::Sender<Result<super::Permit, Rejected>>,
-    ) -> Result<u64, oneshot::Sender<Result<super::Permit, Rejected>>> {
+        tx: Sender,
+    ) -> Result<u64, Sender> {
         if self.waiters.len() >= self.limits.max_depth() {
             return Err(tx);
         }
+        let Some(entry) = self.routes.get_mut(&route) else { return Err(tx) };
         let id = self.next_id;
         self.next_id += 1;
-        let entry = self.lanes.entry(lane.clone()).or_default();
         entry.queue.push(priority, client, id, retry);
         entry.waiting += 1;
         if !entry.in_ring {
             entry.in_ring = true;
-            self.ring.push_back(lane.clone());
+            self.ring.push_back(route.clone());
         }
         self.deadlines.push(Reverse((deadline, id)));
-        self.waiters.insert(id, Waiter { lane, priority, tx });
+        self.waiters.insert(id, Waiter { route, priority, tx });
         self.depth[priority as usize] += 1;
         Ok(id)
     }
@@ -141,38 +212,59 @@ impl State {
         let Some(waiter) = self.remove_waiter(id) else {
             return false;
         };
-        if let Some(lane) = self.lanes.get_mut(&waiter.lane) {
-            if lane.queue.len() > 2 * lane.waiting + 64 {
+        if let Some(route) = self.routes.get_mut(&waiter.route) {
+            if route.queue.len() > 2 * route.waiting + 64 {
                 let waiters = &self.waiters;
-                lane.queue.retain(|id| waiters.contains_key(&id));
+                route.queue.retain(|id| waiters.contains_key(&id));
             }
         }
         if self.deadlines.len() > 2 * self.waiters.len() + 64 {
             let waiters = &self.waiters;
             self.deadlines.retain(|Reverse((_, id))| waiters.contains_key(id));
         }
-        self.forget_lane_if_idle(&waiter.lane);
         true
     }
 
-    /// A permit came back; `hold` is how long a successful attempt held it. Returns whether anyone
-    /// waits (then the dispatcher should look).
-    pub fn release(&mut self, lane: &Arc<str>, hold: Option<std::time::Duration>) -> bool {
+    /// An attempt's outcome reached its lane. Returns a change of the learned limit and whether the lane
+    /// began probing (both worth a log line).
+    pub fn report(&mut self, lane: &LaneKey, dispatch: Dispatch, signal: Signal) -> (Option<Change>, bool) {
+        let now = Instant::now();
+        let delays = self.limits.delays;
+        let Some(entry) = self.lanes.get_mut(lane) else { return (None, false) };
+        let (change, probing) = entry.report(now, dispatch, signal, delays);
+        match change {
+            Some(Change::Decreased { .. }) => self.limits.rate_down(now),
+            Some(Change::Increased { .. } | Change::Restored { .. }) => self.limits.rate_up(now),
+            None => {}
+        }
+        (change, probing)
+    }
+
+    /// Response headers of an attempt on `lane` carried rate-limit information.
+    pub fn paced(&mut self, lane: &LaneKey, window: Window) {
+        let max = self.limits.delays.max;
+        if let Some(entry) = self.lanes.get_mut(lane) {
+            entry.paced(Instant::now(), window, max);
+        }
+    }
+
+    /// A permit came back. Returns whether anyone waits (then the dispatcher should look).
+    pub fn release(&mut self, lane: &LaneKey, dispatch: Dispatch, hold: Option<Duration>, reported: bool) -> bool {
         self.inflight = self.inflight.saturating_sub(1);
         if let Some(entry) = self.lanes.get_mut(lane) {
-            entry.inflight = entry.inflight.saturating_sub(1);
-            if let (Some(aimd), Some(hold)) = (entry.aimd.as_mut(), hold) {
-                aimd.released(hold);
-            }
+            entry.release(Instant::now(), dispatch, hold, reported);
         }
-        self.forget_lane_if_idle(lane);
         !self.waiters.is_empty()
     }
 
     /// The dispatcher's step: expire deadlines, then hand out slots in queue order while every limit
-    /// allows. Returns what to deliver, and when to look again if not woken before (None: only a
-    /// release or a new arrival can change anything).
-    pub fn dispatch(&mut self, now: Instant, shared: &Arc<super::Shared>) -> (Vec<Delivery>, Option<Instant>) {
+    /// allows. Returns what to deliver (as grants to wrap in permits), and when to look again if not woken
+    /// before (None: only a release or a new arrival can change anything).
+    pub fn dispatch(&mut self, now: Instant) -> (Vec<Delivery>, Option<Instant>) {
+        #[cfg(test)]
+        if std::mem::take(&mut self.panic_next_dispatch) {
+            panic!("injected dispatcher failure");
+        }
         let mut out = Vec::new();
         while let Some(&Reverse((at, id))) = self.deadlines.peek() {
             if at > now {
@@ -180,32 +272,30 @@ impl State {
             }
             self.deadlines.pop();
             if let Some(waiter) = self.remove_waiter(id) {
-                let retry_after = self.retry_after_secs(now);
+                let retry_after = self.retry_after_secs(&waiter.route, now);
                 out.push((waiter.tx, Err(Rejected::DeadlineExceeded { retry_after })));
-                self.forget_lane_if_idle(&waiter.lane);
             }
         }
         let wake = loop {
-            if self.waiters.is_empty() {
+            if self.waiters.is_empty() || self.inflight >= self.limits.max_concurrency() {
                 break None;
             }
-            if let Some(until) = self.blocked_until(now) {
-                break Some(until);
-            }
-            if self.inflight >= self.limits.max_concurrency() {
-                break None;
-            }
-            let Some((lane, id)) = self.next_dispatchable() else {
-                break None;
+            let (next, blocked_until) = self.next_dispatchable(now);
+            let Some((route, id, lane)) = next else {
+                break blocked_until;
             };
-            if let Some(ready_at) = self.limits.take_rate_token() {
-                break Some(now + ready_at);
+            if let Some(wait) = self.limits.take_rate_token(now) {
+                break now.checked_add(wait);
             }
-            let taken = self.lanes.get_mut(&lane).and_then(|entry| entry.queue.pop());
-            debug_assert_eq!(taken, Some(id));
+            let taken = self.routes.get_mut(&route).and_then(|r| r.queue.pop());
+            if taken != Some(id) {
+                // The queue and the waiter map disagree; skip the entry rather than stall.
+                tracing::error!(entry = id, "admission queue out of step; entry skipped");
+                continue;
+            }
             if let Some(waiter) = self.remove_waiter(id) {
-                self.occupy(&lane, now);
-                out.push((waiter.tx, Ok(super::Permit::new(shared.clone(), lane))));
+                let granted = self.occupy(lane, now);
+                out.push((waiter.tx, Ok(granted)));
             }
         };
         let next_deadline = self.deadlines.peek().map(|Reverse((at, _))| *at);
@@ -216,18 +306,31 @@ impl State {
         (out, wake)
     }
 
-    /// Rejects everyone still waiting (shutdown).
-    pub fn drain(&mut self) -> Vec<Delivery> {
+    /// Takes everyone still waiting out of the queue (shutdown, or a dispatcher failure), to be answered.
+    pub fn drain(&mut self) -> Vec<Sender> {
         let ids: Vec<u64> = self.waiters.keys().copied().collect();
-        ids.into_iter()
-            .filter_map(|id| self.remove_waiter(id))
-            .map(|waiter| (waiter.tx, Err(Rejected::ShuttingDown)))
-            .collect()
+        ids.into_iter().filter_map(|id| self.remove_waiter(id)).map(|waiter| waiter.tx).collect()
     }
 
-    /// Seconds a rejected client should wait: what is left of the cooldown, at least one.
-    pub fn retry_after_secs(&self, now: Instant) -> u64 {
-        self.blocked_until(now).map_or(1, |until| (until - now).as_secs_f64().ceil() as u64).max(1)
+    /// Marks every lane of `account` as serving or not.
+    pub fn set_account_enabled(&mut self, account: &str, enabled: bool) {
+        for (key, lane) in &mut self.lanes {
+            if &*key.account == account {
+                lane.enabled = enabled;
+            }
+        }
+    }
+
+    /// Seconds a rejected client of `route` should wait: until its lanes' next probe, at least one.
+    pub fn retry_after_secs(&self, route: &str, now: Instant) -> u64 {
+        let next_probe = self
+            .routes
+            .get(route)
+            .into_iter()
+            .flat_map(|r| &r.lanes)
+            .filter_map(|key| self.lanes.get(key)?.gate.next_probe())
+            .min();
+        next_probe.map_or(1, |at| at.saturating_duration_since(now).as_secs_f64().ceil() as u64).max(1)
     }
 
     pub fn queued(&self) -> usize {
@@ -242,117 +345,106 @@ impl State {
         self.inflight
     }
 
-    /// Every lane in use.
-    pub fn lanes(&self) -> Vec<LaneView> {
-        let mut lanes: Vec<_> = self
+    /// Every lane in use, sorted by model then account.
+    pub fn lanes(&self, now: Instant) -> Vec<LaneView> {
+        let mut views: Vec<LaneView> = self
             .lanes
             .iter()
-            .map(|(name, lane)| LaneView {
-                name: name.to_string(),
-                inflight: lane.inflight,
-                limit: lane.limit(),
-                configured: lane.cap,
+            .map(|(key, lane)| {
+                let queued = self.routes.get(&key.model).map_or(0, |r| r.waiting);
+                LaneView {
+                    account: key.account.to_string(),
+                    name: key.model.to_string(),
+                    inflight: lane.inflight,
+                    limit: lane.limit(),
+                    configured: lane.cap,
+                    probing: lane.gate.probing(),
+                    probing_total: lane.gate.total(now),
+                    why: lane.why(now, queued),
+                }
             })
             .collect();
-        lanes.sort_by(|a, b| a.name.cmp(&b.name));
-        lanes
+        views.sort_by(|a, b| (&a.name, &a.account).cmp(&(&b.name, &b.account)));
+        views
     }
 
-    /// The upstream throttled a request of `lane`: the shared cooldown, and the lane's learned limit.
-    ///
-    /// With a learned limit, lowering it is the shared slowdown: the model's dispatch waits until enough
-    /// of what is in flight has finished. The cooldown, which pauses every dispatch, is kept for an
-    /// explicit Retry-After and for lanes without a learned limit (`adaptive = false`).
-    pub fn throttled(&mut self, lane: &str, now: Instant, retry_after: Option<std::time::Duration>) -> Option<Change> {
-        let entry = self.lanes.get_mut(lane);
-        let learned = entry.and_then(|entry| {
-            let inflight = entry.inflight;
-            entry.aimd.as_mut().map(|aimd| aimd.throttled(now, inflight))
-        });
-        if retry_after.is_some() || learned.is_none() {
-            self.cooldown.throttled(now, retry_after);
-        }
-        let change = learned.flatten();
-        if matches!(change, Some(Change::Decreased { .. })) {
-            self.limits.rate_down();
-        }
-        change
-    }
-
-    /// An attempt of `lane` succeeded after `rtt` (time to response headers).
-    pub fn succeeded(&mut self, lane: &str, now: Instant, rtt: std::time::Duration) -> Option<Change> {
-        self.cooldown.succeeded();
-        let entry = self.lanes.get_mut(lane)?;
-        let inflight = entry.inflight;
-        let change = entry.aimd.as_mut()?.succeeded(now, inflight, rtt);
-        if matches!(change, Some(Change::Increased { .. })) {
-            self.limits.rate_up();
-        }
-        change
-    }
-
-    /// An upstream response carried rate-limit headers.
-    pub fn paced(&mut self, now: Instant, window: Window) {
-        self.pacer.observe(now, window);
-    }
-
-    /// When dispatch may resume, if it is paused (cooldown or pacing).
-    fn blocked_until(&self, now: Instant) -> Option<Instant> {
-        self.cooldown.blocked_until(now).max(self.pacer.blocked_until(now))
-    }
-
-    fn occupy(&mut self, lane: &Arc<str>, now: Instant) {
+    fn occupy(&mut self, lane: LaneKey, now: Instant) -> Granted {
         self.inflight += 1;
-        if let Some(entry) = self.lanes.get_mut(lane) {
-            entry.inflight += 1;
-        }
-        self.cooldown.dispatched(now);
-        self.pacer.dispatched(now);
+        let dispatch = match self.lanes.get_mut(&lane) {
+            Some(entry) => entry.dispatch(now).0,
+            None => Dispatch { seq: 0, level: 1, probe: false, throttles_before: 0 }, // never: lanes outlive routes
+        };
+        Granted { lane, dispatch }
     }
 
-    /// The next lane (round-robin) with a live waiter and a free slot, and that waiter's id.
-    fn next_dispatchable(&mut self) -> Option<(Arc<str>, u64)> {
+    /// The lane of `route` to dispatch to now: the one with the most headroom among those ready
+    /// (weighted, ties taken in turn). `Err` carries when one may be ready (None: after a release).
+    fn best_lane(&mut self, route: &Arc<str>, now: Instant) -> Result<LaneKey, Option<Instant>> {
+        let Some(entry) = self.routes.get(route) else { return Err(None) };
+        let mut best: Option<(usize, &LaneKey)> = None;
+        let mut wake: Option<Instant> = None;
+        let n = entry.lanes.len();
+        for i in 0..n {
+            let key = &entry.lanes[(i + self.turn) % n];
+            let Some(lane) = self.lanes.get(key) else { continue };
+            match lane.readiness(now) {
+                Readiness::Now => {
+                    let weight = self.limits.accounts.iter().find(|a| a.name == key.account).map_or(1, |a| a.weight);
+                    let score = lane.headroom().min(usize::MAX / 1024).saturating_mul(weight.max(1) as usize);
+                    if best.is_none_or(|(s, _)| score > s) {
+                        best = Some((score, key));
+                    }
+                }
+                Readiness::At(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
+                Readiness::AfterRelease => {}
+            }
+        }
+        match best {
+            Some((_, key)) => {
+                let key = key.clone();
+                self.turn = self.turn.wrapping_add(1);
+                Ok(key)
+            }
+            None => Err(wake),
+        }
+    }
+
+    /// The next route (round-robin) with a live waiter and a ready lane: the route, the waiter's id and
+    /// the lane. Otherwise, when a blocked route may become ready.
+    fn next_dispatchable(&mut self, now: Instant) -> (Option<Ready>, Option<Instant>) {
+        let mut wake: Option<Instant> = None;
         for _ in 0..self.ring.len() {
-            let key = self.ring.pop_front()?;
-            let Some(lane) = self.lanes.get_mut(&key) else {
-                continue;
-            };
+            let Some(key) = self.ring.pop_front() else { break };
+            let Some(route) = self.routes.get_mut(&key) else { continue };
             let live = loop {
-                match lane.queue.peek() {
+                match route.queue.peek() {
                     Some(id) if self.waiters.contains_key(&id) => break Some(id),
                     Some(_) => {
-                        lane.queue.pop();
+                        route.queue.pop();
                     }
                     None => break None,
                 }
             };
-            match live {
-                None => {
-                    lane.in_ring = false;
-                    self.forget_lane_if_idle(&key);
-                }
-                Some(_) if lane.full() => self.ring.push_back(key),
-                Some(id) => {
-                    self.ring.push_back(key.clone());
-                    return Some((key, id));
-                }
+            let Some(id) = live else {
+                route.in_ring = false;
+                continue;
+            };
+            self.ring.push_back(key.clone());
+            match self.best_lane(&key, now) {
+                Ok(lane) => return (Some((key, id, lane)), None),
+                Err(Some(at)) => wake = Some(wake.map_or(at, |w| w.min(at))),
+                Err(None) => {}
             }
         }
-        None
+        (None, wake)
     }
 
     fn remove_waiter(&mut self, id: u64) -> Option<Waiter> {
         let waiter = self.waiters.remove(&id)?;
         self.depth[waiter.priority as usize] -= 1;
-        if let Some(lane) = self.lanes.get_mut(&waiter.lane) {
-            lane.waiting -= 1;
+        if let Some(route) = self.routes.get_mut(&waiter.route) {
+            route.waiting = route.waiting.saturating_sub(1);
         }
         Some(waiter)
-    }
-
-    pub fn forget_lane_if_idle(&mut self, key: &Arc<str>) {
-        if self.lanes.get(key).is_some_and(|lane| lane.inflight == 0 && lane.waiting == 0 && !lane.in_ring) {
-            self.lanes.remove(key);
-        }
     }
 }

@@ -1,6 +1,7 @@
 //! Unit tests of the admission stage under tokio's paused clock: no sockets, no wall-clock sleeps.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -19,7 +20,7 @@ fn admission(global: u32, models: &[(&str, u32)], max_depth: usize) -> Admission
         ..LimitsConfig::default()
     };
     let queue = QueueConfig { max_depth, max_wait: Duration::from_secs(60) };
-    Admission::new(&limits, &queue, &RetryConfig::default())
+    Admission::new(&limits, &queue, &RetryConfig::default(), vec![])
 }
 
 fn ticket(model: &str, client: ClientId) -> Ticket<'_> {
@@ -44,7 +45,8 @@ async fn uncontended_requests_pass_at_once_and_permits_return() {
     let admission = admission(10, &[("m", 2)], 100);
     let a = admission.acquire(ticket("m", 1)).await.unwrap();
     let b = admission.acquire(ticket("alias", 1)).await.unwrap();
-    assert_eq!(b.lane(), "m", "aliases share the model's lane");
+    assert_eq!(b.model(), "m", "aliases share the model's lane");
+    assert_eq!(b.account(), DEFAULT_ACCOUNT);
     assert_eq!(admission.snapshot().inflight, 2);
     drop((a, b));
     assert_eq!(admission.snapshot().inflight, 0);
@@ -63,7 +65,7 @@ async fn per_model_cap_holds_and_a_release_admits_the_next() {
     assert_eq!((snapshot.inflight, snapshot.queued), (2, 3));
     // Another model is not blocked by m's cap.
     let other = admission.acquire(ticket("other", 9)).await.unwrap();
-    assert_eq!(other.lane(), "other");
+    assert_eq!(other.model(), "other");
 
     let mut permits = Vec::new();
     for task in tasks.iter_mut().filter(|t| t.is_finished()) {
@@ -170,38 +172,39 @@ async fn the_dispatcher_wakes_per_dispatch_not_per_waiter() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_retry_after_pauses_every_dispatch_until_the_cooldown_ends() {
+async fn a_retry_after_pauses_the_lane_not_the_others() {
     let admission = admission(10, &[], 10);
-    let throttled = admission.acquire(ticket("m", 1)).await.unwrap();
-    throttled.throttled(Some(Duration::from_secs(3)));
+    let mut throttled = admission.acquire(ticket("m", 1)).await.unwrap();
+    throttled.report(Signal::Throttled { retry_after: Some(Duration::from_secs(3)) });
     drop(throttled);
-    assert!(admission.snapshot().cooldown_active);
+    assert_eq!(admission.snapshot().probing_lanes(), 1);
     let started = Instant::now();
-    let _permit = admission.acquire(ticket("other-model", 1)).await.unwrap();
-    assert_eq!(started.elapsed(), Duration::from_secs(3), "every model waits");
-    assert!(!admission.snapshot().cooldown_active);
+    let _other = admission.acquire(ticket("other-model", 1)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO, "another model's lane is not paused");
+    let _same = admission.acquire(ticket("m", 1)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(3), "the lane waits out the Retry-After");
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_throttle_lowers_the_models_learned_limit() {
+async fn a_throttle_lowers_the_lanes_limit_to_what_the_upstream_holds() {
     let admission = admission(100, &[("m", 50)], 100);
     let mut held = Vec::new();
-    for client in 0..20 {
+    for client in 0..INITIAL_LIMIT as u64 {
         held.push(admission.acquire(ticket("m", client)).await.unwrap());
     }
-    held[0].throttled(None);
-    assert!(!admission.snapshot().cooldown_active, "the lowered limit is the slowdown, no global pause");
+    held[0].report(Signal::Throttled { retry_after: None });
     let lane = |admission: &Admission| admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
-    assert_eq!(lane(&admission).limit, Some(19), "min(limit 50, 20 in flight) x 0.95");
+    assert_eq!(lane(&admission).limit, Some(INITIAL_LIMIT - 1), "the others in flight");
     assert_eq!(lane(&admission).configured, Some(50));
+    assert!(!lane(&admission).probing, "others are in flight: the lower limit is the slowdown");
     // A lane at its learned limit queues newcomers even though the configured cap is far away.
-    held.truncate(19);
+    held.remove(0);
     let waiting = tokio::spawn({
         let admission = admission.clone();
         async move { admission.acquire(ticket("m", 99)).await }
     });
     settle().await;
-    tokio::time::sleep(Duration::from_secs(1)).await; // past the cooldown
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!waiting.is_finished());
     held.pop();
     settle().await;
@@ -209,18 +212,94 @@ async fn a_throttle_lowers_the_models_learned_limit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn with_adaptive_off_only_the_configured_cap_holds_and_a_throttle_cools_everyone_down() {
+async fn with_adaptive_off_only_the_configured_cap_holds_and_a_throttle_starts_probing() {
     let limits = LimitsConfig {
         adaptive: false,
         models: BTreeMap::from([("m".to_string(), ModelLimits { max_concurrency: 50 })]),
         ..LimitsConfig::default()
     };
-    let admission = Admission::new(&limits, &QueueConfig::default(), &RetryConfig::default());
-    let permit = admission.acquire(ticket("m", 1)).await.unwrap();
-    permit.throttled(None);
+    let admission = Admission::new(&limits, &QueueConfig::default(), &RetryConfig::default(), vec![]);
+    let mut permit = admission.acquire(ticket("m", 1)).await.unwrap();
+    let _other = admission.acquire(ticket("m", 2)).await.unwrap();
+    permit.report(Signal::Throttled { retry_after: None });
     let lane = admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
     assert_eq!(lane.limit, Some(50));
-    assert!(admission.snapshot().cooldown_active, "without a learned limit, the cooldown is the slowdown");
+    assert!(lane.probing, "without a learned limit, the gate is the slowdown");
+}
+
+/// Upstream attempts (dispatches) a throttling lane makes in `horizon` with `waiting` requests queued,
+/// each attempt throttled at once and its request queued again (as the proxy does).
+async fn attempts_against_a_wall(waiting: usize, horizon: Duration) -> usize {
+    let admission = admission(4096, &[("m", 2500)], waiting + 10);
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    for client in 0..waiting as u64 {
+        let (admission, attempts) = (admission.clone(), attempts.clone());
+        tokio::spawn(async move {
+            let mut retry = false;
+            loop {
+                let mut t = ticket("m", client);
+                t.retry = retry;
+                t.deadline = start + horizon;
+                let Ok(mut permit) = admission.acquire(t).await else { return };
+                attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await; // the 429's round trip
+                permit.report(Signal::Throttled { retry_after: None });
+                retry = true;
+            }
+        });
+    }
+    tokio::time::sleep(horizon).await;
+    attempts.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_request_against_a_wall_makes_few_attempts() {
+    assert!(attempts_against_a_wall(1, Duration::from_secs(3)).await <= 4);
+    assert!(attempts_against_a_wall(1, Duration::from_secs(40)).await <= 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempts_against_a_wall_do_not_grow_with_the_queue() {
+    let alone = attempts_against_a_wall(1, Duration::from_secs(12)).await;
+    assert!(alone >= 3, "it did retry: {alone}");
+    for waiting in [10, 100, 1000] {
+        let attempts = attempts_against_a_wall(waiting, Duration::from_secs(12)).await;
+        assert!(attempts <= 2 * alone + 4, "{waiting} waiting: {attempts} attempts, alone {alone}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_dispatcher_answers_the_queue_and_comes_back() {
+    let admission = admission(1, &[], 10);
+    let held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let waiting = tokio::spawn({
+        let admission = admission.clone();
+        async move { admission.acquire(ticket("m", 2)).await }
+    });
+    settle().await;
+    admission.inject_dispatcher_panic();
+    settle().await;
+    assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::Internal, "answered, not left waiting");
+    assert_eq!(admission.snapshot().dispatcher_restarts, 1);
+    drop(held);
+    let next = tokio::spawn({
+        let admission = admission.clone();
+        async move { admission.acquire(ticket("m", 3)).await.map(drop) }
+    });
+    settle().await;
+    assert!(next.await.unwrap().is_ok(), "the restarted dispatcher serves again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiter_enforces_its_own_deadline() {
+    let admission = admission(1, &[], 10);
+    let _held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let mut t = ticket("m", 2);
+    t.deadline = Instant::now() + Duration::from_secs(5);
+    // Even with the dispatcher asleep forever, the wait ends shortly after the deadline.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), admission.acquire(t)).await;
+    assert!(matches!(outcome, Ok(Err(Rejected::DeadlineExceeded { .. }))), "{outcome:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -253,10 +332,10 @@ async fn retries_go_ahead_of_their_clients_newer_requests() {
 async fn unreadable_models_share_the_unknown_lane() {
     let admission = admission(10, &[], 10);
     let permit = admission.acquire(Ticket { model: None, ..ticket("", 1) }).await.unwrap();
-    assert_eq!(permit.lane(), UNKNOWN_MODEL);
+    assert_eq!(permit.model(), UNKNOWN_MODEL);
     let long = "x".repeat(500);
     let permit = admission.acquire(ticket(&long, 1)).await.unwrap();
-    assert_eq!(permit.lane(), UNKNOWN_MODEL);
+    assert_eq!(permit.model(), UNKNOWN_MODEL);
 }
 
 #[tokio::test(start_paused = true)]
@@ -271,4 +350,18 @@ async fn closing_rejects_waiters_and_newcomers() {
     admission.close();
     assert_eq!(waiting.await.unwrap().unwrap_err(), Rejected::ShuttingDown);
     assert_eq!(admission.acquire(ticket("m", 3)).await.unwrap_err(), Rejected::ShuttingDown);
+}
+
+#[tokio::test(start_paused = true)]
+async fn learned_limits_and_lanes_outlive_idleness() {
+    let admission = admission(100, &[("m", 50)], 100);
+    let mut held = Vec::new();
+    for client in 0..4 {
+        held.push(admission.acquire(ticket("m", client)).await.unwrap());
+    }
+    held[0].report(Signal::Throttled { retry_after: None });
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let lane = admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
+    assert_eq!(lane.limit, Some(3), "kept while idle");
 }

@@ -49,6 +49,14 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Client connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Request bodies held in memory at once, all requests together (they wait in the queue with their
+    /// request); beyond it new requests get 503 `sluice_queue_full`. At least `max_body_bytes`.
+    pub max_buffered_bytes: usize,
+    /// A client connection with no request in progress and no traffic for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +68,9 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             body_read_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 16_384,
+            max_buffered_bytes: 512 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -84,6 +95,12 @@ pub struct UpstreamConfig {
     /// How long an unused pooled upstream connection is kept open.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// How long a request keeps retrying when the upstream cannot be reached at all (DNS, refused, TLS)
+    /// before it gets 502 `sluice_upstream_unreachable`.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_wait: Duration,
+    /// Request paths forwarded upstream (prefixes). Anything else gets 404 `sluice_not_found` from sluice.
+    pub paths: Vec<String>,
     /// The key in use, read from `api_key_file`, `$CREDENTIALS_DIRECTORY` or `DEEPSEEK_API_KEY`;
     /// never read from the config file and shown only redacted.
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
@@ -99,6 +116,10 @@ impl Default for UpstreamConfig {
             header_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
             pool_idle_timeout: Duration::from_secs(90),
+            unreachable_wait: Duration::from_secs(30),
+            paths: ["/v1/", "/beta/", "/chat/", "/completions", "/models", "/user/balance", "/anthropic/"]
+                .map(String::from)
+                .to_vec(),
             api_key: None,
         }
     }
@@ -221,7 +242,7 @@ impl Default for RetryConfig {
     fn default() -> Self {
         Self {
             on_status: vec![429, 500, 502, 503, 504],
-            base_delay: Duration::from_millis(250),
+            base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(30),
         }
     }
@@ -261,6 +282,9 @@ pub enum ConfigError {
     Io { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
 }
 
+/// The longest duration any key accepts (longer ones are mistakes, and overflow time arithmetic).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 fn invalid(key: impl Into<String>, value: impl std::fmt::Display, expected: &str) -> ConfigError {
     ConfigError::Invalid { key: key.into(), value: value.to_string(), expected: expected.into() }
 }
@@ -289,20 +313,52 @@ impl Config {
         if !(8192..=16 * 1024 * 1024).contains(&self.server.max_header_bytes) {
             return Err(invalid("server.max_header_bytes", self.server.max_header_bytes, "8192 to 16777216"));
         }
-        let positive = [
+        let durations = [
             ("server.header_read_timeout", self.server.header_read_timeout),
             ("server.body_read_timeout", self.server.body_read_timeout),
+            ("server.idle_timeout", self.server.idle_timeout),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.header_timeout", self.upstream.header_timeout),
             ("upstream.idle_timeout", self.upstream.idle_timeout),
+            ("upstream.unreachable_wait", self.upstream.unreachable_wait),
             ("queue.max_wait", self.queue.max_wait),
             ("retry.base_delay", self.retry.base_delay),
             ("retry.max_delay", self.retry.max_delay),
         ];
-        for (key, value) in positive {
+        for (key, value) in durations {
             if value.is_zero() {
                 return Err(invalid(key, "0s", "a duration longer than zero, such as \"500ms\" or \"10m\""));
             }
+        }
+        let bounded = durations.into_iter().chain([
+            ("server.shutdown_grace", self.server.shutdown_grace),
+            ("upstream.pool_idle_timeout", self.upstream.pool_idle_timeout),
+        ]);
+        for (key, value) in bounded {
+            if value > MAX_DURATION {
+                return Err(invalid(
+                    key,
+                    humantime::format_duration(value),
+                    "at most 7 days, such as \"10m\" or \"24h\"",
+                ));
+            }
+        }
+        if self.server.max_connections == 0 {
+            return Err(invalid("server.max_connections", 0, "at least 1"));
+        }
+        if self.server.max_buffered_bytes < self.server.max_body_bytes {
+            return Err(invalid(
+                "server.max_buffered_bytes",
+                self.server.max_buffered_bytes,
+                "at least server.max_body_bytes",
+            ));
+        }
+        if let Some(path) = self.upstream.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(invalid(
+                "upstream.paths",
+                format!("{path:?}"),
+                "path prefixes starting with \"/\", such as \"/v1/\"",
+            ));
         }
         if self.retry.base_delay > self.retry.max_delay {
             return Err(invalid(
@@ -389,6 +445,16 @@ mod tests {
         config.limits.aliases.insert("x".into(), "nope".into());
         let message = config.validate().unwrap_err().to_string();
         assert!(message.contains("limits.aliases") && message.contains("nope"), "{message}");
+
+        let mut config = Config::default();
+        config.queue.max_wait = Duration::from_secs(1_000_000 * 365 * 24 * 3600);
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("queue.max_wait") && message.contains("7 days"), "{message}");
+
+        let mut config = Config::default();
+        config.server.max_buffered_bytes = 10;
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains("server.max_buffered_bytes"), "{message}");
     }
 
     #[test]

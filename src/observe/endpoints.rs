@@ -118,6 +118,22 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             (name, json!({ "inflight": inflight, "limit": limit, "configured_limit": configured }))
         })
         .collect();
+    // Every lane (account × model) in use, with what holds it back.
+    let lanes: Vec<Value> = snapshot
+        .lanes
+        .iter()
+        .map(|lane| {
+            json!({
+                "account": lane.account,
+                "model": lane.label(),
+                "inflight": lane.inflight,
+                "limit": lane.limit,
+                "configured_limit": lane.configured,
+                "probing": lane.probing,
+                "why": lane.why,
+            })
+        })
+        .collect();
     let by_priority: serde_json::Map<String, Value> = Priority::ALL
         .iter()
         .map(|p| (p.as_str().to_string(), json!(snapshot.queued_by_priority[*p as usize])))
@@ -142,7 +158,8 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "burst": snapshot.rate.map(|(_, burst)| burst),
             "max_wait_seconds": config.queue.max_wait.as_secs_f64(),
         },
-        "cooldown": { "active": snapshot.cooldown_active, "total_seconds": snapshot.cooldown_total.as_secs_f64() },
+        "probing": { "lanes": snapshot.probing_lanes(), "total_seconds": snapshot.probing_total().as_secs_f64() },
+        "lanes": lanes,
         "totals": {
             "requests": requests,
             "upstream_attempts": load(&totals.attempts),

@@ -22,7 +22,7 @@ use crate::admission::{Admission, Priority, UNKNOWN_MODEL};
 use crate::config::LimitsConfig;
 
 /// How a request ended, for `sluice_requests_total{outcome}` (a fixed set).
-pub const OUTCOMES: [&str; 9] = [
+pub const OUTCOMES: [&str; 11] = [
     "success",
     "client_error",
     "upstream_error",
@@ -32,6 +32,8 @@ pub const OUTCOMES: [&str; 9] = [
     "deadline_exceeded",
     "shutting_down",
     "rejected",
+    "internal_error",
+    "cancelled",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +90,7 @@ pub struct Metrics {
     absorbed_429: Counter,
     retries: Family<ReasonLabels, Counter>,
     stream_errors: Counter,
+    panics: Counter,
     queue_wait: Histogram,
     ttfb: Histogram,
     duration: Histogram,
@@ -111,6 +114,7 @@ impl Metrics {
             absorbed_429: Counter::default(),
             retries: Family::default(),
             stream_errors: Counter::default(),
+            panics: Counter::default(),
             queue_wait: Histogram::new(WAIT_BUCKETS),
             ttfb: Histogram::new(LATENCY_BUCKETS),
             duration: Histogram::new(LATENCY_BUCKETS),
@@ -132,6 +136,11 @@ impl Metrics {
             "stream_errors",
             "Responses whose upstream broke or stalled mid-way",
             metrics.stream_errors.clone(),
+        );
+        registry.register(
+            "panics",
+            "Requests that hit a bug inside sluice and were answered 500 sluice_internal_error",
+            metrics.panics.clone(),
         );
         registry.register(
             "queue_wait_seconds",
@@ -203,6 +212,11 @@ impl Metrics {
         for reason in reasons {
             drop(self.retries.get_or_create(&ReasonLabels { reason }));
         }
+    }
+
+    /// A request panicked and was rescued into a 500.
+    pub fn panicked(&self) {
+        self.panics.inc();
     }
 
     pub fn retry(&self, reason: &'static str) {
@@ -289,20 +303,26 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
         }
         // Lanes by bounded label: configured models by name, the rest summed into "unknown" / "other".
         // The limit shown is the one in force (learned when adaptive, else configured).
-        let mut lanes: Vec<(String, i64, Option<i64>)> = Vec::new();
+        let mut lanes: Vec<(String, i64, Option<i64>, bool, f64)> = Vec::new();
         for lane in &snapshot.lanes {
             let label = lane.label().to_string();
             let limit = lane.configured.and(lane.limit).map(|l| l as i64);
-            match lanes.iter_mut().find(|(l, _, _)| *l == label) {
-                Some(entry) => entry.1 += lane.inflight as i64,
-                None => lanes.push((label, lane.inflight as i64, limit)),
+            let seconds = lane.probing_total.as_secs_f64();
+            match lanes.iter_mut().find(|(l, ..)| *l == label) {
+                Some(entry) => {
+                    entry.1 += lane.inflight as i64;
+                    entry.2 = entry.2.zip(limit).map(|(a, b)| a + b).or(entry.2).or(limit);
+                    entry.3 |= lane.probing;
+                    entry.4 += seconds;
+                }
+                None => lanes.push((label, lane.inflight as i64, limit, lane.probing, seconds)),
             }
         }
         let mut inflight =
             encoder.encode_descriptor("inflight", "Upstream requests in flight, by model", None, MetricType::Gauge)?;
         ConstGauge::new(snapshot.inflight as i64)
             .encode(inflight.encode_family(&ModelLabels { model: "all".into() })?)?;
-        for (model, count, _) in &lanes {
+        for (model, count, ..) in &lanes {
             ConstGauge::new(*count).encode(inflight.encode_family(&ModelLabels { model: model.clone() })?)?;
         }
         let mut limit = encoder.encode_descriptor(
@@ -313,7 +333,7 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
         )?;
         ConstGauge::new(snapshot.max_concurrency as i64)
             .encode(limit.encode_family(&ModelLabels { model: "all".into() })?)?;
-        for (model, _, cap) in &lanes {
+        for (model, _, cap, ..) in &lanes {
             if let Some(cap) = cap {
                 ConstGauge::new(*cap).encode(limit.encode_family(&ModelLabels { model: model.clone() })?)?;
             }
@@ -325,18 +345,26 @@ impl prometheus_client::collector::Collector for AdmissionCollector {
             None,
             MetricType::Gauge,
         )?)?;
-        ConstGauge::new(i64::from(snapshot.cooldown_active)).encode(encoder.encode_descriptor(
-            "cooldown_active",
-            "1 while a shared cooldown pauses dispatch",
+        let mut probing = encoder.encode_descriptor(
+            "lane_probing",
+            "1 while a lane (model) is throttled and probes one request at a time",
             None,
             MetricType::Gauge,
-        )?)?;
-        ConstCounter::new(snapshot.cooldown_total.as_secs_f64()).encode(encoder.encode_descriptor(
-            "cooldown_seconds",
-            "Time dispatch was paused by shared cooldowns",
+        )?;
+        for (model, _, _, lane_probing, _) in &lanes {
+            ConstGauge::new(i64::from(*lane_probing))
+                .encode(probing.encode_family(&ModelLabels { model: model.clone() })?)?;
+        }
+        let mut probing_seconds = encoder.encode_descriptor(
+            "lane_probing_seconds",
+            "Time lanes (models) spent probing after throttles",
             None,
             MetricType::Counter,
-        )?)?;
+        )?;
+        for (model, _, _, _, seconds) in &lanes {
+            ConstCounter::new(*seconds)
+                .encode(probing_seconds.encode_family(&ModelLabels { model: model.clone() })?)?;
+        }
         Ok(())
     }
 }

@@ -44,7 +44,11 @@ pub struct RequestLog {
     pub ttfb_ms: Option<u64>,
     /// The `type` of sluice's own error, when it answered with one.
     pub error: Option<&'static str>,
+    /// The request's outcome (`sluice_requests_total{outcome}`).
+    pub outcome: &'static str,
     started: Instant,
+    /// A placeholder that writes nothing.
+    silent: bool,
     bytes: u64,
     end: End,
     /// Set for upstream bodies: the tail where `usage` is looked for.
@@ -69,12 +73,28 @@ impl RequestLog {
             upstream_status: None,
             ttfb_ms: None,
             error: None,
+            outcome: "-",
             started,
+            silent: false,
             bytes: 0,
             end: End::ClientGone,
             usage: None,
             metrics: None,
         }
+    }
+
+    /// A record that writes nothing (what is left behind when the real one moves on).
+    pub fn detached() -> Self {
+        let mut log = Self::new(String::new(), Method::GET, "", Instant::now());
+        log.silent = true;
+        log
+    }
+
+    /// The client went away before the request was answered (while it waited or backed off).
+    pub fn cancelled(&mut self, queue_ms: u64, attempts: u32) {
+        self.outcome = "cancelled";
+        self.queue_ms = queue_ms;
+        self.attempts = attempts;
     }
 
     /// When the request arrived.
@@ -106,6 +126,9 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
+        if self.silent {
+            return;
+        }
         let usage = self.usage.as_ref().and_then(UsageTail::usage);
         let duration = self.started.elapsed();
         if let Some(metrics) = &self.metrics {
@@ -125,6 +148,7 @@ impl Drop for RequestLog {
             duration_ms = duration.as_millis() as u64,
             bytes = self.bytes,
             end,
+            outcome = self.outcome,
             model = self.model.as_deref().unwrap_or("-"),
             stream = self.stream,
             client = format_args!("{:016x}", self.client),

@@ -1,6 +1,7 @@
-//! The retry loop — where a 429 gets retried. Every attempt passes admission, is sent upstream and is
-//! classified; a retry waits (the shared cooldown for throttles, its own jittered backoff otherwise, never
-//! less than the upstream's Retry-After) until the request gets a deliverable response or its deadline passes.
+//! The retry loop — where a 429 gets retried. Each round: admission (first tries and retries alike) →
+//! one upstream attempt → its outcome, told to its lane → the policy's verdict (`policy.rs`): deliver,
+//! back to the queue, back off, or give up. Every wait is bounded by the request's deadline and by the
+//! end of a shutdown drain.
 
 use std::time::Duration;
 
@@ -9,8 +10,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::policy::{self, GiveUp, Outcome, Situation, Verdict};
 use super::request::{Inspection, Outgoing};
-use super::retry::{self, Decision};
 use super::{Generation, Proxy};
 use crate::admission::{Permit, Rejected, Ticket, Window};
 use crate::error::ProxyError;
@@ -29,6 +30,8 @@ pub struct Progress {
     pub throttled: u32,
     /// Time to the delivered response's headers.
     pub ttfb: Option<Duration>,
+    /// When the request's current run of connection failures began.
+    pub unreachable_since: Option<Instant>,
 }
 
 /// A retried response body is read (up to this much, for this long) so its connection can be reused.
@@ -46,10 +49,10 @@ impl Proxy {
         deadline: Instant,
         progress: &mut Progress,
     ) -> Result<(Response<Incoming>, Permit), ProxyError> {
-        let retry_config = &generation.config.retry;
-        let mut last_connection_error: Option<SendError> = None;
+        let config = &generation.config;
+        let mut last_error: Option<SendError> = None;
         loop {
-            // Admission: first attempts and retries alike; a retry keeps its place ahead of newer requests.
+            // 1. Admission: a retry keeps its place ahead of its client's newer requests.
             let ticket = Ticket {
                 model: seen.model.as_deref(),
                 client: seen.client,
@@ -58,87 +61,118 @@ impl Proxy {
                 retry: progress.attempts > 0,
             };
             let waiting = Instant::now();
-            let admitted = self.admission.acquire(ticket).await;
+            let admitted = tokio::select! {
+                admitted = self.admission.acquire(ticket) => admitted,
+                () = self.stop.wait() => Err(Rejected::ShuttingDown),
+            };
             progress.waited += waiting.elapsed();
-            let mut permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_connection_error.take()))?;
+            let mut permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_error.take()))?;
 
-            // One upstream attempt, classified.
+            // 2. One attempt, bounded by the header timeout and the end of a drain.
             progress.attempts += 1;
             let sent = Instant::now();
-            // Boxed: a queued request then carries no room for the (larger) send state.
-            let outcome = Box::pin(generation.upstream.send(outgoing.attempt())).await;
-            let ttfb = sent.elapsed();
-            let decision = match &outcome {
+            let result = tokio::select! {
+                // Boxed: a queued request then carries no room for the (larger) send state.
+                result = Box::pin(generation.upstream.send(outgoing.attempt())) => result,
+                () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
+            };
+            let rtt = sent.elapsed();
+
+            // 3. Its outcome, told to the lane and the metrics.
+            let outcome = match &result {
                 Ok(response) => {
-                    progress.last_status = Some(response.status().as_u16());
-                    progress.throttled += u32::from(response.status() == http::StatusCode::TOO_MANY_REQUESTS);
-                    self.metrics.attempt(response.status().as_str(), Some(ttfb));
-                    retry::classify_status(response.status(), response.headers(), &retry_config.on_status)
+                    let status = response.status();
+                    progress.last_status = Some(status.as_u16());
+                    progress.throttled += u32::from(status == http::StatusCode::TOO_MANY_REQUESTS);
+                    progress.unreachable_since = None;
+                    self.metrics.attempt(status.as_str(), Some(rtt));
+                    if let Some(window) = Window::from_headers(response.headers()) {
+                        permit.paced(window);
+                    }
+                    Outcome::of_response(status, response.headers(), rtt)
                 }
                 Err(err) => {
                     self.metrics.attempt(err.label(), None);
-                    retry::classify_error(err)
+                    if matches!(err, SendError::Connect(_)) {
+                        progress.unreachable_since.get_or_insert(sent);
+                        generation.upstream.unreachable(err);
+                    }
+                    Outcome::of_error(err)
                 }
             };
-            if let Some(window) = outcome.as_ref().ok().and_then(|r| Window::from_headers(r.headers())) {
-                permit.paced(window);
+            let on_status = &config.retry.on_status;
+            if let Some(signal) = policy::signal(outcome, on_status) {
+                permit.report(signal);
             }
-            let (reason, retry_after) = match (decision, outcome) {
-                (Decision::Retry { reason, retry_after }, outcome) => {
-                    if reason.pauses_everyone() {
-                        permit.throttled(retry_after);
-                    }
-                    drop(permit); // the failed attempt's slot goes back before anyone waits
-                    match outcome {
-                        Ok(response) => {
-                            last_connection_error = None;
-                            Box::pin(drain(response)).await;
-                        }
-                        Err(err) => last_connection_error = Some(err),
-                    }
-                    (reason, retry_after)
-                }
-                (_, Ok(response)) => {
-                    progress.ttfb = Some(ttfb);
-                    if response.status().is_success() {
-                        permit.succeeded(ttfb);
-                    }
+
+            // 4. The verdict.
+            let situation = Situation {
+                on_status,
+                attempts: progress.attempts,
+                now: Instant::now(),
+                deadline,
+                unreachable_since: progress.unreachable_since,
+                unreachable_wait: config.upstream.unreachable_wait,
+                base_delay: config.retry.base_delay,
+                max_delay: config.retry.max_delay,
+            };
+            let verdict = policy::decide(outcome, &situation);
+            let response = match (verdict, result) {
+                (Verdict::Deliver, Ok(response)) => {
+                    progress.ttfb = Some(rtt);
                     return Ok((response, permit));
                 }
-                (_, Err(SendError::HeaderTimeout(waited))) => return Err(ProxyError::UpstreamTimeout(waited)),
-                (_, Err(err)) => return Err(ProxyError::UpstreamUnreachable(err.to_string())),
+                (Verdict::GiveUp(why), result) => {
+                    drop(permit);
+                    return Err(given_up(why, progress, result.err()));
+                }
+                (_, Ok(response)) => Some(response),
+                (_, Err(err)) => {
+                    last_error = Some(err);
+                    None
+                }
             };
-
-            // Backoff: every retry waits its own jittered backoff, never less than the upstream's
-            // Retry-After, so a throttled request cannot spin. A throttle also slowed everyone down above
-            // (`permit.throttled`): the model's learned limit dropped, or without one, all dispatch pauses.
-            let floor = retry_after.unwrap_or_default().min(retry_config.max_delay);
-            let delay = retry::backoff(progress.attempts, retry_config.base_delay, retry_config.max_delay).max(floor);
-            self.metrics.retry(reason.as_str());
+            drop(permit); // the failed attempt's slot goes back before anyone waits
+            if let Some(response) = response {
+                last_error = None;
+                Box::pin(drain(response)).await;
+            }
+            let delay = match verdict {
+                Verdict::Requeue(reason) => {
+                    self.metrics.retry(reason.as_str());
+                    None
+                }
+                Verdict::Backoff(reason, delay) => {
+                    self.metrics.retry(reason.as_str());
+                    Some(delay)
+                }
+                Verdict::Deliver | Verdict::GiveUp(_) => None,
+            };
             tracing::debug!(
                 attempt = progress.attempts,
-                reason = reason.as_str(),
                 status = progress.last_status,
-                delay_ms = delay.as_millis() as u64,
+                delay_ms = delay.map(|d| d.as_millis() as u64),
                 "retrying upstream request"
             );
-            if Instant::now() + delay >= deadline {
-                let retry_after = delay.as_secs().max(1);
-                return Err(gave_up(Rejected::DeadlineExceeded { retry_after }, progress, last_connection_error));
+            if let Some(delay) = delay {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
+                }
+                progress.waited += delay;
             }
-            tokio::time::sleep(delay).await;
-            progress.waited += delay;
         }
     }
 }
 
 /// Turns an admission rejection into the client's error. At the deadline, a request whose last attempt
 /// could not reach the upstream reports that (502); otherwise the last upstream status (503).
-fn gave_up(rejected: Rejected, progress: &Progress, last_connection_error: Option<SendError>) -> ProxyError {
+fn gave_up(rejected: Rejected, progress: &Progress, last_error: Option<SendError>) -> ProxyError {
     match rejected {
         Rejected::QueueFull { depth, retry_after } => ProxyError::QueueFull { depth, retry_after },
         Rejected::ShuttingDown => ProxyError::ShuttingDown,
-        Rejected::DeadlineExceeded { retry_after } => match last_connection_error {
+        Rejected::Internal => ProxyError::Internal("admission failed".into()),
+        Rejected::DeadlineExceeded { retry_after } => match last_error {
             Some(err) => {
                 ProxyError::UpstreamUnreachable(format!("{err} (gave up after {} attempts)", progress.attempts))
             }
@@ -149,6 +183,20 @@ fn gave_up(rejected: Rejected, progress: &Progress, last_connection_error: Optio
                 retry_after,
             },
         },
+    }
+}
+
+/// The client's error when the policy gives up.
+fn given_up(why: GiveUp, progress: &Progress, last_error: Option<SendError>) -> ProxyError {
+    match (why, last_error) {
+        (GiveUp::HeaderTimeout, Some(SendError::HeaderTimeout(waited))) => ProxyError::UpstreamTimeout(waited),
+        (GiveUp::HeaderTimeout, _) => ProxyError::UpstreamTimeout(Duration::ZERO),
+        (GiveUp::Unreachable, err) => ProxyError::UpstreamUnreachable(format!(
+            "{} (gave up after {} attempts)",
+            err.map_or_else(|| "no connection".to_string(), |e| e.to_string()),
+            progress.attempts
+        )),
+        (GiveUp::Deadline, err) => gave_up(Rejected::DeadlineExceeded { retry_after: 1 }, progress, err),
     }
 }
 

@@ -1,8 +1,11 @@
 //! The body sluice sends back: its own small JSON, or the upstream's body forwarded frame by frame as it
 //! arrives. It carries the request's admission permit and log record, so the slot is held — and the log
-//! line written — until the last byte has gone to the client or the client has gone away.
+//! line written — until the last byte has gone to the client or the client has gone away. An SSE body is
+//! forwarded event-aligned (`sse.rs`), so that a stream that breaks, stalls or is stopped by a shutdown
+//! ends with one well-formed error event; any other body is aborted instead.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,6 +15,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::sse::Aligner;
+use super::stop::StopWatch;
 use crate::admission::Permit;
 use crate::error::error_event;
 use crate::observe::{End, RequestLog};
@@ -26,6 +31,8 @@ pub struct ResponseBody {
     permit: Option<Permit>,
     /// Written when the body is dropped: the one log line per request.
     log: Option<RequestLog>,
+    /// Told when the body is dropped (the connection's count of requests in progress).
+    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 enum Kind {
@@ -40,47 +47,20 @@ struct UpstreamStream {
     /// Fires when no frame came for `idle_timeout`; re-armed lazily from `last_frame`.
     idle: Pin<Box<Sleep>>,
     last_frame: Instant,
-    /// Set for `text/event-stream` responses: a broken stream then ends with an in-band error event.
-    sse: Option<SseTail>,
+    /// Set for readable `text/event-stream` responses: forwarded event-aligned, a broken stream then ends
+    /// with an in-band error event.
+    sse: Option<Aligner>,
+    /// The end of a shutdown drain.
+    stop: StopWatch,
     ended: bool,
     /// Set when the stream ended through a failure rather than the upstream's own end.
     broke: bool,
 }
 
-/// Just enough of an SSE stream's past to end it cleanly: the last two bytes and whether `[DONE]` came.
-#[derive(Default)]
-struct SseTail {
-    last: [u8; 2],
-    done: bool,
-}
-
-impl SseTail {
-    fn observe(&mut self, chunk: &[u8]) {
-        if chunk.len() >= 2 {
-            self.last = [chunk[chunk.len() - 2], chunk[chunk.len() - 1]];
-        } else if let Some(&byte) = chunk.last() {
-            self.last = [self.last[1], byte];
-        }
-        if !self.done {
-            self.done = chunk.windows(12).any(|w| w == b"data: [DONE]");
-        }
-    }
-
-    /// What must precede a new event so that it starts on a fresh line after a finished event.
-    fn separator(&self) -> &'static [u8] {
-        match self.last {
-            [_, 0] => b"",
-            [b'\n', b'\n'] => b"",
-            [_, b'\n'] => b"\n",
-            _ => b"\n\n",
-        }
-    }
-}
-
 impl ResponseBody {
     /// A complete body held in memory (sluice's own answers).
     pub fn full(bytes: Bytes) -> Self {
-        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None }
+        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None, on_drop: None }
     }
 
     /// A whole response of sluice's own: status, content type and body.
@@ -91,19 +71,20 @@ impl ResponseBody {
         response
     }
 
-    /// The upstream's body, forwarded as it arrives. `sse` turns on the in-band error event.
-    pub fn upstream(incoming: Incoming, idle_timeout: Duration, sse: bool) -> Self {
+    /// The upstream's body, forwarded as it arrives. `sse` turns on event alignment and the error event.
+    pub fn upstream(incoming: Incoming, idle_timeout: Duration, sse: bool, stop: StopWatch) -> Self {
         let now = Instant::now();
         let stream = UpstreamStream {
             incoming,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
             last_frame: now,
-            sse: sse.then(SseTail::default),
+            sse: sse.then(Aligner::default),
+            stop,
             ended: false,
             broke: false,
         };
-        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None }
+        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None, on_drop: None }
     }
 
     /// Hands the body the permit to hold until it ends.
@@ -114,6 +95,11 @@ impl ResponseBody {
     /// Hands the body the log record to complete and write when it ends.
     pub fn log_to(&mut self, log: RequestLog) {
         self.log = Some(log);
+    }
+
+    /// Runs `done` when the body is dropped.
+    pub fn on_drop(&mut self, done: impl FnOnce() + Send + Sync + 'static) {
+        self.on_drop = Some(Box::new(done));
     }
 
     fn finish(&mut self, end: End) {
@@ -128,6 +114,44 @@ impl ResponseBody {
             log.sent(chunk);
         }
     }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match &mut self.kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(stream) => stream.poll_next(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent(data);
+                }
+                // A body of known length is complete with its last byte; hyper does not poll it again.
+                if self.is_end_stream() {
+                    let end = if self.broke() { End::UpstreamBroken } else { End::Complete };
+                    self.finish(end);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(End::UpstreamBroken),
+            Poll::Ready(None) => {
+                let end = if self.broke() { End::UpstreamBroken } else { End::Complete };
+                self.finish(end);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn broke(&self) -> bool {
+        matches!(&self.kind, Kind::Upstream(stream) if stream.broke())
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(done) = self.on_drop.take() {
+            done();
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -136,27 +160,16 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = match &mut this.kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(stream) => stream.poll_next(cx),
-        };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.sent(data);
-                }
+        // A bug here must not take down the connection (and every HTTP/2 stream on it): end this body.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| this.poll_inner(cx))) {
+            Ok(polled) => polled,
+            Err(_) => {
+                tracing::error!("a response body failed; aborting it");
+                this.kind = Kind::Full(None);
+                this.finish(End::UpstreamBroken);
+                Poll::Ready(Some(Err("sluice failed while forwarding the response".into())))
             }
-            Poll::Ready(Some(Err(_))) => this.finish(End::UpstreamBroken),
-            Poll::Ready(None) => {
-                let end = match &this.kind {
-                    Kind::Upstream(stream) if stream.broke() => End::UpstreamBroken,
-                    _ => End::Complete,
-                };
-                this.finish(end);
-            }
-            Poll::Pending => {}
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -184,6 +197,8 @@ enum StreamBroke {
     Upstream(hyper::Error),
     #[error("the upstream stream stalled: no data for {}", humantime::format_duration(*.0))]
     Stalled(Duration),
+    #[error("sluice is shutting down; the stream was cut")]
+    ShuttingDown,
 }
 
 impl UpstreamStream {
@@ -191,29 +206,48 @@ impl UpstreamStream {
         if self.ended {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.incoming).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                self.last_frame = Instant::now();
-                if let (Some(tail), Some(data)) = (&mut self.sse, frame.data_ref()) {
-                    tail.observe(data);
+        if self.stop.poll_triggered(cx) {
+            return Poll::Ready(self.broken(StreamBroke::ShuttingDown));
+        }
+        loop {
+            match Pin::new(&mut self.incoming).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    self.last_frame = Instant::now();
+                    let frame = match (&mut self.sse, frame.into_data()) {
+                        (Some(aligner), Ok(data)) => match aligner.push(data) {
+                            Some(events) => Frame::data(events),
+                            None => continue, // only part of an event so far
+                        },
+                        (None, Ok(data)) => Frame::data(data),
+                        (_, Err(frame)) => frame,
+                    };
+                    if self.incoming.is_end_stream() && self.sse.is_none() {
+                        self.ended = true;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(self.broken(StreamBroke::Upstream(err))),
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    let rest = self.sse.as_mut().and_then(Aligner::finish);
+                    return Poll::Ready(rest.map(|bytes| Ok(Frame::data(bytes))));
+                }
+                Poll::Pending => return self.poll_stall(cx),
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(self.broken(StreamBroke::Upstream(err))),
-            Poll::Ready(None) => {
-                self.ended = true;
-                Poll::Ready(None)
+        }
+    }
+
+    /// While the upstream sends nothing: has it been silent for `idle_timeout`?
+    fn poll_stall(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if self.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            Poll::Pending => loop {
-                if self.idle.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                let deadline = self.last_frame + self.idle_timeout;
-                if deadline <= Instant::now() {
-                    return Poll::Ready(self.broken(StreamBroke::Stalled(self.idle_timeout)));
-                }
-                self.idle.as_mut().reset(deadline);
-            },
+            let deadline = self.last_frame + self.idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(self.broken(StreamBroke::Stalled(self.idle_timeout)));
+            }
+            self.idle.as_mut().reset(deadline);
         }
     }
 
@@ -222,13 +256,18 @@ impl UpstreamStream {
     fn broken(&mut self, why: StreamBroke) -> Option<Result<Frame<Bytes>, BoxError>> {
         self.ended = true;
         self.broke = true;
-        match &self.sse {
-            Some(tail) if tail.done => None, // everything the client needed has arrived
-            Some(tail) => {
+        match &mut self.sse {
+            Some(aligner) if aligner.done() => None, // everything the client needed has arrived
+            Some(aligner) => {
                 tracing::warn!(error = %why, "ending the client's stream with an error event");
-                let event = error_event(&why.to_string(), "sluice_upstream_stream_error");
-                let mut bytes = Vec::with_capacity(event.len() + 2);
-                bytes.extend_from_slice(tail.separator());
+                let kind = match why {
+                    StreamBroke::ShuttingDown => "sluice_shutting_down",
+                    _ => "sluice_upstream_stream_error",
+                };
+                let event = error_event(&why.to_string(), kind);
+                let separator = aligner.abandon();
+                let mut bytes = Vec::with_capacity(event.len() + separator.len());
+                bytes.extend_from_slice(separator);
                 bytes.extend_from_slice(&event);
                 Some(Ok(Frame::data(Bytes::from(bytes))))
             }
@@ -239,8 +278,8 @@ impl UpstreamStream {
         }
     }
 
-    /// True when the stream ended through a failure (an SSE error event was sent).
+    /// True when the stream ended through a failure (an SSE error event was sent, or the body aborted).
     fn broke(&self) -> bool {
-        self.broke && !self.sse.as_ref().is_some_and(|tail| tail.done)
+        self.broke && !self.sse.as_ref().is_some_and(Aligner::done)
     }
 }

@@ -1,12 +1,17 @@
-//! The request path, top to bottom: refuse what is never forwarded → read the bounded body → see who
-//! asks for which model → build the upstream request → admission, upstream, retries → stream the
-//! response back frame by frame. Errors become responses in one place (`ProxyError::into_response`).
+//! The request path, top to bottom: refuse what is never forwarded → check the queue has room → read
+//! the bounded body → see who asks for which model → build the upstream request → admission, upstream,
+//! retries (`attempts.rs`, `policy.rs`) → stream the response back frame by frame. Errors become
+//! responses in one place (`ProxyError::into_response`); a request whose client leaves before its answer
+//! is counted as `cancelled`.
 
 mod attempts;
 mod body;
 mod headers;
+mod policy;
 mod request;
 mod retry;
+mod sse;
+mod stop;
 
 use std::hash::RandomState;
 use std::net::SocketAddr;
@@ -20,9 +25,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 pub use body::{BoxError, ResponseBody};
-pub use request::{CLIENT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER};
+pub use request::{BodyBudget, CLIENT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER};
+pub use stop::Stop;
 
-use crate::admission::{Admission, Permit};
+use crate::admission::{AccountLimits, Admission, Permit};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::observe::{self, Metrics, RequestLog};
@@ -43,6 +49,10 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Keys the client-identity hash; random per process, so hashes mean nothing elsewhere.
     hasher: RandomState,
+    /// Request bodies held in memory, all requests together.
+    budget: Arc<BodyBudget>,
+    /// The end of a shutdown drain: everything still on its way answers now.
+    stop: Arc<Stop>,
 }
 
 /// One generation of the config and the upstream client built from it.
@@ -59,11 +69,20 @@ impl Proxy {
     /// Builds the proxy and starts admission's dispatcher (needs a tokio runtime).
     pub fn new(config: Config) -> Result<Self, BuildError> {
         let upstream = Upstream::new(&config.upstream)?;
-        let admission = Admission::new(&config.limits, &config.queue, &config.retry);
+        warn_cleartext(&upstream, &config);
+        let admission = Admission::new(&config.limits, &config.queue, &config.retry, accounts(&config));
+        let budget = BodyBudget::new(config.server.max_buffered_bytes);
         let current = RwLock::new(Arc::new(Generation { config, upstream }));
         let metrics = Arc::new(Metrics::new(admission.clone()));
         metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));
-        Ok(Self { current, admission, metrics, hasher: RandomState::new() })
+        let stop = Arc::new(Stop::default());
+        Ok(Self { current, admission, metrics, hasher: RandomState::new(), budget, stop })
+    }
+
+    /// Ends the drain: every request still on its way answers now (see `stop.rs`).
+    pub fn stop_all(&self) {
+        self.admission.close();
+        self.stop.trigger();
     }
 
     /// The config and upstream client in force.
@@ -79,7 +98,9 @@ impl Proxy {
         let upstream = if config.upstream == old.config.upstream {
             old.upstream.clone()
         } else {
-            Upstream::new(&config.upstream)?
+            let upstream = Upstream::new(&config.upstream)?;
+            warn_cleartext(&upstream, &config);
+            upstream
         };
         let (new_server, old_server) = (&config.server, &old.config.server);
         let changed = [
@@ -90,7 +111,8 @@ impl Proxy {
             config.log.level != old.config.log.level,
         ];
         let needs_restart = RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c).map(|(key, _)| *key).collect();
-        self.admission.reconfigure(&config.limits, &config.queue, &config.retry);
+        self.admission.reconfigure(&config.limits, &config.queue, &config.retry, accounts(&config));
+        self.budget.set_limit(config.server.max_buffered_bytes);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Generation { config, upstream });
         Ok(needs_restart)
     }
@@ -116,7 +138,9 @@ impl Proxy {
             request.uri().path(),
             Instant::now(),
         );
-        let mut track = Track { request_id, log, progress: Progress::default() };
+        // Should this future be dropped before it answers (the client went away while the request
+        // waited), the track counts it as cancelled.
+        let mut track = Track { request_id, log, progress: Progress::default(), metrics: Some(self.metrics.clone()) };
         let generation = self.current();
         let mut response = match self.forward(&generation, request, peer, &mut track).await {
             Ok(response) => {
@@ -125,37 +149,33 @@ impl Proxy {
                     400.. => "client_error",
                     _ => "success",
                 };
-                self.answered(&track, outcome);
+                track.answered(outcome);
                 response
             }
             Err(err) => {
-                self.answered(&track, err.outcome());
+                track.answered(err.outcome());
                 track.log.error = Some(err.kind());
                 tracing::debug!(request_id = %track.log.request_id, error = %err, "answering with sluice's own error");
                 err.into_response()
             }
         };
-        let Track { request_id, mut log, progress } = track;
+        let (request_id, mut log, progress) = track.into_parts();
         let headers = response.headers_mut();
         headers.insert(REQUEST_ID_HEADER, request_id);
         if progress.attempts > 0 || !progress.waited.is_zero() {
             headers.insert(ATTEMPTS_HEADER, HeaderValue::from(progress.attempts));
-            headers.insert(QUEUE_MS_HEADER, HeaderValue::from(progress.waited.as_millis() as u64));
+            headers.insert(QUEUE_MS_HEADER, HeaderValue::from(millis(progress.waited)));
         }
         log.status = response.status().as_u16();
         log.attempts = progress.attempts;
-        log.queue_ms = progress.waited.as_millis() as u64;
+        log.queue_ms = millis(progress.waited);
         log.upstream_status = progress.last_status;
-        log.ttfb_ms = progress.ttfb.map(|t| t.as_millis() as u64);
-        log.report_to(self.metrics.clone(), progress.ttfb.is_some());
+        log.ttfb_ms = progress.ttfb.map(millis);
+        // Usage is read from the body's plain bytes: not from an upstream's own error, nor a compressed one.
+        let plain = !response.headers().contains_key(header::CONTENT_ENCODING);
+        log.report_to(self.metrics.clone(), progress.ttfb.is_some() && plain);
         response.body_mut().log_to(log);
         response
-    }
-
-    /// Counts the request's outcome once it has its response.
-    fn answered(&self, track: &Track, outcome: &'static str) {
-        let progress = &track.progress;
-        self.metrics.request_answered(outcome, track.log.model_label.clone(), progress.waited, progress.throttled);
     }
 
     async fn forward<B>(
@@ -171,46 +191,107 @@ impl Proxy {
     {
         let config = &generation.config;
         let server = &config.server;
-        // 1. Refuse what sluice never forwards: CONNECT and absolute-form targets (open-proxy attempts).
+        // 1. Refuse what sluice never forwards: CONNECT, absolute-form targets (open-proxy attempts), and
+        //    paths that are not the API's.
         request::refuse_foreign(&request)?;
-        // 2. Read the bounded body: retries re-send it and admission reads its model.
+        let path = request.uri().path();
+        if !config.upstream.paths.iter().any(|prefix| path.starts_with(prefix.as_str())) {
+            return Err(ProxyError::NotForwarded(path.chars().take(200).collect()));
+        }
+        // 2. A full queue answers before the body is read.
+        if self.admission.is_full() {
+            return Err(ProxyError::QueueFull { depth: self.admission.snapshot().queued, retry_after: 1 });
+        }
+        // 3. Read the bounded body: retries re-send it and admission reads its model. It holds its share
+        //    of the global body budget until the request ends.
         let (parts, body) = request.into_parts();
         // Boxed, like the upstream send: a queued request then carries no room for this state.
-        let body = Box::pin(tokio::time::timeout(
+        let (body, _budget) = Box::pin(tokio::time::timeout(
             server.body_read_timeout,
-            request::read_body(body, &parts.headers, server.max_body_bytes),
+            request::read_body(body, &parts.headers, server.max_body_bytes, &self.budget),
         ))
         .await
         .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time".into()))??;
-        // 3. Who asks, for which model, how urgently.
+        // 4. Who asks, for which model, how urgently.
         let seen = Inspection::new(&parts.headers, &body, peer, &self.hasher);
         track.log.model = seen.model.as_deref().map(Arc::from);
         track.log.model_label = observe::model_label(seen.model.as_deref(), &config.limits);
         track.log.stream = seen.stream;
         track.log.client = seen.client;
-        // 4. The upstream request, built once: header hygiene, key injection, the configured origin only.
+        // 5. The upstream request, built once: header hygiene, key injection, the configured origin only.
         //    It takes the client's request head, so nothing of hyper's read buffer stays pinned.
         let outgoing =
             Outgoing::new(parts, body, &generation.upstream, config.upstream.api_key.as_ref(), &track.request_id)?;
-        // 5. Admission, the upstream, retries — until a deliverable response or a final error.
-        let deadline = track.log.started() + config.queue.max_wait;
+        // 6. Admission, the upstream, retries — until a deliverable response or a final error.
+        let deadline = track.log.started().checked_add(config.queue.max_wait).unwrap_or_else(Instant::now);
         let (response, permit) =
             self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress).await?;
-        // 6. Stream the response back frame by frame; the body holds the slot until it ends.
-        Ok(stream_back(response, permit, config.upstream.idle_timeout))
+        // 7. Stream the response back frame by frame; the body holds the slot until it ends.
+        Ok(stream_back(response, permit, config.upstream.idle_timeout, &self.stop))
     }
 }
 
-/// What is tracked about one request along its path.
+/// Milliseconds for a header or a log field, saturating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The accounts admission serves (one default account until several are configured).
+fn accounts(_config: &Config) -> Vec<AccountLimits> {
+    Vec::new()
+}
+
+/// Says so at startup and reload when the key would travel in clear text.
+fn warn_cleartext(upstream: &Upstream, config: &Config) {
+    if let Some(warning) = upstream.cleartext_warning(config.upstream.api_key.is_some()) {
+        tracing::warn!("{warning}");
+    }
+}
+
+/// What is tracked about one request along its path. Dropped before it was answered — the client went
+/// away while the request waited or backed off — it records the outcome `cancelled`.
 struct Track {
     request_id: HeaderValue,
     log: RequestLog,
     progress: Progress,
+    /// Set until the request is answered.
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Track {
+    /// Counts the request's outcome once it has its response.
+    fn answered(&mut self, outcome: &'static str) {
+        self.log.outcome = outcome;
+        if let Some(metrics) = self.metrics.take() {
+            let progress = &self.progress;
+            metrics.request_answered(outcome, self.log.model_label.clone(), progress.waited, progress.throttled);
+        }
+    }
+
+    fn into_parts(mut self) -> (HeaderValue, RequestLog, Progress) {
+        self.metrics = None;
+        let log = std::mem::replace(&mut self.log, RequestLog::detached());
+        (self.request_id.clone(), log, self.progress)
+    }
+}
+
+impl Drop for Track {
+    fn drop(&mut self) {
+        if self.metrics.is_some() {
+            self.answered("cancelled");
+            self.log.cancelled(millis(self.progress.waited), self.progress.attempts);
+        }
+    }
 }
 
 /// The client's response from the upstream's: hop-by-hop headers dropped, the body forwarded as it
 /// arrives, the admission slot held until the body ends.
-fn stream_back(response: Response<Incoming>, permit: Permit, idle_timeout: Duration) -> Response<ResponseBody> {
+fn stream_back(
+    response: Response<Incoming>,
+    permit: Permit,
+    idle_timeout: Duration,
+    stop: &Arc<Stop>,
+) -> Response<ResponseBody> {
     let (mut parts, incoming) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
@@ -219,11 +300,16 @@ fn stream_back(response: Response<Incoming>, permit: Permit, idle_timeout: Durat
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-    if sse {
+    // An upstream that compressed anyway (sluice asks for identity) is passed through untouched: its
+    // bytes cannot be read for usage, nor gain an error event.
+    let encoded =
+        parts.headers.get(header::CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let readable = sse && !encoded;
+    if readable {
         // A broken stream gains an error event, so it must not promise a length.
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    let mut body = ResponseBody::upstream(incoming, idle_timeout, sse);
+    let mut body = ResponseBody::upstream(incoming, idle_timeout, readable, stop.watch());
     body.hold(permit);
     Response::from_parts(parts, body)
 }

@@ -5,13 +5,15 @@
 use std::borrow::Cow;
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Uri, Version};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 
 use super::headers::{strip_hop_by_hop, strip_prefixed};
@@ -42,8 +44,62 @@ pub fn refuse_foreign<B>(request: &Request<B>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes (413) — early from Content-Length.
-pub async fn read_body<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, ProxyError>
+/// What request bodies held in memory may take, all together (`server.max_buffered_bytes`).
+#[derive(Debug)]
+pub struct BodyBudget {
+    limit: AtomicUsize,
+    used: AtomicUsize,
+}
+
+impl BodyBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { limit: AtomicUsize::new(limit), used: AtomicUsize::new(0) })
+    }
+
+    /// A new limit (reload); what is held stays held.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn reserve(self: &Arc<Self>, held: &mut BudgetHold, bytes: usize) -> Result<(), ProxyError> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .map_err(|_| ProxyError::BodiesFull)?;
+        held.bytes += bytes;
+        Ok(())
+    }
+}
+
+/// Budget a request's body holds; given back when dropped (with the request).
+#[derive(Debug)]
+pub struct BudgetHold {
+    budget: Arc<BodyBudget>,
+    bytes: usize,
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes (413) — early from Content-Length —
+/// and more than the global budget allows (503). The bytes are a copy: a body parsed in one piece is a
+/// slice of the connection's read buffer, and a queued request must not pin that whole buffer.
+pub async fn read_body<B>(
+    body: B,
+    headers: &HeaderMap,
+    limit: usize,
+    budget: &Arc<BodyBudget>,
+) -> Result<(Bytes, BudgetHold), ProxyError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -52,13 +108,27 @@ where
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        // A copy: a body parsed in one piece is a slice of the connection's read buffer, and a queued
-        // request must not pin that whole buffer.
-        Ok(collected) => Ok(Bytes::copy_from_slice(&collected.to_bytes())),
-        Err(err) if err.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(err) => Err(ProxyError::BadRequest(format!("could not read the request body: {err}"))),
+    let mut hold = BudgetHold { budget: budget.clone(), bytes: 0 };
+    let expected = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    budget.reserve(&mut hold, expected)?;
+    let mut bytes = Vec::with_capacity(expected);
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            let err: BoxError = err.into();
+            ProxyError::BadRequest(format!("could not read the request body: {err}"))
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        if bytes.len() + data.len() > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        let beyond = (bytes.len() + data.len()).saturating_sub(hold.bytes);
+        if beyond > 0 {
+            budget.reserve(&mut hold, beyond)?;
+        }
+        bytes.extend_from_slice(&data);
     }
+    Ok((Bytes::from(bytes), hold))
 }
 
 /// What admission and the log need to know about a request.
@@ -130,6 +200,9 @@ impl Outgoing {
         strip_prefixed(&mut client_headers, "x-sluice-");
         client_headers.remove(header::HOST);
         client_headers.remove(header::CONTENT_LENGTH);
+        // Plain bytes back: token accounting, `[DONE]` detection and in-band error events read the body,
+        // and a compressed LLM response saves little next to its generation time.
+        client_headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         let mut headers = HeaderMap::with_capacity(client_headers.len() + 2);
         for (name, value) in &client_headers {
             headers.append(name.clone(), owned(value));

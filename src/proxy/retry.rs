@@ -1,12 +1,10 @@
-//! Retry decisions: which upstream outcomes are retried, which pause everyone (a throttle), how long to
-//! back off (exponential, full jitter), and how to read `Retry-After` / `retry-after-ms`.
-//! Pure functions, tested as tables.
+//! The pieces of a retry: why an attempt is retried (a bounded label), how long a request backs off
+//! (exponential, full jitter), and how to read `Retry-After` / `retry-after-ms` — checked, so no header
+//! value can panic. Pure functions, tested as tables; `policy.rs` puts them together.
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode};
-
-use crate::upstream::SendError;
+use http::HeaderMap;
 
 /// Why an attempt is retried (a bounded label for logs and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,47 +30,6 @@ impl RetryReason {
             Self::Connection => "connection",
         }
     }
-
-    /// Throttles and overloads say something about the whole account: they start the shared cooldown.
-    pub fn pauses_everyone(self) -> bool {
-        matches!(self, Self::Throttled | Self::Overloaded)
-    }
-}
-
-/// What to do with an attempt's outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Give the response to the client, whatever its status.
-    Deliver,
-    /// Try again (if the deadline allows), not before `retry_after` when the upstream named one.
-    Retry { reason: RetryReason, retry_after: Option<Duration> },
-    /// Stop: the client gets sluice's error for this outcome.
-    Fail,
-}
-
-/// Classifies a response status. Statuses not in `on_status` are delivered as they are — 400, 401, 402
-/// and 422 always (config validation keeps them out of `on_status`).
-pub fn classify_status(status: StatusCode, headers: &HeaderMap, on_status: &[u16]) -> Decision {
-    if !on_status.contains(&status.as_u16()) {
-        return Decision::Deliver;
-    }
-    let reason = match status.as_u16() {
-        429 => RetryReason::Throttled,
-        503 => RetryReason::Overloaded,
-        _ => RetryReason::ServerError,
-    };
-    Decision::Retry { reason, retry_after: retry_after(headers) }
-}
-
-/// Classifies a failure to get any response. A header timeout is not retried: the upstream may still be
-/// working on (and billing) the request, and retrying a silent upstream only multiplies the wait.
-pub fn classify_error(err: &SendError) -> Decision {
-    match err {
-        SendError::Connect(_) | SendError::Reset(_) => {
-            Decision::Retry { reason: RetryReason::Connection, retry_after: None }
-        }
-        SendError::HeaderTimeout(_) => Decision::Fail,
-    }
 }
 
 /// Full-jitter backoff before attempt `attempt + 1`: random in [0, min(max, base · 2^(attempt-1))].
@@ -82,16 +39,25 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 }
 
 /// The upstream's requested wait: `retry-after-ms`, else `Retry-After` in seconds or as an HTTP date.
+/// Negative or unreadable values are none; absurdly large ones saturate (callers cap them).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = header_str(headers, "retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        return (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+        return seconds(ms / 1000.0);
     }
     let value = header_str(headers, "retry-after")?;
-    if let Ok(seconds) = value.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    if let Ok(secs) = value.parse::<f64>() {
+        return seconds(secs);
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// A non-negative, non-NaN number of seconds as a duration, saturating instead of panicking.
+fn seconds(value: f64) -> Option<Duration> {
+    if value.is_nan() || value < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -104,56 +70,12 @@ mod tests {
 
     use super::*;
 
-    const DEFAULT: [u16; 5] = [429, 500, 502, 503, 504];
-
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
             map.insert(*name, HeaderValue::from_str(value).unwrap());
         }
         map
-    }
-
-    #[test]
-    fn status_table() {
-        let none = HeaderMap::new();
-        let cases = [
-            (200, Decision::Deliver),
-            (400, Decision::Deliver),
-            (401, Decision::Deliver),
-            (402, Decision::Deliver),
-            (404, Decision::Deliver),
-            (422, Decision::Deliver),
-            (429, Decision::Retry { reason: RetryReason::Throttled, retry_after: None }),
-            (500, Decision::Retry { reason: RetryReason::ServerError, retry_after: None }),
-            (501, Decision::Deliver),
-            (502, Decision::Retry { reason: RetryReason::ServerError, retry_after: None }),
-            (503, Decision::Retry { reason: RetryReason::Overloaded, retry_after: None }),
-            (504, Decision::Retry { reason: RetryReason::ServerError, retry_after: None }),
-        ];
-        for (status, expected) in cases {
-            let status = StatusCode::from_u16(status).unwrap();
-            assert_eq!(classify_status(status, &none, &DEFAULT), expected, "{status}");
-        }
-        assert_eq!(classify_status(StatusCode::BAD_GATEWAY, &none, &[429]), Decision::Deliver);
-    }
-
-    #[test]
-    fn error_table() {
-        assert!(matches!(
-            classify_error(&SendError::Connect("refused".into())),
-            Decision::Retry { reason: RetryReason::Connection, .. }
-        ));
-        assert!(matches!(classify_error(&SendError::Reset("reset".into())), Decision::Retry { .. }));
-        assert_eq!(classify_error(&SendError::HeaderTimeout(Duration::from_secs(1))), Decision::Fail);
-    }
-
-    #[test]
-    fn only_throttles_pause_everyone() {
-        assert!(RetryReason::Throttled.pauses_everyone());
-        assert!(RetryReason::Overloaded.pauses_everyone());
-        assert!(!RetryReason::ServerError.pauses_everyone());
-        assert!(!RetryReason::Connection.pauses_everyone());
     }
 
     #[test]
@@ -173,6 +95,31 @@ mod tests {
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
         assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn hostile_retry_after_values_never_panic() {
+        for value in ["1e20", "1e308", "inf", "-inf", "NaN", "-0", "18446744073709551616", "0x10", "", " 5 "] {
+            let got = retry_after(&headers(&[("retry-after", value)]));
+            let got_ms = retry_after(&headers(&[("retry-after-ms", value)]));
+            for wait in [got, got_ms].into_iter().flatten() {
+                assert!(wait <= Duration::MAX, "{value}");
+            }
+        }
+        assert_eq!(retry_after(&headers(&[("retry-after", "1e20")])), Some(Duration::MAX));
+        assert_eq!(retry_after(&headers(&[("retry-after", "NaN")])), None);
+        // Random bytes and numbers: never a panic.
+        for _ in 0..2000 {
+            let text: String = (0..fastrand::usize(0..24))
+                .map(|_| {
+                    ['0', '1', '9', '.', 'e', 'E', '-', '+', ' ', 'x', 'n', 'a', 'N', 'i', 'f'][fastrand::usize(0..15)]
+                })
+                .collect();
+            let _ = retry_after(&headers(&[("retry-after", &text), ("retry-after-ms", &text)]));
+            let number = format!("{}", f64::from_bits(fastrand::u64(..)));
+            let _ = retry_after(&headers(&[("retry-after", &number)]));
+            let _ = retry_after(&headers(&[("retry-after-ms", &number)]));
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the header timeout. Send errors are typed so the retry loop knows what may have reached the upstream.
 
 use std::error::Error as StdError;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,7 +60,19 @@ pub struct Upstream {
     /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
     base_path: Arc<str>,
     header_timeout: Duration,
+    /// Connection failures, for a warning that is said at once and then at most once a minute.
+    unreachable: Arc<Mutex<UnreachableLog>>,
 }
+
+/// When connection failures were last told, and how many since.
+#[derive(Debug, Default)]
+struct UnreachableLog {
+    last_warned: Option<tokio::time::Instant>,
+    since_warned: u64,
+}
+
+/// At most one unreachable warning this often.
+const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, BuildError> {
@@ -89,7 +101,32 @@ impl Upstream {
             origin: Arc::from(format!("{scheme}://{authority}")),
             base_path: Arc::from(base.path().trim_end_matches('/')),
             header_timeout: config.header_timeout,
+            unreachable: Arc::default(),
         })
+    }
+
+    /// A warning when the key would travel in clear text: `http://` to a host that is not loopback.
+    pub fn cleartext_warning(&self, has_key: bool) -> Option<String> {
+        let (scheme, authority) = self.origin.split_once("://")?;
+        let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host).trim_matches(['[', ']']);
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        (scheme == "http" && !loopback && has_key).then(|| {
+            format!("upstream.base_url is plain http:// to {host}: the API key travels unencrypted; use https://")
+        })
+    }
+
+    /// An attempt could not connect: warn at once, then at most once a minute while it lasts, with the count.
+    pub fn unreachable(&self, err: &SendError) {
+        let now = tokio::time::Instant::now();
+        let mut log = self.unreachable.lock().unwrap_or_else(PoisonError::into_inner);
+        log.since_warned += 1;
+        if log.last_warned.is_some_and(|at| now.saturating_duration_since(at) < UNREACHABLE_WARN_EVERY) {
+            return;
+        }
+        let failures = std::mem::take(&mut log.since_warned);
+        log.last_warned = Some(now);
+        drop(log);
+        tracing::warn!(upstream = %self.origin, failures, error = %err, "cannot reach the upstream");
     }
 
     /// The upstream URL for a request's path and query: always the configured origin, never anything
@@ -142,6 +179,16 @@ mod tests {
         assert!(up.target("*").is_none());
         assert!(up.target("@evil.example/x").is_none());
         assert!(up.target("http://evil.example/x").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_key_over_plain_http_to_another_host_is_warned_about() {
+        assert!(upstream("http://10.0.0.5:8080").cleartext_warning(true).is_some());
+        assert!(upstream("http://api.example.com").cleartext_warning(true).is_some());
+        assert!(upstream("http://api.example.com").cleartext_warning(false).is_none());
+        for quiet in ["http://127.0.0.1:9", "http://localhost:9", "http://[::1]:9", "https://api.deepseek.com"] {
+            assert!(upstream(quiet).cleartext_warning(true).is_none(), "{quiet}");
+        }
     }
 
     #[tokio::test]
