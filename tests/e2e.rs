@@ -71,6 +71,26 @@ async fn sdk_raises_on_a_stream_cut_mid_way() {
 }
 
 #[tokio::test]
+async fn sdk_raises_sluices_error_wherever_the_stream_is_cut() {
+    let full = match chunk_event(", wörld") {
+        Chunk::Data(bytes) => bytes,
+        _ => unreachable!(),
+    };
+    let accent = full.iter().position(|&b| b == 0xc3).unwrap();
+    let line_end = full.iter().position(|&b| b == b'\n').unwrap();
+    // Mid-line, mid-UTF-8, and after the data line but before the blank line that ends the event.
+    for cut in [12, accent + 1, line_end + 1] {
+        let partial = full.slice(..cut);
+        let mock = Mock::start(move |_, _| {
+            Reply::sse(vec![data(": keep-alive\n\n"), chunk_event("Hello"), Chunk::Data(partial.clone())], Ending::Cut)
+        })
+        .await;
+        let sluice = Sluice::start(config_for(&mock)).await;
+        run_sdk(&sluice, "stream_error").await;
+    }
+}
+
+#[tokio::test]
 async fn sdk_never_sees_the_upstreams_429s() {
     let mock = Mock::start(|_, index| {
         if index < 3 {

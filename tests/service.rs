@@ -163,3 +163,37 @@ async fn when_the_grace_period_ends_the_queue_gets_a_clear_503_and_sluice_exits_
     assert_eq!(daemon.wait_exit().await.code(), Some(0));
     assert_eq!(mock.arrivals(), 1, "the queued requests never reached the upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_how_each_request_ended() {
+    let gate = Arc::new(Notify::new());
+    let mock = Mock::start(gated_first(gate.clone())).await;
+    let daemon = Daemon::start(ONE_AT_A_TIME, &mock.url()).await;
+    let url = daemon.url("/v1/chat/completions");
+    let held = tokio::spawn({
+        let url = url.clone();
+        async move { call("POST", &url, &[], r#"{"model":"m"}"#).await.status }
+    });
+    assert!(eventually(Duration::from_secs(20), || mock.arrivals() == 1).await);
+    // A client queues behind the held request, then gives up.
+    let body = r#"{"model":"m"}"#;
+    let request =
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let mut leaver = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut leaver, request.as_bytes()).await.unwrap();
+    assert!(daemon.wait_log("queued", 1).await, "{}", daemon.stderr());
+    drop(leaver);
+    assert!(daemon.wait_log("outcome=\"cancelled\"", 1).await, "{}", daemon.stderr());
+    gate.notify_one();
+    assert_eq!(held.await.unwrap(), 200);
+    // A whole body with a Content-Length is complete, not "client_gone".
+    assert_eq!(call("GET", &daemon.url("/v1/models"), &[], "").await.status, 200);
+    assert!(daemon.wait_log("end=\"complete\"", 2).await, "{}", daemon.stderr());
+    assert!(!daemon.stderr().contains("end=\"client_gone\" outcome=\"success\""), "{}", daemon.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_in_clear_text_to_another_host_is_warned_about_at_startup() {
+    let daemon = Daemon::start("", "http://192.0.2.10:8080").await;
+    assert!(daemon.wait_log("travels unencrypted", 1).await, "{}", daemon.stderr());
+}

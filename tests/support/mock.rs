@@ -57,6 +57,8 @@ pub enum Reply {
     },
     /// Never sends response headers.
     Silence,
+    /// Another reply with extra response headers.
+    Headed(Box<Reply>, Vec<(&'static str, String)>),
 }
 
 impl Reply {
@@ -65,8 +67,9 @@ impl Reply {
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        if let Reply::Json { headers, .. } = &mut self {
-            headers.push((name, value.into()));
+        match &mut self {
+            Reply::Json { headers, .. } | Reply::Headed(_, headers) => headers.push((name, value.into())),
+            _ => return Reply::Headed(Box::new(self), vec![(name, value.into())]),
         }
         self
     }
@@ -271,10 +274,16 @@ async fn answer(
             r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#;
         return respond(429, "application/json", vec![], MockBody::full(body, None));
     };
-    match handler(&recorded, index) {
-        Reply::Json { status, headers, body } => {
+    let (reply, mut extra) = match handler(&recorded, index) {
+        Reply::Headed(reply, headers) => (*reply, headers),
+        reply => (reply, vec![]),
+    };
+    match reply {
+        Reply::Json { status, mut headers, body } => {
+            headers.append(&mut extra);
             respond(status, "application/json", headers, MockBody::full(body, Some(guard)))
         }
+        Reply::Headed(..) => unreachable!("headers are unwrapped above"),
         Reply::Stream { status, content_type, chunks, ending } => {
             let (tx, rx) = mpsc::channel(1);
             let counters = counters.clone();
@@ -304,7 +313,7 @@ async fn answer(
                     }
                 }
             });
-            respond(status, content_type, vec![], MockBody { full: None, rx: Some(rx), _guard: Some(guard) })
+            respond(status, content_type, extra, MockBody { full: None, rx: Some(rx), _guard: Some(guard) })
         }
         Reply::Silence => {
             std::future::pending::<()>().await;
@@ -324,7 +333,9 @@ fn respond(
     for (name, value) in headers {
         builder = builder.header(name, value);
     }
-    builder.header("x-ds-trace-id", "mock-trace").body(body).unwrap()
+    // A connection per request: under tokio's paused clock a reused keep-alive connection can miss its
+    // wake-up (the clock jumps ahead of the loopback I/O), so the mock does not offer reuse.
+    builder.header("x-ds-trace-id", "mock-trace").header("connection", "close").body(body).unwrap()
 }
 
 /// The mock's response body: whole, or fed from the scripted stream task.
