@@ -8,9 +8,10 @@ rots; CI asserts nothing about speed).
     python3 bench/run.py --quick    # seconds per scenario, writes target/bench-quick.md
 
 Scenarios: overhead (direct vs sluice vs nginx, wrk at saturation and a fixed 1k rps), memory (10,000
-queued requests), limiter precision, absorption of a hidden concurrency cap (with the openai SDK's own
-retries as the baseline), adaptive vs static limits under a changing capacity, streaming time to first
-byte. Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
+queued requests), limiter precision, persistent throttling (attempts per second by queue depth, sluice
+against the openai SDK's own retries), deep-queue cold start, absorption of a hidden concurrency cap
+(with the openai SDK's own retries as the baseline), adaptive vs static limits under a changing capacity,
+streaming time to first byte. Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
 """
 
 import argparse
@@ -94,7 +95,6 @@ def sluice(upstream_port, *, adaptive=True, extra=None):
         "SLUICE_LIMITS__MAX_CONCURRENCY": "100000",
         "SLUICE_QUEUE__MAX_DEPTH": "100000",
         "SLUICE_LOG__LEVEL": "info",
-        "SLUICE_RETRY__MAX_DELAY": "2s",
     }
     env.update(extra or {})
     args = [SLUICE, "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
@@ -225,36 +225,97 @@ def limiter(quick):
 
 
 def absorption(quick):
-    """Hidden concurrency cap C, 2C workers from 4 clients: through sluice (adaptive and static) and the
-    plain openai SDK (max_retries=2) straight at the upstream."""
-    cap, latency_ms, seconds = 20, 200, (5 if quick else 60)
-    clients = "10,10,10,10"
-    capacity = cap / (latency_ms / 1000)
-    rows = {}
-    for name in ["sluice (adaptive)", "sluice (static)", "openai SDK, no proxy"]:
-        sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms")
+    """Hidden concurrency caps, closed-loop workers from 4 clients: through sluice (adaptive and static) and
+    the plain openai SDK (max_retries=2) straight at the upstream. Two setups: C = 20 × 200 ms with 2C
+    workers (10/10/10/10), and the harder C = 8 × 250 ms with 32 workers (4/4/8/16)."""
+    seconds = 5 if quick else 60
+    setups = [(20, 200, "10,10,10,10"), (8, 250, "4,4,8,16")]
+    out = []
+    for cap, latency_ms, clients in setups:
+        capacity = cap / (latency_ms / 1000)
+        rows = {}
+        for name in ["sluice (adaptive)", "sluice (static)", "openai SDK, no proxy"]:
+            sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms")
+            with sim_proc:
+                if name.startswith("sluice"):
+                    s_proc, s_port = sluice(sim_port, adaptive=(name == "sluice (adaptive)"),
+                                            extra={"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"})
+                    with s_proc:
+                        result = loadgen(s_port, seconds, "--clients", clients)
+                else:
+                    out_sdk = subprocess.run([PYTHON, os.path.join(ROOT, "bench", "sdk_load.py"),
+                                              f"http://127.0.0.1:{sim_port}/v1", clients, str(seconds)],
+                                             capture_output=True, text=True, check=True)
+                    result = json.loads(out_sdk.stdout)
+                counters = sim_counters(sim_port)
+            errors = sum(n for status, n in result["statuses"].items() if status != "200")
+            rows[name] = {
+                "errors": errors,
+                "goodput": result["throughput_rps"] / capacity,
+                "share_429": counters["throttled"] / max(counters["arrivals"], 1),
+                "attempts_per_request": counters["arrivals"] / max(result["completed"], 1),
+                "p50": result["total_ms"]["p50"], "p99": result["total_ms"]["p99"],
+                "jain": jain(result["per_client"]),
+            }
+            log(f"absorption C={cap} {name}: {rows[name]}")
+        out.append({"cap": cap, "latency_ms": latency_ms, "seconds": seconds, "clients": clients, "rows": rows})
+    return out
+
+
+def persistent(quick):
+    """An upstream that answers 429 to everything (the sim with a cap of 0): upstream attempts per second
+    with N requests waiting, through sluice on its defaults, and with the openai SDK's own retries
+    (max_retries=2, closed loop: a request that fails is sent again at once)."""
+    depths, seconds = ([1, 10, 100], 4) if quick else ([1, 10, 100, 1000], 12)
+    rows = []
+    for depth in depths:
+        row = {"waiting": depth}
+        for name in ["sluice", "sdk"]:
+            sim_proc, sim_port = sim("--caps", "0", "--latency", "0ms")
+            with sim_proc:
+                if name == "sluice":
+                    # The deadline ends each request with the window, so the run is bounded.
+                    s_proc, s_port = sluice(sim_port, extra={"SLUICE_QUEUE__MAX_WAIT": f"{seconds}s"})
+                    with s_proc:
+                        loadgen(s_port, seconds, "--clients", str(depth))
+                else:
+                    subprocess.run([PYTHON, os.path.join(ROOT, "bench", "sdk_load.py"), f"http://127.0.0.1:{sim_port}/v1",
+                                    str(depth), str(seconds)], capture_output=True, text=True, check=True)
+                timeline = sim_counters(sim_port)["seconds"][:seconds]
+            row[name] = sum(s["arrivals"] for s in timeline) / seconds
+            row[name + "_first_second"] = timeline[0]["arrivals"] if timeline else 0
+        log(f"persistent throttling: {row}")
+        rows.append(row)
+    return {"seconds": seconds, "rows": rows}
+
+
+def coldstart(quick):
+    """A batch job fires its whole backlog at once at a hidden concurrency cap: time to the last answer
+    against the ideal (requests × hold time ÷ cap), and the share of upstream attempts throttled."""
+    cases = [("C = 8 × 100 ms, 1,500 requests", 8, 100, 1500, None),
+             ("C = 8 × 100 ms, 1,500 requests, half streaming (200 ms)", 8, 100, 1500, 2),
+             ("C = 200 × 1 s, 5,000 requests", 200, 1000, 5000, None)]
+    if quick:
+        cases = [("C = 8 × 100 ms, 300 requests", 8, 100, 300, None)]
+    rows = []
+    for name, cap, latency_ms, requests, stream_every in cases:
+        sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms", "--chunks", "10", "--chunk-delay", "10ms")
         with sim_proc:
-            if name.startswith("sluice"):
-                s_proc, s_port = sluice(sim_port, adaptive=(name == "sluice (adaptive)"),
-                                        extra={"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"})
-                with s_proc:
-                    result = loadgen(s_port, seconds, "--clients", clients)
-            else:
-                out = subprocess.run([PYTHON, os.path.join(ROOT, "bench", "sdk_load.py"), f"http://127.0.0.1:{sim_port}/v1",
-                                      clients, str(seconds)], capture_output=True, text=True, check=True)
-                result = json.loads(out.stdout)
+            s_proc, s_port = sluice(sim_port, extra={"SLUICE_QUEUE__MAX_WAIT": "5m"})
+            with s_proc:
+                flags = ["--burst", str(requests)] + (["--stream-every", str(stream_every)] if stream_every else [])
+                result = loadgen(s_port, 1, *flags)
             counters = sim_counters(sim_port)
+        streams = requests // stream_every if stream_every else 0
+        hold_ms = (requests - streams) * latency_ms + streams * (latency_ms + 100)
+        ideal = hold_ms / 1000 / cap
         errors = sum(n for status, n in result["statuses"].items() if status != "200")
-        rows[name] = {
-            "errors": errors,
-            "goodput": result["throughput_rps"] / capacity,
-            "share_429": counters["throttled"] / max(counters["arrivals"], 1),
-            "attempts_per_request": counters["arrivals"] / max(result["completed"], 1),
-            "p50": result["total_ms"]["p50"], "p99": result["total_ms"]["p99"],
-            "jain": jain(result["per_client"]),
-        }
-        log(f"absorption {name}: {rows[name]}")
-    return {"cap": cap, "latency_ms": latency_ms, "seconds": seconds, "clients": clients, "rows": rows}
+        row = {"case": name, "elapsed": result["elapsed_s"], "ideal": ideal, "ratio": result["elapsed_s"] / ideal,
+               "share_429": counters["throttled"] / max(counters["arrivals"], 1), "errors": errors,
+               "throttled": counters["throttled"], "arrivals": counters["arrivals"]}
+        log(f"cold start: {row}")
+        rows.append(row)
+    return rows
 
 
 def changing_capacity(quick):
@@ -312,7 +373,7 @@ def machine():
 
 
 def report(results, quick, command):
-    o, a, c, s, l = results["overhead"], results["absorption"], results["changing"], results["streaming"], results["limiter"]
+    o, c, s, l = results["overhead"], results["changing"], results["streaming"], results["limiter"]
     lines = [
         "# Benchmarks", "",
         f"Measured {datetime.date.today()} on this project's machine: {machine()}. Release build. All traffic on",
@@ -344,17 +405,37 @@ def report(results, quick, command):
         "## Limiter precision", "",
         f"`limits.rate = \"{l['rate']}/s\"`, burst 5, offered {l['offered']} req/s at a fixed rate: the simulator saw "
         f"{l['observed']:.2f} req/s over {l['seconds']} whole seconds, **{l['ratio']:.3f} × R**.", "",
+        "## Persistent throttling: attempts a throttling upstream sees", "",
+        f"The upstream answers 429 to everything (no Retry-After). N closed-loop workers wait; upstream attempts per",
+        f"second over {results['persistent']['seconds']} s (and in the first second). sluice on its defaults (probe gaps 1 s doubling to 30 s);",
+        "the openai SDK with its default retries (max_retries = 2, then the worker sends again).", "",
+        "| requests waiting | sluice attempts/s | first second | openai SDK attempts/s | first second |",
+        "|---|---|---|---|---|",
+    ] + [f"| {r['waiting']} | {r['sluice']:.2f} | {r['sluice_first_second']} | {r['sdk']:.2f} | {r['sdk_first_second']} |"
+         for r in results["persistent"]["rows"]] + [
+        "",
+        "## Deep-queue cold start", "",
+        "A batch job fires its whole backlog at once at a hidden cap. Ideal: requests × hold time ÷ cap (a stream",
+        "holds its slot 200 ms: 100 ms to the first token, 10 chunks 10 ms apart).", "",
+        "| case | time | ideal | time ÷ ideal | upstream 429 share | client errors |", "|---|---|---|---|---|---|",
+    ] + [f"| {r['case']} | {r['elapsed']:.2f} s | {r['ideal']:.2f} s | {r['ratio']:.3f} | {100 * r['share_429']:.2f} % "
+         f"({r['throttled']} of {r['arrivals']}) | {r['errors']} |" for r in results["coldstart"]] + [
+        "",
         "## Absorbing a hidden concurrency cap", "",
-        f"Hidden cap C = {a['cap']}, {a['latency_ms']} ms per request (capacity {a['cap'] / (a['latency_ms'] / 1000):.0f} req/s), "
-        f"{sum(int(n) for n in a['clients'].split(','))} closed-loop workers (2 × C) from 4 clients, {a['seconds']} s. sluice's configured",
-        "cap is 500; the SDK row is the openai Python SDK (max_retries = 2) straight at the upstream.", "",
-        "| | client errors | goodput ÷ capacity | upstream 429 share | attempts / request | p50 | p99 | Jain fairness |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in a["rows"].items():
-        lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} % | {100 * r['share_429']:.1f} % "
-                     f"| {r['attempts_per_request']:.2f} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['jain']:.3f} |")
-    lines += ["",
+    for a in results["absorption"]:
+        lines += [
+            f"Hidden cap C = {a['cap']}, {a['latency_ms']} ms per request (capacity {a['cap'] / (a['latency_ms'] / 1000):.0f} req/s), "
+            f"{sum(int(n) for n in a['clients'].split(','))} closed-loop workers from 4 clients ({a['clients'].replace(',', '/')}), {a['seconds']} s. sluice's configured",
+            "cap is 500; the SDK row is the openai Python SDK (max_retries = 2) straight at the upstream.", "",
+            "| | client errors | goodput ÷ capacity | upstream 429 share | attempts / request | p50 | p99 | Jain fairness |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in a["rows"].items():
+            lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} % | {100 * r['share_429']:.1f} % "
+                         f"| {r['attempts_per_request']:.2f} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['jain']:.3f} |")
+        lines.append("")
+    lines += [
         "## Adaptive against static limits under a changing capacity", "",
         f"Hidden cap 40 → 10 → 30, {c['step']} s each, 200 ms per request, 80 workers from 4 clients (40/20/12/8),",
         f"configured cap 500. \"Converged\" leaves out the first {c['settle']} s after each change.", "",
@@ -391,8 +472,9 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "sluice", "--example", "sluice_sim",
                     "--example", "loadgen", "--example", "queue_hold"], cwd=ROOT, check=True)
     results = {}
-    for name, scenario in [("overhead", overhead), ("memory", memory), ("limiter", limiter), ("absorption", absorption),
-                           ("changing", changing_capacity), ("streaming", streaming)]:
+    for name, scenario in [("overhead", overhead), ("memory", memory), ("limiter", limiter), ("persistent", persistent),
+                           ("coldstart", coldstart), ("absorption", absorption), ("changing", changing_capacity),
+                           ("streaming", streaming)]:
         if args.only and name not in args.only.split(","):
             continue
         log(f"bench: {name}")

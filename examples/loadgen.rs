@@ -1,10 +1,12 @@
 //! loadgen: the benchmarks' load generator. Closed loop — each client runs a number of workers that send
-//! one request after another (`--clients 40,20,12,8`) — or open loop at a fixed rate (`--rate 1000`).
-//! Every request carries `x-sluice-client: cN`. Prints one JSON object: per-client completions, statuses,
-//! latency percentiles (to headers, to the first body byte, to the end) in ms, and the elapsed time.
+//! one request after another (`--clients 40,20,12,8`) — open loop at a fixed rate (`--rate 1000`), or a
+//! burst: N requests at once, each sent once, waiting for the last (`--burst 1500`). Every request
+//! carries `x-sluice-client: cN`. Prints one JSON object: per-client completions, statuses, latency
+//! percentiles (to headers, to the first body byte, to the end) in ms, and the elapsed time.
 //!
 //! cargo run --release --example loadgen -- --url http://127.0.0.1:8787/v1/chat/completions \
-//!     --duration 30s (--clients 4,4 | --rate 1000) [--stream] [--model deepseek-v4-flash]
+//!     --duration 30s (--clients 4,4 | --rate 1000 | --burst 1500) [--stream | --stream-every 2] \
+//!     [--model deepseek-v4-flash]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -83,17 +85,28 @@ async fn main() {
     let url = get("--url").expect("--url");
     let duration = humantime::parse_duration(&get("--duration").unwrap_or("10s".into())).unwrap();
     let stream = args.iter().any(|a| a == "--stream");
+    let stream_every = get("--stream-every").and_then(|n| n.parse::<usize>().ok());
     let model = get("--model").unwrap_or("deepseek-v4-flash".into());
-    let body = Bytes::from(
-        serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]})
-            .to_string(),
-    );
+    let body_of = |stream: bool| {
+        Bytes::from(
+            serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]})
+                .to_string(),
+        )
+    };
+    let body = body_of(stream);
     let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(4096).build_http();
     let results = Arc::new(Mutex::new(Results::default()));
     let started = Instant::now();
     let end = started + duration;
     let mut tasks = Vec::new();
-    if let Some(rate) = get("--rate").and_then(|r| r.parse::<f64>().ok()) {
+    if let Some(burst) = get("--burst").and_then(|n| n.parse::<usize>().ok()) {
+        // A burst: every request at once, each sent once (a batch job firing its whole backlog).
+        for n in 0..burst {
+            let streams = stream || stream_every.is_some_and(|k| k > 0 && n % k == 0);
+            let (client, url, body, results) = (client.clone(), url.clone(), body_of(streams), results.clone());
+            tasks.push(tokio::spawn(async move { one(&client, &url, &body, n % 4, &results).await }));
+        }
+    } else if let Some(rate) = get("--rate").and_then(|r| r.parse::<f64>().ok()) {
         // Open loop: one request every 1/rate, whatever the answers do (bounded at 20,000 in flight).
         let limit = Arc::new(tokio::sync::Semaphore::new(20_000));
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));

@@ -8,6 +8,7 @@ use http::{header, HeaderValue, Method, Response, StatusCode};
 use serde_json::json;
 
 use crate::proxy::ResponseBody;
+use crate::upstream::accounts::Refusal;
 
 /// A failure that ends a request with sluice's own answer instead of the upstream's.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,11 @@ pub enum ProxyError {
     BodiesFull,
     #[error("sluice failed internally ({0}); the request may not have reached the upstream")]
     Internal(String),
+    /// No account can serve, and this is what the upstream said last (its 401 or 402, passed on as is).
+    #[error("the upstream refused every account ({})", .0.status)]
+    Refused(Refusal),
+    #[error("no account can serve the request: every key was refused or every balance ran out")]
+    NoAccount,
 }
 
 impl ProxyError {
@@ -56,6 +62,8 @@ impl ProxyError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound | Self::NotForwarded(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Refused(refusal) => refusal.status,
+            Self::NoAccount => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -73,6 +81,8 @@ impl ProxyError {
             Self::Unauthorized => "sluice_unauthorized",
             Self::NotFound | Self::NotForwarded(_) => "sluice_not_found",
             Self::Internal(_) => "sluice_internal_error",
+            Self::Refused(_) => "upstream_refused",
+            Self::NoAccount => "sluice_no_account",
         }
     }
 
@@ -85,6 +95,8 @@ impl ProxyError {
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal_error",
+            Self::Refused(_) => "client_error",
+            Self::NoAccount => "upstream_error",
             Self::BodyTooLarge { .. }
             | Self::BadRequest(_)
             | Self::MethodNotAllowed(_)
@@ -103,8 +115,16 @@ impl ProxyError {
         }
     }
 
-    /// The client's response: status, JSON body, and `Retry-After` where waiting helps.
+    /// The client's response: status, JSON body, and `Retry-After` where waiting helps. A refusal is the
+    /// upstream's own answer, passed on.
     pub fn into_response(self) -> Response<ResponseBody> {
+        if let Self::Refused(refusal) = self {
+            let mut response = Response::new(ResponseBody::full(refusal.body));
+            *response.status_mut() = refusal.status;
+            let content_type = refusal.content_type.unwrap_or(HeaderValue::from_static("application/json"));
+            response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+            return response;
+        }
         let body = error_json(&self.to_string(), self.kind());
         let mut response = ResponseBody::response(self.status(), "application/json", body);
         if let Some(seconds) = self.retry_after() {

@@ -6,6 +6,7 @@
 //! `server.shutdown_grace`, then tells whatever is left to answer at once.
 
 mod connection;
+mod relay;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -77,11 +78,10 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         // Over the cap: closed at once, before any work is done for it.
         let config = shared.proxy.current();
         let max = config.config.server.max_connections;
-        if shared.connections.fetch_add(1, Ordering::SeqCst) >= max {
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
+        let Some(counted) = Counted::take(&shared, max) else {
             tracing::debug!(%peer, max, "connection refused: server.max_connections reached");
             continue;
-        }
+        };
         let _ = stream.set_nodelay(true);
         let state = Arc::new(ConnState::default());
         let limits = ConnLimits {
@@ -99,12 +99,11 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             })
         };
         let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
-        let shared = shared.clone();
         tokio::spawn(async move {
+            let _counted = counted; // the connection counts until this task ends, however it ends
             if let Err(err) = connection.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
-            shared.connections.fetch_sub(1, Ordering::SeqCst);
         });
     }
     // Drain: /readyz says 503 from now on, no new connections; queued requests keep their place and
@@ -127,14 +126,16 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
 /// After the grace period, how long the last answers get to reach their clients.
 const FAREWELL: Duration = Duration::from_secs(2);
 
-/// One request: counted on its connection until its response ends, and rescued should it panic.
+/// One request: counted on its connection until its response ends, and rescued should it panic. An
+/// HTTP/2 stream's body goes through a relay that notices a client granting no window.
 async fn serve(
     shared: &Shared,
     request: Request<Incoming>,
     peer: SocketAddr,
     state: Arc<ConnState>,
 ) -> Response<ResponseBody> {
-    state.request_started();
+    let in_progress = state.request_started();
+    let http2 = request.version() == http::Version::HTTP_2;
     let mut response = match CatchUnwind::new(route(shared, request, peer)).await {
         Ok(response) => response,
         Err(panic) => {
@@ -143,8 +144,29 @@ async fn serve(
             ProxyError::Internal("a bug while handling this request".into()).into_response()
         }
     };
-    response.body_mut().on_drop(move || state.request_done());
+    if http2 && !response.body().is_full() {
+        let stall = shared.proxy.current().config.upstream.idle_timeout;
+        response = response.map(|body| relay::relay(body, stall));
+    }
+    response.body_mut().attach(in_progress);
     response
+}
+
+/// A connection counted against `server.max_connections` until dropped.
+struct Counted(Arc<Shared>);
+
+impl Counted {
+    fn take(shared: &Arc<Shared>, max: usize) -> Option<Self> {
+        let counter = &shared.connections;
+        let taken = counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1));
+        taken.ok().map(|_| Self(shared.clone()))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Reserved paths are answered here and never forwarded; everything else goes to the proxy.

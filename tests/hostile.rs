@@ -383,3 +383,61 @@ async fn at_the_end_of_the_grace_every_request_still_on_its_way_gets_an_answer()
     }
     drop(gate);
 }
+
+#[tokio::test]
+async fn many_requests_waiting_for_an_unreachable_upstream_are_answered_after_the_unreachable_wait() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
+    let mut config = config_for(&mock);
+    config.upstream.base_url = format!("http://127.0.0.1:{port}");
+    config.upstream.unreachable_wait = Duration::from_millis(500);
+    config.retry.max_delay = Duration::from_secs(5);
+    config.queue.max_wait = Duration::from_secs(120);
+    let sluice = Arc::new(Sluice::start(config).await);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for n in 0..30 {
+        let sluice = sluice.clone();
+        tasks.push(tokio::spawn(async move { chat(&sluice, "m", &[("x-sluice-client", &format!("c{n}"))]).await }));
+    }
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(
+            (answer.status, answer.error_type().as_str()),
+            (502, "sluice_upstream_unreachable"),
+            "{}",
+            answer.text()
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(30), "answered after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_grants_no_window_is_cut_and_its_slot_freed() {
+    let chunk = Bytes::from(format!("data: {}\n\n", "x".repeat(16 * 1024)));
+    let mock = Mock::start(move |_, _| {
+        let chunks = std::iter::repeat_n(Chunk::Data(chunk.clone()), 200).collect();
+        Reply::sse(chunks, Ending::Complete)
+    })
+    .await;
+    let mut config = config_for(&mock);
+    config.upstream.idle_timeout = Duration::from_millis(500);
+    let sluice = Arc::new(Sluice::start(config).await);
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<Bytes>>();
+    let request = http::Request::post(sluice.url("/v1/chat/completions"))
+        .body(http_body_util::Full::new(Bytes::from_static(br#"{"model":"m","stream":true}"#)))
+        .unwrap();
+    let response = h2.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    // The body is never read: the client grants no window beyond the first 64 KiB.
+    assert!(eventually(LIMIT, || sluice.proxy.admission().snapshot().inflight == 1).await);
+    assert!(
+        eventually(LIMIT, || sluice.proxy.admission().snapshot().inflight == 0).await,
+        "the slot is still held by an HTTP/2 client that reads nothing"
+    );
+    drop(response);
+}

@@ -123,9 +123,9 @@ async fn metrics_after_a_mixed_run_pass_promtool_and_match_what_happened() {
 
     // What the mock saw: 8 arrivals (the queue-full request never left sluice), two 429s, one 400.
     assert_eq!(mock.arrivals(), 8);
-    assert_eq!(sample(&text, "sluice_upstream_attempts_total{status=\"429\"}"), 2.0);
-    assert_eq!(sample(&text, "sluice_upstream_attempts_total{status=\"400\"}"), 1.0);
-    assert_eq!(sample(&text, "sluice_upstream_attempts_total{status=\"200\"}"), 5.0);
+    assert_eq!(sample(&text, "sluice_upstream_attempts_total{status=\"429\",account=\"default\"}"), 2.0);
+    assert_eq!(sample(&text, "sluice_upstream_attempts_total{status=\"400\",account=\"default\"}"), 1.0);
+    assert_eq!(sample(&text, "sluice_upstream_attempts_total{status=\"200\",account=\"default\"}"), 5.0);
     assert_eq!(sample(&text, "sluice_upstream_429_absorbed_total"), 2.0);
     assert_eq!(sample(&text, "sluice_retries_total{reason=\"throttled\"}"), 2.0);
     // What the clients got.
@@ -140,13 +140,14 @@ async fn metrics_after_a_mixed_run_pass_promtool_and_match_what_happened() {
     assert_eq!(unknown("queue_full"), 1.0);
     // Tokens: three JSON completions carry usage (20 + 7 each; the held one answers "{}"), and the
     // stream's final usage chunk (11 + 5).
-    let tokens =
-        |kind: &str| sample(&text, &format!("sluice_tokens_total{{model=\"deepseek-v4-pro\",kind=\"{kind}\"}}"));
+    let tokens = |kind: &str| {
+        sample(&text, &format!("sluice_tokens_total{{model=\"deepseek-v4-pro\",kind=\"{kind}\",account=\"default\"}}"))
+    };
     assert_eq!(tokens("prompt"), 3.0 * 20.0 + 11.0);
     assert_eq!(tokens("completion"), 3.0 * 7.0 + 5.0);
     assert_eq!(tokens("reasoning"), 3.0 * 2.0);
     assert_eq!(tokens("prompt_cache_hit"), 3.0);
-    assert_eq!(sample(&text, "sluice_concurrency_limit{model=\"all\"}"), 1.0);
+    assert_eq!(sample(&text, "sluice_concurrency_limit{model=\"all\",account=\"all\"}"), 1.0);
     assert!(text.contains("sluice_build_info{version=\""));
 }
 
@@ -163,8 +164,10 @@ async fn stream_tokens_come_from_the_usage_chunk_and_the_bytes_are_untouched() {
     assert_eq!(answer.body.as_ref(), expected.as_slice(), "the stream reached the client unchanged");
     let tokens = || async {
         let text = call("GET", &sluice.url("/metrics"), &[], "").await.text();
-        let prompt = sample(&text, "sluice_tokens_total{model=\"deepseek-v4-flash\",kind=\"prompt\"}");
-        let completion = sample(&text, "sluice_tokens_total{model=\"deepseek-v4-flash\",kind=\"completion\"}");
+        let prompt =
+            sample(&text, "sluice_tokens_total{model=\"deepseek-v4-flash\",kind=\"prompt\",account=\"default\"}");
+        let completion =
+            sample(&text, "sluice_tokens_total{model=\"deepseek-v4-flash\",kind=\"completion\",account=\"default\"}");
         (prompt, completion)
     };
     assert_eq!(tokens().await, (11.0, 5.0));

@@ -13,7 +13,8 @@ use support::*;
 use tokio::sync::Notify;
 
 /// Debug logging shows when requests enter the queue; one slot at a time makes queueing easy to cause.
-const ONE_AT_A_TIME: &str = "[log]\nlevel = \"info,sluice::admission=debug\"\n[limits]\nmax_concurrency = 1\n";
+const ONE_AT_A_TIME: &str =
+    "[log]\nlevel = \"info,sluice::admission=debug\"\n[limits]\nmax_concurrency = 1\n[upstream.balance]\npoll = \"0s\"\n";
 
 fn healthcheck(addr: &str) -> bool {
     Command::new(env!("CARGO_BIN_EXE_sluice"))

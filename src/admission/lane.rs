@@ -25,7 +25,7 @@ pub struct LaneKey {
 pub enum Signal {
     /// 2xx response headers after `rtt`: the upstream took the request.
     Accepted { rtt: Duration },
-    /// Another response that says nothing about capacity (a 4xx other than 429): the lane answered.
+    /// Another response that says nothing about capacity (a 4xx other than 429).
     Answered,
     /// 429, or 503 "overloaded": the account × model is at its limit.
     Throttled { retry_after: Option<Duration> },
@@ -102,12 +102,12 @@ impl Lane {
     }
 
     /// Whether the lane can take a dispatch at `now`: enabled, under its limit, gate open, pacing allows.
-    pub fn readiness(&self, now: Instant) -> Readiness {
+    pub fn readiness(&self, now: Instant, delays: Delays) -> Readiness {
         if !self.enabled || self.headroom() == 0 {
             return Readiness::AfterRelease;
         }
         let paced = self.pacer.blocked_until(now);
-        match (self.gate.readiness(now), paced) {
+        match (self.gate.readiness(now, delays.max), paced) {
             (Readiness::AfterRelease, _) => Readiness::AfterRelease,
             (Readiness::At(a), Some(b)) => Readiness::At(a.max(b)),
             (Readiness::At(at), None) | (Readiness::Now, Some(at)) => Readiness::At(at),
@@ -121,7 +121,7 @@ impl Lane {
         self.last_used = now;
         let seq = self.next_seq;
         self.next_seq += 1;
-        let probe = self.gate.dispatched();
+        let probe = self.gate.dispatched(now);
         self.pacer.dispatched(now);
         let change = self.controller.as_mut().and_then(|c| c.dispatched(now, self.inflight));
         let throttles_before = self.controller.as_ref().map_or(0, Controller::throttle_count);
@@ -145,7 +145,10 @@ impl Lane {
                 self.controller.as_mut().and_then(|c| c.accepted(now, dispatch.attempt(), inflight, rtt))
             }
             Signal::Answered => {
-                self.gate.answered(now);
+                // A 4xx says nothing about capacity: probing goes on, the next probe may go.
+                if dispatch.probe {
+                    self.gate.probe_returned();
+                }
                 None
             }
             Signal::Throttled { retry_after } => {
@@ -164,9 +167,9 @@ impl Lane {
                 change
             }
             Signal::Failed { retry_after } => {
-                if self.inflight <= 1 || dispatch.probe || retry_after.is_some() {
-                    self.gate.setback(now, retry_after, dispatch.probe, delays.base, delays.max);
-                }
+                // The upstream is failing (no connection, 5xx): the lane probes, so a failing upstream sees
+                // one attempt at a time however many wait. Its next success ends it.
+                self.gate.setback(now, retry_after, dispatch.probe, delays.base, delays.max);
                 None
             }
         };

@@ -60,6 +60,10 @@ pub enum Rejected {
     ShuttingDown,
     #[error("admission failed internally; the request was not sent")]
     Internal,
+    #[error("no account can serve the request (every key refused or every balance out)")]
+    NoAccount,
+    #[error("the upstream has been unreachable for upstream.unreachable_wait")]
+    Unreachable,
 }
 
 /// A point-in-time view of admission, for `/status`, metrics and tests.
@@ -137,6 +141,9 @@ fn close(shared: &Shared) {
     shared.wake.notify_one();
 }
 
+/// How long the dispatcher waits before it restarts after a failure.
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
+
 /// Slack past a waiter's deadline before it stops waiting on its own (the dispatcher expires it first).
 const DEADLINE_SLACK: Duration = Duration::from_secs(1);
 
@@ -165,6 +172,9 @@ impl Admission {
                 return Err(Rejected::ShuttingDown);
             }
             let route = state.route_key(ticket.model);
+            if !state.serves(&route) {
+                return Err(Rejected::NoAccount);
+            }
             if let Some(granted) = state.try_take_now(&route, now) {
                 return Ok(Permit::new(self.shared.clone(), granted));
             }
@@ -189,17 +199,25 @@ impl Admission {
         match outcome {
             Ok(delivered) => {
                 entry.settled = true;
-                delivered.unwrap_or(Err(Rejected::ShuttingDown))
+                // A sender dropped without an answer: closed admission answers first, so this is a failure.
+                delivered.unwrap_or(Err(Rejected::Internal))
             }
             // The dispatcher did not answer in time: leave the queue (the entry's drop) and say so.
             Err(_) => Err(Rejected::DeadlineExceeded { retry_after: 1 }),
         }
     }
 
-    /// Whether the queue is at its bound (checked before reading a request's body).
-    pub fn is_full(&self) -> bool {
+    /// The queue's depth when it is at its bound (checked before reading a request's body), else None.
+    pub fn full(&self) -> Option<usize> {
         let state = self.shared.lock();
-        state.queued() >= state.limits.max_depth()
+        let queued = state.queued();
+        (queued >= state.limits.max_depth()).then_some(queued)
+    }
+
+    /// Turns away everyone waiting for an upstream that cannot be reached (after `unreachable_wait`).
+    pub fn fail_waiting(&self) {
+        let waiting = self.shared.lock().drain();
+        reject(waiting, &Rejected::Unreachable);
     }
 
     /// Puts new limits, queue bounds, retry delays and accounts in force without disturbing queued or
@@ -370,6 +388,8 @@ async fn run_dispatcher(shared: Arc<Shared>) {
                 );
                 let waiting = shared.lock().drain();
                 reject(waiting, &Rejected::Internal);
+                // A failure that repeats must not spin: the restarted dispatcher waits a moment.
+                tokio::time::sleep(RESTART_PAUSE).await;
             }
         }
     }

@@ -20,8 +20,8 @@ struct Probing {
     since: Instant,
     /// No probe before this.
     next_at: Instant,
-    /// A probe is out and has not come back.
-    in_flight: bool,
+    /// A probe is out and has not come back: since when.
+    in_flight: Option<Instant>,
     /// Setbacks of probes in a row (the first setback, which started probing, counts as 1).
     streak: u32,
 }
@@ -44,21 +44,28 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// Whether the lane may dispatch at `now`.
-    pub fn readiness(&self, now: Instant) -> Readiness {
+    /// Whether the lane may dispatch at `now`; `max` is how long a probe may stay out.
+    pub fn readiness(&self, now: Instant, max: Duration) -> Readiness {
         match self.probing {
             None => Readiness::Now,
-            Some(p) if p.in_flight => Readiness::AfterRelease,
+            Some(Probing { in_flight: Some(sent), next_at, .. }) => {
+                let given_up = sent.checked_add(max).unwrap_or(sent).max(next_at);
+                if now < given_up {
+                    Readiness::At(given_up)
+                } else {
+                    Readiness::Now
+                }
+            }
             Some(p) if now < p.next_at => Readiness::At(p.next_at),
             Some(_) => Readiness::Now,
         }
     }
 
-    /// A dispatch went through; returns whether it is a probe.
-    pub fn dispatched(&mut self) -> bool {
+    /// A dispatch went through at `now`; returns whether it is a probe.
+    pub fn dispatched(&mut self, now: Instant) -> bool {
         match &mut self.probing {
             Some(p) => {
-                p.in_flight = true;
+                p.in_flight = Some(now);
                 true
             }
             None => false,
@@ -72,28 +79,28 @@ impl Gate {
         match &mut self.probing {
             None => {
                 let next_at = now.checked_add(gap(1, base, max)).unwrap_or(now).max(asked.unwrap_or(now));
-                self.probing = Some(Probing { since: now, next_at, in_flight: false, streak: 1 });
+                self.probing = Some(Probing { since: now, next_at, in_flight: None, streak: 1 });
             }
             Some(p) if probe => {
                 p.streak = p.streak.saturating_add(1);
-                p.in_flight = false;
+                p.in_flight = None;
                 p.next_at = now.checked_add(gap(p.streak, base, max)).unwrap_or(now).max(asked.unwrap_or(now));
             }
             Some(p) => p.next_at = p.next_at.max(asked.unwrap_or(now)),
         }
     }
 
-    /// The lane answered (an accepted attempt, or any response that is not a setback): probing ends.
+    /// An attempt of the lane was accepted: probing ends.
     pub fn answered(&mut self, now: Instant) {
         if let Some(p) = self.probing.take() {
             self.total += now.saturating_duration_since(p.since);
         }
     }
 
-    /// A probe's slot came back without a verdict (its client went away): another may go.
+    /// A probe came back without a verdict on capacity (its client went away, or a 4xx): another may go.
     pub fn probe_returned(&mut self) {
         if let Some(p) = &mut self.probing {
-            p.in_flight = false;
+            p.in_flight = None;
         }
     }
 
@@ -140,9 +147,9 @@ mod tests {
         let mut now = start;
         let mut attempts = 0;
         while now <= start + horizon {
-            match gate.readiness(now) {
+            match gate.readiness(now, MAX) {
                 Readiness::Now => {
-                    let probe = gate.dispatched();
+                    let probe = gate.dispatched(now);
                     attempts += 1;
                     gate.setback(now, None, probe, BASE, MAX);
                 }
@@ -165,15 +172,15 @@ mod tests {
     fn one_probe_at_a_time_and_the_gap_grows() {
         let start = Instant::now();
         let mut gate = Gate::default();
-        assert_eq!(gate.readiness(start), Readiness::Now);
-        assert!(!gate.dispatched(), "an open gate dispatches no probes");
+        assert_eq!(gate.readiness(start, MAX), Readiness::Now);
+        assert!(!gate.dispatched(start), "an open gate dispatches no probes");
         gate.setback(start, None, false, BASE, MAX);
-        let Readiness::At(first) = gate.readiness(start) else { panic!("probing waits") };
+        let Readiness::At(first) = gate.readiness(start, MAX) else { panic!("probing waits") };
         assert!(first - start >= BASE && first - start <= BASE.mul_f64(1.0 + JITTER));
-        assert!(gate.dispatched(), "the first dispatch after the gap is a probe");
-        assert_eq!(gate.readiness(first), Readiness::AfterRelease, "one probe at a time");
+        assert!(gate.dispatched(first), "the first dispatch after the gap is a probe");
+        assert_eq!(gate.readiness(first, MAX), Readiness::At(first + MAX), "one probe at a time");
         gate.setback(first, None, true, BASE, MAX);
-        let Readiness::At(second) = gate.readiness(first) else { panic!("probing waits") };
+        let Readiness::At(second) = gate.readiness(first, MAX) else { panic!("probing waits") };
         assert!(second - first >= 2 * BASE, "the gap doubled: {:?}", second - first);
         assert_eq!(gate.streak(), 2);
     }
@@ -207,13 +214,24 @@ mod tests {
         let mut gate = Gate::default();
         gate.setback(start, None, false, BASE, MAX);
         let later = start + MAX;
-        assert!(gate.dispatched());
+        assert!(gate.dispatched(later));
         gate.probe_returned();
-        assert_eq!(gate.readiness(later), Readiness::Now);
+        assert_eq!(gate.readiness(later, MAX), Readiness::Now);
         gate.answered(later);
         assert!(!gate.probing());
         assert_eq!(gate.total(later), MAX);
-        assert!(!gate.dispatched());
+        assert!(!gate.dispatched(later));
+    }
+
+    #[test]
+    fn a_probe_that_never_comes_back_is_given_up_on() {
+        let start = Instant::now();
+        let mut gate = Gate::default();
+        gate.setback(start, None, false, BASE, MAX);
+        let probe_at = gate.next_probe().unwrap();
+        assert!(gate.dispatched(probe_at));
+        assert_eq!(gate.readiness(probe_at + MAX / 2, MAX), Readiness::At(probe_at + MAX));
+        assert_eq!(gate.readiness(probe_at + MAX, MAX), Readiness::Now, "lost: the next probe may go");
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct State {
     next_id: u64,
     /// Breaks ties between accounts with equal headroom.
     turn: usize,
+    /// Accounts that serve nothing now (their new lanes start disabled too).
+    disabled: Vec<Arc<str>>,
     pub closed: bool,
     #[cfg(test)]
     pub panic_next_dispatch: bool,
@@ -91,6 +93,7 @@ impl State {
             inflight: 0,
             next_id: 0,
             turn: 0,
+            disabled: Vec::new(),
             closed: false,
             #[cfg(test)]
             panic_next_dispatch: false,
@@ -99,19 +102,28 @@ impl State {
 
     /// Puts new limits in force. Queued and in-flight requests keep their place and their slots; lanes
     /// keep what they learned and take their new caps at once; accounts that appeared get lanes, and
-    /// lanes of accounts that went away serve nothing new (their in-flight attempts finish).
+    /// lanes of accounts that went away serve nothing new (their in-flight attempts finish). Every account
+    /// serves again: a reload gives refused keys and paused accounts a fresh start.
     pub fn reconfigure(&mut self, limits: Limits) {
         let now = Instant::now();
         self.limits = limits;
+        self.disabled.clear();
+        for lane in self.lanes.values_mut() {
+            lane.enabled = true;
+        }
         let accounts = self.limits.accounts.clone();
         for (model, route) in &mut self.routes {
             route.lanes = accounts.iter().map(|a| LaneKey { account: a.name.clone(), model: model.clone() }).collect();
-            route.configured = self.limits.configured(model);
+            route.configured = self.limits.configured(model) || &**model == UNKNOWN_MODEL;
             for account in &accounts {
                 let key = LaneKey { account: account.name.clone(), model: model.clone() };
                 match self.lanes.get_mut(&key) {
                     Some(lane) => self.limits.refit(account, model, lane, now),
-                    None => drop(self.lanes.insert(key, self.limits.lane(account, model, now))),
+                    None => {
+                        let mut lane = self.limits.lane(account, model, now);
+                        lane.enabled = !self.disabled.contains(&account.name);
+                        self.lanes.insert(key, lane);
+                    }
                 }
             }
         }
@@ -130,15 +142,26 @@ impl State {
             return key.clone();
         }
         let configured = self.limits.configured(name) || name == UNKNOWN_MODEL;
-        let key: Arc<str> = Arc::from(name);
-        if !configured && self.routes.len() >= MAX_ROUTES && !self.forget_an_idle_route() {
-            return self.route_key(Some(OTHER_MODEL));
-        }
+        let name: Arc<str> = Arc::from(name);
+        // Past the bound, an unconfigured model shares the `other` route (made once, even over the bound).
+        let key = if !configured && self.routes.len() >= MAX_ROUTES && !self.forget_an_idle_route() {
+            if let Some((key, _)) = self.routes.get_key_value(OTHER_MODEL) {
+                return key.clone();
+            }
+            Arc::from(OTHER_MODEL)
+        } else {
+            name
+        };
         let now = Instant::now();
         let mut lanes = Vec::new();
         for account in &self.limits.accounts {
             let lane = LaneKey { account: account.name.clone(), model: key.clone() };
-            self.lanes.entry(lane.clone()).or_insert_with(|| self.limits.lane(account, &key, now));
+            let enabled = !self.disabled.contains(&account.name);
+            self.lanes.entry(lane.clone()).or_insert_with(|| {
+                let mut lane = self.limits.lane(account, &key, now);
+                lane.enabled = enabled;
+                lane
+            });
             lanes.push(lane);
         }
         let route = Route { queue: FairQueue::default(), waiting: 0, in_ring: false, lanes, configured };
@@ -218,11 +241,16 @@ impl State {
                 route.queue.retain(|id| waiters.contains_key(&id));
             }
         }
+        self.compact_deadlines();
+        true
+    }
+
+    /// Drops the deadlines of entries no longer waiting once they outnumber the waiters (bounded memory).
+    fn compact_deadlines(&mut self) {
         if self.deadlines.len() > 2 * self.waiters.len() + 64 {
             let waiters = &self.waiters;
             self.deadlines.retain(|Reverse((_, id))| waiters.contains_key(id));
         }
-        true
     }
 
     /// An attempt's outcome reached its lane. Returns a change of the learned limit and whether the lane
@@ -253,6 +281,10 @@ impl State {
         self.inflight = self.inflight.saturating_sub(1);
         if let Some(entry) = self.lanes.get_mut(lane) {
             entry.release(Instant::now(), dispatch, hold, reported);
+            let gone = !self.limits.accounts.iter().any(|a| a.name == lane.account);
+            if gone && entry.inflight == 0 {
+                self.lanes.remove(lane);
+            }
         }
         !self.waiters.is_empty()
     }
@@ -276,6 +308,15 @@ impl State {
                 out.push((waiter.tx, Err(Rejected::DeadlineExceeded { retry_after })));
             }
         }
+        // Routes no account can serve (every key refused, every balance out): their waiters are told now.
+        let unserved: Vec<Arc<str>> = self.ring.iter().filter(|route| !self.serves(route)).cloned().collect();
+        for route in unserved {
+            while let Some(id) = self.routes.get_mut(&route).and_then(|r| r.queue.pop()) {
+                if let Some(waiter) = self.remove_waiter(id) {
+                    out.push((waiter.tx, Err(Rejected::NoAccount)));
+                }
+            }
+        }
         let wake = loop {
             if self.waiters.is_empty() || self.inflight >= self.limits.max_concurrency() {
                 break None;
@@ -285,6 +326,10 @@ impl State {
                 break blocked_until;
             };
             if let Some(wait) = self.limits.take_rate_token(now) {
+                // The route keeps its turn for when the token comes.
+                if let Some(route) = self.ring.pop_back() {
+                    self.ring.push_front(route);
+                }
                 break now.checked_add(wait);
             }
             let taken = self.routes.get_mut(&route).and_then(|r| r.queue.pop());
@@ -298,6 +343,7 @@ impl State {
                 out.push((waiter.tx, Ok(granted)));
             }
         };
+        self.compact_deadlines();
         let next_deadline = self.deadlines.peek().map(|Reverse((at, _))| *at);
         let wake = match (wake, next_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -312,8 +358,17 @@ impl State {
         ids.into_iter().filter_map(|id| self.remove_waiter(id)).map(|waiter| waiter.tx).collect()
     }
 
+    /// Whether some account can serve `route` (a lane of it is enabled).
+    pub fn serves(&self, route: &str) -> bool {
+        self.routes.get(route).is_some_and(|r| r.lanes.iter().any(|k| self.lanes.get(k).is_some_and(|l| l.enabled)))
+    }
+
     /// Marks every lane of `account` as serving or not.
     pub fn set_account_enabled(&mut self, account: &str, enabled: bool) {
+        self.disabled.retain(|a| &**a != account);
+        if !enabled {
+            self.disabled.push(Arc::from(account));
+        }
         for (key, lane) in &mut self.lanes {
             if &*key.account == account {
                 lane.enabled = enabled;
@@ -387,7 +442,7 @@ impl State {
         for i in 0..n {
             let key = &entry.lanes[(i + self.turn) % n];
             let Some(lane) = self.lanes.get(key) else { continue };
-            match lane.readiness(now) {
+            match lane.readiness(now, self.limits.delays) {
                 Readiness::Now => {
                     let weight = self.limits.accounts.iter().find(|a| a.name == key.account).map_or(1, |a| a.weight);
                     let score = lane.headroom().min(usize::MAX / 1024).saturating_mul(weight.max(1) as usize);

@@ -365,3 +365,44 @@ async fn learned_limits_and_lanes_outlive_idleness() {
     let lane = admission.snapshot().lanes.into_iter().find(|l| l.name == "m").unwrap();
     assert_eq!(lane.limit, Some(3), "kept while idle");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_model_names_shares_one_route_without_harm() {
+    let admission = admission(1, &[], 2000);
+    let _held = admission.acquire(ticket("m", 1)).await.unwrap();
+    let mut waiting = Vec::new();
+    for n in 0..300 {
+        let admission = admission.clone();
+        waiting.push(tokio::spawn(async move { admission.acquire(ticket(&format!("model-{n}"), n)).await.map(drop) }));
+    }
+    settle().await;
+    let snapshot = admission.snapshot();
+    assert_eq!(snapshot.queued, 300, "every request queued, none lost");
+    assert!(snapshot.lanes.iter().any(|l| l.name == OTHER_MODEL), "past the bound, models share `other`");
+    assert!(snapshot.lanes.len() <= 300);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_rate_limit_every_route_gets_its_turn() {
+    let limits = LimitsConfig { rate: Some("10/s".parse().unwrap()), burst: Some(1), ..LimitsConfig::default() };
+    let queue = QueueConfig { max_depth: 100, max_wait: Duration::from_secs(60) };
+    let admission = Admission::new(&limits, &queue, &RetryConfig::default(), vec![]);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for model in ["a", "b", "c", "d"] {
+        for n in 0..5 {
+            let (admission, tx) = (admission.clone(), tx.clone());
+            tokio::spawn(async move {
+                if admission.acquire(ticket(model, n)).await.is_ok() {
+                    let _ = tx.send(model);
+                }
+            });
+        }
+    }
+    let mut first_eight = Vec::new();
+    for _ in 0..8 {
+        first_eight.push(rx.recv().await.unwrap());
+    }
+    for model in ["a", "b", "c", "d"] {
+        assert!(first_eight.contains(&model), "{model} starved: {first_eight:?}");
+    }
+}

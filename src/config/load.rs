@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ::config::{Environment, File, FileFormat};
 
-use super::{ApiKey, Config, ConfigError, Secret};
+use super::{AccountConfig, ApiKey, Config, ConfigError, Secret};
 
 /// The environment variable that holds the API key when no key file is configured.
 pub const API_KEY_ENV: &str = "DEEPSEEK_API_KEY";
@@ -48,7 +48,13 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
     }
     let mut config: Config = builder.build()?.try_deserialize()?;
     config.validate()?;
-    config.upstream.api_key = load_api_key(&config, env)?;
+    if config.upstream.accounts.is_empty() {
+        config.upstream.api_key = load_api_key(&config, env)?;
+    } else {
+        for account in &mut config.upstream.accounts {
+            account.keys = load_account_keys(account, env)?;
+        }
+    }
     if let Some(path) = &config.observe.admin_token_file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             what: "the admin token",
@@ -105,6 +111,59 @@ pub fn load_api_key(config: &Config, env: &HashMap<String, String>) -> Result<Op
             })
         }
         _ => Ok(None),
+    }
+}
+
+/// Reads an account's keys: `api_key_file`, `api_keys_file` (one per line), `api_key_env`, else the systemd
+/// credential `$CREDENTIALS_DIRECTORY/<name>.key`. Errors name the account.
+fn load_account_keys(account: &AccountConfig, env: &HashMap<String, String>) -> Result<Vec<ApiKey>, ConfigError> {
+    let name = &account.name;
+    let field = |f: &str| format!("upstream.accounts ({name:?}).{f}");
+    let bad = |f: &str, value: String, expected: &str| ConfigError::Invalid {
+        key: field(f),
+        value,
+        expected: expected.into(),
+    };
+    let read = |path: &PathBuf, f: &str| {
+        std::fs::read_to_string(path)
+            .map_err(|err| bad(f, path.display().to_string(), &format!("a readable file (reading it: {err})")))
+    };
+    if let Some(path) = &account.api_key_file {
+        let key = ApiKey::new(&read(path, "api_key_file")?, format!("{}", path.display()));
+        return key.map(|k| vec![k]).ok_or_else(|| {
+            bad("api_key_file", path.display().to_string(), "a file holding one non-empty key of printable characters")
+        });
+    }
+    if let Some(path) = &account.api_keys_file {
+        let text = read(path, "api_keys_file")?;
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+        let keys: Option<Vec<ApiKey>> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| ApiKey::new(l, format!("{} line {}", path.display(), i + 1)))
+            .collect();
+        return match keys {
+            Some(keys) if !keys.is_empty() => Ok(keys),
+            _ => Err(bad("api_keys_file", path.display().to_string(), "a file of keys, one per line, at least one")),
+        };
+    }
+    if let Some(var) = &account.api_key_env {
+        let raw = env.get(var).map(String::as_str).unwrap_or("");
+        return ApiKey::new(raw, format!("${var}"))
+            .map(|k| vec![k])
+            .ok_or_else(|| bad("api_key_env", var.clone(), "an environment variable holding the account's key"));
+    }
+    let credential = env.get("CREDENTIALS_DIRECTORY").map(|dir| PathBuf::from(dir).join(format!("{name}.key")));
+    match credential.filter(|path| path.exists()) {
+        Some(path) => {
+            let key = ApiKey::new(&read(&path, "key")?, format!("{}", path.display()));
+            key.map(|k| vec![k]).ok_or_else(|| bad("key", path.display().to_string(), "a non-empty key"))
+        }
+        None => Err(bad(
+            "api_key_file",
+            "no key".into(),
+            "a key source: api_key_file, api_keys_file, api_key_env, or the systemd credential <name>.key",
+        )),
     }
 }
 
@@ -205,5 +264,61 @@ mod tests {
         config.upstream.api_key_file = Some(temp_file("empty-key", "\n"));
         let err = load_api_key(&config, &env(&[])).unwrap_err();
         assert!(err.to_string().contains("upstream.api_key_file"), "{err}");
+    }
+
+    fn account_config(text: &str, env_pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let file = temp_file(&format!("accounts-{}.toml", fastrand::u64(..)), text);
+        load(&Overrides { config_path: Some(file), ..Default::default() }, &env(env_pairs))
+    }
+
+    #[test]
+    fn accounts_read_their_keys_from_each_source() {
+        let one = temp_file("team-a.key", "sk-a\n");
+        let many = temp_file("team-b.keys", "# keys of team b\nsk-b1\n\nsk-b2\n");
+        let creds = temp_file("team-d.key", "sk-d").parent().unwrap().to_path_buf();
+        let text = format!(
+            "[[upstream.accounts]]\nname = \"team-a\"\napi_key_file = {one:?}\nweight = 2\n\
+             [upstream.accounts.models.\"deepseek-v4-pro\"]\nmax_concurrency = 50\n\
+             [[upstream.accounts]]\nname = \"team-b\"\napi_keys_file = {many:?}\n\
+             [[upstream.accounts]]\nname = \"team-c\"\napi_key_env = \"KEY_C\"\n\
+             [[upstream.accounts]]\nname = \"team-d\"\n"
+        );
+        let config = account_config(
+            &text,
+            &[("KEY_C", "sk-c"), ("CREDENTIALS_DIRECTORY", creds.to_str().unwrap()), (API_KEY_ENV, "sk-ignored")],
+        )
+        .unwrap();
+        let keys: Vec<Vec<String>> = config
+            .upstream
+            .accounts
+            .iter()
+            .map(|a| a.keys.iter().map(|k| k.authorization().to_str().unwrap().to_string()).collect())
+            .collect();
+        assert_eq!(
+            keys,
+            [vec!["Bearer sk-a"], vec!["Bearer sk-b1", "Bearer sk-b2"], vec!["Bearer sk-c"], vec!["Bearer sk-d"]]
+        );
+        assert_eq!(config.upstream.accounts[0].weight, 2);
+        assert_eq!(config.upstream.accounts[0].models["deepseek-v4-pro"].max_concurrency, 50);
+        assert!(config.upstream.api_key.is_none(), "with accounts, the single key is not used");
+    }
+
+    #[test]
+    fn account_errors_name_the_account() {
+        let dup = "[[upstream.accounts]]\nname = \"a\"\napi_key_env = \"K\"\n[[upstream.accounts]]\nname = \"a\"\napi_key_env = \"K\"\n";
+        let err = account_config(dup, &[("K", "sk")]).unwrap_err().to_string();
+        assert!(err.contains("\"a\"") && err.contains("no other account"), "{err}");
+        let keyless = "[[upstream.accounts]]\nname = \"lonely\"\n";
+        let err = account_config(keyless, &[]).unwrap_err().to_string();
+        assert!(err.contains("lonely") && err.contains("api_key_file"), "{err}");
+        let missing = "[[upstream.accounts]]\nname = \"gone\"\napi_key_file = \"/nonexistent/key\"\n";
+        let err = account_config(missing, &[]).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/key") && err.contains("gone"), "{err}");
+        let unset = "[[upstream.accounts]]\nname = \"envless\"\napi_key_env = \"NOPE\"\n";
+        let err = account_config(unset, &[]).unwrap_err().to_string();
+        assert!(err.contains("envless") && err.contains("NOPE"), "{err}");
+        let bad_name = "[[upstream.accounts]]\nname = \"a b\"\napi_key_env = \"K\"\n";
+        let err = account_config(bad_name, &[("K", "sk")]).unwrap_err().to_string();
+        assert!(err.contains("a b"), "{err}");
     }
 }

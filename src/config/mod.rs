@@ -4,6 +4,7 @@
 mod load;
 mod rate;
 mod secret;
+mod upstream;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
 pub use secret::{ApiKey, Secret};
+pub use upstream::{AccountConfig, BalanceConfig, UpstreamConfig};
 
 /// Everything sluice can be told. Every field has a default, so an empty file is a valid config.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -71,56 +73,6 @@ impl Default for ServerConfig {
             max_connections: 16_384,
             max_buffered_bytes: 512 * 1024 * 1024,
             idle_timeout: Duration::from_secs(120),
-        }
-    }
-}
-
-/// `[upstream]`: where requests go, and how long sluice waits for it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamConfig {
-    /// The only place requests are forwarded to: base_url + the request's path and query.
-    pub base_url: String,
-    /// A file holding the API key (systemd credentials, Docker secrets). Unset: `DEEPSEEK_API_KEY`.
-    pub api_key_file: Option<std::path::PathBuf>,
-    /// Time allowed to open a TCP connection (and finish TLS) to the upstream.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Time allowed from sending a request until the response headers arrive. Not retried when it passes.
-    #[serde(with = "humantime_serde")]
-    pub header_timeout: Duration,
-    /// Longest gap allowed between two chunks of a response body before the stream counts as dead.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// How long an unused pooled upstream connection is kept open.
-    #[serde(with = "humantime_serde")]
-    pub pool_idle_timeout: Duration,
-    /// How long a request keeps retrying when the upstream cannot be reached at all (DNS, refused, TLS)
-    /// before it gets 502 `sluice_upstream_unreachable`.
-    #[serde(with = "humantime_serde")]
-    pub unreachable_wait: Duration,
-    /// Request paths forwarded upstream (prefixes). Anything else gets 404 `sluice_not_found` from sluice.
-    pub paths: Vec<String>,
-    /// The key in use, read from `api_key_file`, `$CREDENTIALS_DIRECTORY` or `DEEPSEEK_API_KEY`;
-    /// never read from the config file and shown only redacted.
-    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<ApiKey>,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        Self {
-            base_url: "https://api.deepseek.com".into(),
-            api_key_file: None,
-            connect_timeout: Duration::from_secs(10),
-            header_timeout: Duration::from_secs(600),
-            idle_timeout: Duration::from_secs(300),
-            pool_idle_timeout: Duration::from_secs(90),
-            unreachable_wait: Duration::from_secs(30),
-            paths: ["/v1/", "/beta/", "/chat/", "/completions", "/models", "/user/balance", "/anthropic/"]
-                .map(String::from)
-                .to_vec(),
-            api_key: None,
         }
     }
 }
@@ -342,6 +294,14 @@ impl Config {
                     "at most 7 days, such as \"10m\" or \"24h\"",
                 ));
             }
+        }
+        self.upstream.validate_accounts()?;
+        if self.upstream.balance.poll > MAX_DURATION {
+            return Err(invalid(
+                "upstream.balance.poll",
+                humantime::format_duration(self.upstream.balance.poll),
+                "at most 7 days, such as \"10m\" (or \"0s\": off)",
+            ));
         }
         if self.server.max_connections == 0 {
             return Err(invalid("server.max_connections", 0, "at least 1"));

@@ -53,6 +53,12 @@ impl std::str::FromStr for Rate {
         if period.is_zero() {
             return Err(RateParseError("period must be longer than zero".into()));
         }
+        if period > super::MAX_DURATION {
+            return Err(RateParseError(format!("period {period:?} is longer than 7 days")));
+        }
+        if period / count < Duration::from_micros(1) {
+            return Err(RateParseError("more than a million requests a second is no limit".into()));
+        }
         Ok(Rate { count, period })
     }
 }

@@ -134,6 +134,27 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             })
         })
         .collect();
+    // Every account: whether it serves, its keys, its latest balance.
+    let accounts: Vec<Value> = generation
+        .accounts
+        .views()
+        .into_iter()
+        .map(|a| {
+            let balance = a.balance.map(|b| {
+                let infos: Vec<Value> =
+                    b.infos.iter().map(|i| json!({ "currency": i.currency, "total": i.total })).collect();
+                json!({ "available": b.available, "infos": infos })
+            });
+            json!({
+                "name": a.name,
+                "available": a.available,
+                "paused": a.paused,
+                "keys": a.keys,
+                "keys_disabled": a.keys_disabled,
+                "balance": balance,
+            })
+        })
+        .collect();
     let by_priority: serde_json::Map<String, Value> = Priority::ALL
         .iter()
         .map(|p| (p.as_str().to_string(), json!(snapshot.queued_by_priority[*p as usize])))
@@ -169,6 +190,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "prompt_tokens": load(&totals.prompt_tokens),
             "completion_tokens": load(&totals.completion_tokens),
         },
+        "accounts": accounts,
         "recent": recent,
     })
 }

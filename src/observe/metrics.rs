@@ -1,24 +1,24 @@
 //! Prometheus metrics (prometheus-client; OpenMetrics text), declared here beside the events that feed
 //! them. Request, attempt, retry, timing and token metrics are recorded as things happen; queue depth,
-//! in-flight, limits and cooldown are read from admission at scrape time, so they can never drift.
-//! Label values are bounded: a model is its configured name, "unknown" or "other".
+//! lanes and accounts are read at scrape time (`collector.rs`), so they can never drift.
+//! Label values are bounded: a model is its configured name, "unknown" or "other"; an account is a
+//! configured name.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use super::collector::{AccountsSource, StateCollector};
 use super::recent::{Recent, RecentSummary};
 use super::usage::Usage;
-use crate::admission::{Admission, Priority, UNKNOWN_MODEL};
+use crate::admission::{Admission, UNKNOWN_MODEL};
 use crate::config::LimitsConfig;
 
 /// How a request ended, for `sluice_requests_total{outcome}` (a fixed set).
@@ -45,6 +45,7 @@ struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     status: String,
+    account: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,6 +57,7 @@ struct ReasonLabels {
 struct TokenLabels {
     model: String,
     kind: &'static str,
+    account: String,
 }
 
 /// The model label: the configured model (aliases resolved), "unknown" when unreadable, else "other".
@@ -105,8 +107,8 @@ const WAIT_BUCKETS: [f64; 15] =
 const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 impl Metrics {
-    /// Registers every metric; `admission` is read at scrape time.
-    pub fn new(admission: Admission) -> Self {
+    /// Registers every metric; `admission` and `accounts` are read at scrape time.
+    pub fn new(admission: Admission, accounts: AccountsSource) -> Self {
         let mut registry = Registry::with_prefix("sluice");
         let metrics = Self {
             requests: Family::default(),
@@ -158,7 +160,7 @@ impl Metrics {
             metrics.duration.clone(),
         );
         registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.clone());
-        registry.register_collector(Box::new(AdmissionCollector(admission)));
+        registry.register_collector(Box::new(StateCollector::new(admission, accounts)));
         Self { registry, ..metrics }
     }
 
@@ -193,9 +195,10 @@ impl Metrics {
         self.recent().request(waited);
     }
 
-    /// An upstream attempt ended: `status` is the response status, or "connect_error", "reset", "timeout".
-    pub fn attempt(&self, status: &str, ttfb: Option<Duration>) {
-        self.attempts.get_or_create(&StatusLabels { status: status.to_string() }).inc();
+    /// An upstream attempt on `account` ended: `status` is the response status, or "connect_error",
+    /// "reset", "timeout".
+    pub fn attempt(&self, status: &str, account: &str, ttfb: Option<Duration>) {
+        self.attempts.get_or_create(&StatusLabels { status: status.to_string(), account: account.to_string() }).inc();
         self.totals.attempts.fetch_add(1, Ordering::Relaxed);
         let throttled = status == "429";
         if throttled {
@@ -224,8 +227,16 @@ impl Metrics {
         self.totals.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A response body ended (or was dropped): total duration, tokens, and whether the upstream broke.
-    pub fn response_finished(&self, duration: Duration, model: String, usage: Option<Usage>, broken: bool) {
+    /// A response body ended (or was dropped): total duration, tokens (of `account`), and whether the
+    /// upstream broke.
+    pub fn response_finished(
+        &self,
+        duration: Duration,
+        model: String,
+        account: &str,
+        usage: Option<Usage>,
+        broken: bool,
+    ) {
         self.duration.observe(duration.as_secs_f64());
         if broken {
             self.stream_errors.inc();
@@ -236,7 +247,8 @@ impl Metrics {
             self.recent().tokens(usage.prompt_tokens + usage.completion_tokens);
             for (kind, count) in usage.kinds() {
                 if count > 0 {
-                    self.tokens.get_or_create(&TokenLabels { model: model.clone(), kind }).inc_by(count);
+                    let labels = TokenLabels { model: model.clone(), kind, account: account.to_string() };
+                    self.tokens.get_or_create(&labels).inc_by(count);
                 }
             }
         }
@@ -267,106 +279,6 @@ fn openmetrics_to_prometheus(text: &str) -> String {
         }
     }
     out
-}
-
-/// Reads admission's state at scrape time.
-#[derive(Debug)]
-struct AdmissionCollector(Admission);
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VersionLabels {
-    version: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PriorityLabels {
-    priority: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabels {
-    model: String,
-}
-
-impl prometheus_client::collector::Collector for AdmissionCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut build =
-            encoder.encode_descriptor("build_info", "Always 1; the version is a label", None, MetricType::Gauge)?;
-        ConstGauge::new(1).encode(build.encode_family(&VersionLabels { version: env!("CARGO_PKG_VERSION") })?)?;
-        let snapshot = self.0.snapshot();
-        let mut depth =
-            encoder.encode_descriptor("queue_depth", "Requests waiting, by priority", None, MetricType::Gauge)?;
-        for priority in Priority::ALL {
-            let labels = PriorityLabels { priority: priority.as_str() };
-            ConstGauge::new(snapshot.queued_by_priority[priority as usize] as i64)
-                .encode(depth.encode_family(&labels)?)?;
-        }
-        // Lanes by bounded label: configured models by name, the rest summed into "unknown" / "other".
-        // The limit shown is the one in force (learned when adaptive, else configured).
-        let mut lanes: Vec<(String, i64, Option<i64>, bool, f64)> = Vec::new();
-        for lane in &snapshot.lanes {
-            let label = lane.label().to_string();
-            let limit = lane.configured.and(lane.limit).map(|l| l as i64);
-            let seconds = lane.probing_total.as_secs_f64();
-            match lanes.iter_mut().find(|(l, ..)| *l == label) {
-                Some(entry) => {
-                    entry.1 += lane.inflight as i64;
-                    entry.2 = entry.2.zip(limit).map(|(a, b)| a + b).or(entry.2).or(limit);
-                    entry.3 |= lane.probing;
-                    entry.4 += seconds;
-                }
-                None => lanes.push((label, lane.inflight as i64, limit, lane.probing, seconds)),
-            }
-        }
-        let mut inflight =
-            encoder.encode_descriptor("inflight", "Upstream requests in flight, by model", None, MetricType::Gauge)?;
-        ConstGauge::new(snapshot.inflight as i64)
-            .encode(inflight.encode_family(&ModelLabels { model: "all".into() })?)?;
-        for (model, count, ..) in &lanes {
-            ConstGauge::new(*count).encode(inflight.encode_family(&ModelLabels { model: model.clone() })?)?;
-        }
-        let mut limit = encoder.encode_descriptor(
-            "concurrency_limit",
-            "Concurrency limit in force, by model: learned when adaptive, else configured (\"all\": the global cap)",
-            None,
-            MetricType::Gauge,
-        )?;
-        ConstGauge::new(snapshot.max_concurrency as i64)
-            .encode(limit.encode_family(&ModelLabels { model: "all".into() })?)?;
-        for (model, _, cap, ..) in &lanes {
-            if let Some(cap) = cap {
-                ConstGauge::new(*cap).encode(limit.encode_family(&ModelLabels { model: model.clone() })?)?;
-            }
-        }
-        let rate = snapshot.effective_rate.unwrap_or(0.0);
-        ConstGauge::new(rate).encode(encoder.encode_descriptor(
-            "rate_limit_per_second",
-            "Global rate limit in force, req/s: the configured one, lowered while learned limits are (0: none)",
-            None,
-            MetricType::Gauge,
-        )?)?;
-        let mut probing = encoder.encode_descriptor(
-            "lane_probing",
-            "1 while a lane (model) is throttled and probes one request at a time",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (model, _, _, lane_probing, _) in &lanes {
-            ConstGauge::new(i64::from(*lane_probing))
-                .encode(probing.encode_family(&ModelLabels { model: model.clone() })?)?;
-        }
-        let mut probing_seconds = encoder.encode_descriptor(
-            "lane_probing_seconds",
-            "Time lanes (models) spent probing after throttles",
-            None,
-            MetricType::Counter,
-        )?;
-        for (model, _, _, _, seconds) in &lanes {
-            ConstCounter::new(*seconds)
-                .encode(probing_seconds.encode_family(&ModelLabels { model: model.clone() })?)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

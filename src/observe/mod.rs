@@ -1,6 +1,7 @@
 //! What sluice tells operators: the log, the one log line per request, Prometheus metrics, the live
 //! status snapshot and the dashboard page that draws it.
 
+mod collector;
 pub mod endpoints;
 mod log;
 mod metrics;
@@ -8,6 +9,7 @@ mod recent;
 mod request_log;
 mod usage;
 
+pub use collector::AccountsSource;
 pub use log::init_logging;
 pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;

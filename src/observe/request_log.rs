@@ -33,6 +33,8 @@ pub struct RequestLog {
     pub model: Option<Arc<str>>,
     /// The bounded metrics label for the model.
     pub model_label: String,
+    /// The account that answered (a configured name).
+    pub account: Option<Arc<str>>,
     pub stream: bool,
     /// A hash of the client identity used for fair queueing (never the token itself).
     pub client: u64,
@@ -66,6 +68,7 @@ impl RequestLog {
             status: 0,
             model: None,
             model_label: crate::admission::UNKNOWN_MODEL.to_string(),
+            account: None,
             stream: false,
             client: 0,
             attempts: 0,
@@ -90,9 +93,10 @@ impl RequestLog {
         log
     }
 
-    /// The client went away before the request was answered (while it waited or backed off).
-    pub fn cancelled(&mut self, queue_ms: u64, attempts: u32) {
-        self.outcome = "cancelled";
+    /// The request ended without an answer: the client went away while it waited (`cancelled`), or a bug
+    /// ended it (`internal_error`).
+    pub fn cancelled(&mut self, outcome: &'static str, queue_ms: u64, attempts: u32) {
+        self.outcome = outcome;
         self.queue_ms = queue_ms;
         self.attempts = attempts;
     }
@@ -133,7 +137,8 @@ impl Drop for RequestLog {
         let duration = self.started.elapsed();
         if let Some(metrics) = &self.metrics {
             let model = std::mem::take(&mut self.model_label);
-            metrics.response_finished(duration, model, usage, self.end == End::UpstreamBroken);
+            let account = self.account.as_deref().unwrap_or("none");
+            metrics.response_finished(duration, model, account, usage, self.end == End::UpstreamBroken);
         }
         let end = match self.end {
             End::Complete => "complete",
@@ -150,6 +155,7 @@ impl Drop for RequestLog {
             end,
             outcome = self.outcome,
             model = self.model.as_deref().unwrap_or("-"),
+            account = self.account.as_deref().unwrap_or("-"),
             stream = self.stream,
             client = format_args!("{:016x}", self.client),
             attempts = self.attempts,

@@ -12,13 +12,15 @@ use tokio::time::Instant;
 
 use super::policy::{self, GiveUp, Outcome, Situation, Verdict};
 use super::request::{Inspection, Outgoing};
+use super::retry::RetryReason;
 use super::{Generation, Proxy};
 use crate::admission::{Permit, Rejected, Ticket, Window};
 use crate::error::ProxyError;
+use crate::upstream::accounts::{Accounts, Refusal, Setback};
 use crate::upstream::SendError;
 
 /// How a request fared so far: reported in `x-sluice-attempts`, `x-sluice-queue-ms` and the log.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Progress {
     /// Upstream attempts made.
     pub attempts: u32,
@@ -32,9 +34,34 @@ pub struct Progress {
     pub ttfb: Option<Duration>,
     /// When the request's current run of connection failures began.
     pub unreachable_since: Option<Instant>,
+    /// The account that answered (the delivered attempt's).
+    pub account: Option<std::sync::Arc<str>>,
+    /// Set while the request waits (in the queue or backing off): since when. A request abandoned then
+    /// counts this wait too.
+    pub waiting_since: Option<Instant>,
 }
 
-/// A retried response body is read (up to this much, for this long) so its connection can be reused.
+impl Progress {
+    /// Begins a wait.
+    fn wait(&mut self) {
+        self.waiting_since = Some(Instant::now());
+    }
+
+    /// Ends a wait, counting it.
+    fn waited(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += since.elapsed();
+        }
+    }
+
+    /// All the time waited so far, a wait in progress included.
+    pub fn waited_so_far(&self) -> Duration {
+        self.waited + self.waiting_since.map_or(Duration::ZERO, |since| since.elapsed())
+    }
+}
+
+/// A retried response body is read (up to this much, for this long) so its connection can be reused;
+/// a refusal's body is kept (to answer with when no account can serve).
 const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
@@ -50,30 +77,51 @@ impl Proxy {
         progress: &mut Progress,
     ) -> Result<(Response<Incoming>, Permit), ProxyError> {
         let config = &generation.config;
+        let accounts = &generation.accounts;
+        let keyed = accounts.keyed();
         let mut last_error: Option<SendError> = None;
         loop {
-            // 1. Admission: a retry keeps its place ahead of its client's newer requests.
+            // 1. Admission: a retry keeps its place ahead of its client's newer requests. While the upstream
+            //    cannot be reached, no request waits longer than `unreachable_wait` for it.
+            let unreachable = generation.upstream.unreachable_since().is_some();
+            let wait_bound = Instant::now().checked_add(config.upstream.unreachable_wait).unwrap_or(deadline);
             let ticket = Ticket {
                 model: seen.model.as_deref(),
                 client: seen.client,
                 priority: seen.priority,
-                deadline,
+                deadline: if unreachable { deadline.min(wait_bound) } else { deadline },
                 retry: progress.attempts > 0,
             };
-            let waiting = Instant::now();
+            progress.wait();
             let admitted = tokio::select! {
                 admitted = self.admission.acquire(ticket) => admitted,
                 () = self.stop.wait() => Err(Rejected::ShuttingDown),
             };
-            progress.waited += waiting.elapsed();
-            let mut permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_error.take()))?;
+            progress.waited();
+            let admitted = match admitted {
+                Err(Rejected::DeadlineExceeded { .. }) if generation.upstream.unreachable_since().is_some() => {
+                    // Everyone else waiting for this upstream has waited long enough too.
+                    self.admission.fail_waiting();
+                    Err(Rejected::Unreachable)
+                }
+                other => other,
+            };
+            let mut permit = admitted.map_err(|rejected| gave_up(rejected, progress, last_error.take(), accounts))?;
+            // The account's key for this attempt (none: the client's own passes through). An account whose
+            // last key went meanwhile serves no more.
+            let key = accounts.key(permit.account());
+            if keyed && key.is_none() {
+                self.admission.set_account_enabled(permit.account(), false);
+                continue;
+            }
+            let (key_index, key) = key.unzip();
 
             // 2. One attempt, bounded by the header timeout and the end of a drain.
             progress.attempts += 1;
             let sent = Instant::now();
             let result = tokio::select! {
                 // Boxed: a queued request then carries no room for the (larger) send state.
-                result = Box::pin(generation.upstream.send(outgoing.attempt())) => result,
+                result = Box::pin(generation.upstream.send(outgoing.attempt(key.as_ref()))) => result,
                 () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
             };
             let rtt = sent.elapsed();
@@ -85,14 +133,15 @@ impl Proxy {
                     progress.last_status = Some(status.as_u16());
                     progress.throttled += u32::from(status == http::StatusCode::TOO_MANY_REQUESTS);
                     progress.unreachable_since = None;
-                    self.metrics.attempt(status.as_str(), Some(rtt));
+                    generation.upstream.reached();
+                    self.metrics.attempt(status.as_str(), permit.account(), Some(rtt));
                     if let Some(window) = Window::from_headers(response.headers()) {
                         permit.paced(window);
                     }
                     Outcome::of_response(status, response.headers(), rtt)
                 }
                 Err(err) => {
-                    self.metrics.attempt(err.label(), None);
+                    self.metrics.attempt(err.label(), permit.account(), None);
                     if matches!(err, SendError::Connect(_)) {
                         progress.unreachable_since.get_or_insert(sent);
                         generation.upstream.unreachable(err);
@@ -108,6 +157,7 @@ impl Proxy {
             // 4. The verdict.
             let situation = Situation {
                 on_status,
+                keyed,
                 attempts: progress.attempts,
                 now: Instant::now(),
                 deadline,
@@ -120,10 +170,15 @@ impl Proxy {
             let response = match (verdict, result) {
                 (Verdict::Deliver, Ok(response)) => {
                     progress.ttfb = Some(rtt);
+                    progress.account = Some(std::sync::Arc::from(permit.account()));
                     return Ok((response, permit));
                 }
                 (Verdict::GiveUp(why), result) => {
                     drop(permit);
+                    if why == GiveUp::Unreachable {
+                        // Everyone else waiting for this upstream has waited long enough too.
+                        self.admission.fail_waiting();
+                    }
                     return Err(given_up(why, progress, result.err()));
                 }
                 (_, Ok(response)) => Some(response),
@@ -132,10 +187,23 @@ impl Proxy {
                     None
                 }
             };
+            let account: std::sync::Arc<str> = std::sync::Arc::from(permit.account());
             drop(permit); // the failed attempt's slot goes back before anyone waits
             if let Some(response) = response {
                 last_error = None;
-                Box::pin(drain(response)).await;
+                let refusal = Box::pin(drain(response)).await;
+                if let Verdict::Requeue(reason @ (RetryReason::KeyRefused | RetryReason::OutOfBalance)) = verdict {
+                    let out = match reason {
+                        RetryReason::KeyRefused => accounts.key_refused(&account, key_index.unwrap_or(0), refusal),
+                        _ => {
+                            accounts.out_of_balance(&account, refusal);
+                            Setback::AccountOut
+                        }
+                    };
+                    if out == Setback::AccountOut {
+                        self.admission.set_account_enabled(&account, false);
+                    }
+                }
             }
             let delay = match verdict {
                 Verdict::Requeue(reason) => {
@@ -155,23 +223,30 @@ impl Proxy {
                 "retrying upstream request"
             );
             if let Some(delay) = delay {
+                progress.wait();
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
                 }
-                progress.waited += delay;
+                progress.waited();
             }
         }
     }
 }
 
 /// Turns an admission rejection into the client's error. At the deadline, a request whose last attempt
-/// could not reach the upstream reports that (502); otherwise the last upstream status (503).
-fn gave_up(rejected: Rejected, progress: &Progress, last_error: Option<SendError>) -> ProxyError {
+/// could not reach the upstream reports that (502); otherwise the last upstream status (503). When no
+/// account can serve, the upstream's own refusal (its 401 or 402) is the answer.
+fn gave_up(rejected: Rejected, progress: &Progress, last_error: Option<SendError>, accounts: &Accounts) -> ProxyError {
     match rejected {
         Rejected::QueueFull { depth, retry_after } => ProxyError::QueueFull { depth, retry_after },
         Rejected::ShuttingDown => ProxyError::ShuttingDown,
         Rejected::Internal => ProxyError::Internal("admission failed".into()),
+        Rejected::NoAccount => accounts.refusal().map_or(ProxyError::NoAccount, ProxyError::Refused),
+        Rejected::Unreachable => ProxyError::UpstreamUnreachable(match last_error {
+            Some(err) => format!("{err} (gave up after {} attempts)", progress.attempts),
+            None => "no connection for upstream.unreachable_wait".into(),
+        }),
         Rejected::DeadlineExceeded { retry_after } => match last_error {
             Some(err) => {
                 ProxyError::UpstreamUnreachable(format!("{err} (gave up after {} attempts)", progress.attempts))
@@ -196,12 +271,26 @@ fn given_up(why: GiveUp, progress: &Progress, last_error: Option<SendError>) -> 
             err.map_or_else(|| "no connection".to_string(), |e| e.to_string()),
             progress.attempts
         )),
-        (GiveUp::Deadline, err) => gave_up(Rejected::DeadlineExceeded { retry_after: 1 }, progress, err),
+        (GiveUp::Deadline, Some(err)) => {
+            ProxyError::UpstreamUnreachable(format!("{err} (gave up after {} attempts)", progress.attempts))
+        }
+        (GiveUp::Deadline, None) => ProxyError::DeadlineExceeded {
+            waited: progress.waited,
+            attempts: progress.attempts,
+            last_status: progress.last_status,
+            retry_after: 1,
+        },
     }
 }
 
-/// Reads what is left of a response that will not be delivered, briefly, so the connection can be reused.
-async fn drain(response: Response<Incoming>) {
-    let body = Limited::new(response.into_body(), DRAIN_LIMIT);
-    let _ = tokio::time::timeout(DRAIN_TIME, body.collect()).await;
+/// Reads what is left of a response that will not be delivered, briefly, so the connection can be reused;
+/// returns it as a refusal (what a 401 or 402 said).
+async fn drain(response: Response<Incoming>) -> Refusal {
+    let (parts, body) = response.into_parts();
+    let body = Limited::new(body, DRAIN_LIMIT);
+    let bytes = match tokio::time::timeout(DRAIN_TIME, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => bytes::Bytes::new(),
+    };
+    Refusal { status: parts.status, content_type: parts.headers.get(http::header::CONTENT_TYPE).cloned(), body: bytes }
 }

@@ -31,13 +31,22 @@ pub struct ResponseBody {
     permit: Option<Permit>,
     /// Written when the body is dropped: the one log line per request.
     log: Option<RequestLog>,
-    /// Told when the body is dropped (the connection's count of requests in progress).
-    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+    /// Dropped with the body (the connection's mark that a request is in progress).
+    attached: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 enum Kind {
     Full(Option<Bytes>),
     Upstream(Box<UpstreamStream>),
+    /// Frames relayed from a task that owns the real body (see `relay`).
+    Relayed(tokio::sync::mpsc::Receiver<Relay>),
+}
+
+/// What a relay task passes on.
+pub enum Relay {
+    Frame(Result<Frame<Bytes>, BoxError>),
+    /// The body ended as it should.
+    End,
 }
 
 /// The upstream's body in flight, with the stall detector and what the SSE error rule needs.
@@ -60,7 +69,7 @@ struct UpstreamStream {
 impl ResponseBody {
     /// A complete body held in memory (sluice's own answers).
     pub fn full(bytes: Bytes) -> Self {
-        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None, on_drop: None }
+        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None, attached: None }
     }
 
     /// A whole response of sluice's own: status, content type and body.
@@ -84,7 +93,17 @@ impl ResponseBody {
             ended: false,
             broke: false,
         };
-        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None, on_drop: None }
+        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None, attached: None }
+    }
+
+    /// A body fed by a relay task (HTTP/2: the task can notice a client that grants no window).
+    pub fn relayed(rx: tokio::sync::mpsc::Receiver<Relay>) -> Self {
+        Self { kind: Kind::Relayed(rx), permit: None, log: None, attached: None }
+    }
+
+    /// Whether the body is sluice's own, already complete.
+    pub fn is_full(&self) -> bool {
+        matches!(self.kind, Kind::Full(_))
     }
 
     /// Hands the body the permit to hold until it ends.
@@ -97,9 +116,9 @@ impl ResponseBody {
         self.log = Some(log);
     }
 
-    /// Runs `done` when the body is dropped.
-    pub fn on_drop(&mut self, done: impl FnOnce() + Send + Sync + 'static) {
-        self.on_drop = Some(Box::new(done));
+    /// Keeps `value` until the body is dropped.
+    pub fn attach(&mut self, value: impl std::any::Any + Send + Sync) {
+        self.attached = Some(Box::new(value));
     }
 
     fn finish(&mut self, end: End) {
@@ -119,6 +138,19 @@ impl ResponseBody {
         let polled = match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Kind::Upstream(stream) => stream.poll_next(cx),
+            Kind::Relayed(rx) => match rx.poll_recv(cx) {
+                Poll::Ready(Some(Relay::Frame(frame))) => Poll::Ready(Some(frame)),
+                Poll::Ready(Some(Relay::End)) => {
+                    self.kind = Kind::Full(None);
+                    Poll::Ready(None)
+                }
+                // The relay gave up (the client accepted nothing for too long): not a clean end.
+                Poll::Ready(None) => {
+                    self.kind = Kind::Full(None);
+                    Poll::Ready(Some(Err("the response was cut: the client accepted no data".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -146,14 +178,6 @@ impl ResponseBody {
     }
 }
 
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        if let Some(done) = self.on_drop.take() {
-            done();
-        }
-    }
-}
-
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -176,6 +200,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(stream) => stream.ended,
+            Kind::Relayed(_) => false,
         }
     }
 
@@ -186,6 +211,7 @@ impl Body for ResponseBody {
             // An SSE stream may gain an error event at the end, so it promises no length.
             Kind::Upstream(stream) if stream.sse.is_some() => SizeHint::default(),
             Kind::Upstream(stream) => stream.incoming.size_hint(),
+            Kind::Relayed(_) => SizeHint::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! is counted as `cancelled`.
 
 mod attempts;
+mod balance;
 mod body;
 mod headers;
 mod policy;
@@ -24,14 +25,15 @@ use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-pub use body::{BoxError, ResponseBody};
+pub use body::{BoxError, Relay, ResponseBody};
 pub use request::{BodyBudget, CLIENT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER};
 pub use stop::Stop;
 
-use crate::admission::{AccountLimits, Admission, Permit};
+use crate::admission::{Admission, Permit};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::observe::{self, Metrics, RequestLog};
+use crate::upstream::accounts::Accounts;
 use crate::upstream::{BuildError, Upstream};
 use attempts::Progress;
 use request::{Inspection, Outgoing};
@@ -44,7 +46,7 @@ pub const QUEUE_MS_HEADER: &str = "x-sluice-queue-ms";
 /// Everything a request needs on its way: the config and upstream client in force, and admission.
 pub struct Proxy {
     /// Swapped whole by a reload; each request takes the one in force when it arrives and keeps it.
-    current: RwLock<Arc<Generation>>,
+    current: Arc<RwLock<Arc<Generation>>>,
     admission: Admission,
     metrics: Arc<Metrics>,
     /// Keys the client-identity hash; random per process, so hashes mean nothing elsewhere.
@@ -53,12 +55,23 @@ pub struct Proxy {
     budget: Arc<BodyBudget>,
     /// The end of a shutdown drain: everything still on its way answers now.
     stop: Arc<Stop>,
+    /// Asks the balance watch to read every account's balance now (after a reload).
+    read_balances: Arc<tokio::sync::Notify>,
 }
 
-/// One generation of the config and the upstream client built from it.
+/// One generation of the config, the upstream client and the accounts built from it.
 pub struct Generation {
     pub config: Config,
     upstream: Upstream,
+    /// The accounts and their keys' health (fresh with each reload).
+    pub accounts: Arc<Accounts>,
+}
+
+impl Generation {
+    fn new(config: Config, upstream: Upstream) -> Self {
+        let accounts = Arc::new(Accounts::new(&config.upstream));
+        Self { config, upstream, accounts }
+    }
 }
 
 /// Config keys a reload cannot apply to a running process (they shape the listener or the logger).
@@ -70,13 +83,17 @@ impl Proxy {
     pub fn new(config: Config) -> Result<Self, BuildError> {
         let upstream = Upstream::new(&config.upstream)?;
         warn_cleartext(&upstream, &config);
-        let admission = Admission::new(&config.limits, &config.queue, &config.retry, accounts(&config));
         let budget = BodyBudget::new(config.server.max_buffered_bytes);
-        let current = RwLock::new(Arc::new(Generation { config, upstream }));
-        let metrics = Arc::new(Metrics::new(admission.clone()));
+        let generation = Generation::new(config, upstream);
+        let config = &generation.config;
+        let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
+        let current = Arc::new(RwLock::new(Arc::new(generation)));
+        let metrics = Arc::new(Metrics::new(admission.clone(), balance::accounts_source(&current)));
         metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));
         let stop = Arc::new(Stop::default());
-        Ok(Self { current, admission, metrics, hasher: RandomState::new(), budget, stop })
+        let read_balances = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(balance::watch(Arc::downgrade(&current), admission.clone(), read_balances.clone()));
+        Ok(Self { current, admission, metrics, hasher: RandomState::new(), budget, stop, read_balances })
     }
 
     /// Ends the drain: every request still on its way answers now (see `stop.rs`).
@@ -111,9 +128,12 @@ impl Proxy {
             config.log.level != old.config.log.level,
         ];
         let needs_restart = RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c).map(|(key, _)| *key).collect();
-        self.admission.reconfigure(&config.limits, &config.queue, &config.retry, accounts(&config));
+        let generation = Generation::new(config, upstream);
+        let config = &generation.config;
+        self.admission.reconfigure(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         self.budget.set_limit(config.server.max_buffered_bytes);
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(Generation { config, upstream });
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(generation);
+        self.read_balances.notify_one();
         Ok(needs_restart)
     }
 
@@ -171,6 +191,7 @@ impl Proxy {
         log.queue_ms = millis(progress.waited);
         log.upstream_status = progress.last_status;
         log.ttfb_ms = progress.ttfb.map(millis);
+        log.account = progress.account.clone();
         // Usage is read from the body's plain bytes: not from an upstream's own error, nor a compressed one.
         let plain = !response.headers().contains_key(header::CONTENT_ENCODING);
         log.report_to(self.metrics.clone(), progress.ttfb.is_some() && plain);
@@ -195,12 +216,12 @@ impl Proxy {
         //    paths that are not the API's.
         request::refuse_foreign(&request)?;
         let path = request.uri().path();
-        if !config.upstream.paths.iter().any(|prefix| path.starts_with(prefix.as_str())) {
+        if !request::forwarded_path(path, &config.upstream.paths) {
             return Err(ProxyError::NotForwarded(path.chars().take(200).collect()));
         }
         // 2. A full queue answers before the body is read.
-        if self.admission.is_full() {
-            return Err(ProxyError::QueueFull { depth: self.admission.snapshot().queued, retry_after: 1 });
+        if let Some(depth) = self.admission.full() {
+            return Err(ProxyError::QueueFull { depth, retry_after: 1 });
         }
         // 3. Read the bounded body: retries re-send it and admission reads its model. It holds its share
         //    of the global body budget until the request ends.
@@ -220,8 +241,7 @@ impl Proxy {
         track.log.client = seen.client;
         // 5. The upstream request, built once: header hygiene, key injection, the configured origin only.
         //    It takes the client's request head, so nothing of hyper's read buffer stays pinned.
-        let outgoing =
-            Outgoing::new(parts, body, &generation.upstream, config.upstream.api_key.as_ref(), &track.request_id)?;
+        let outgoing = Outgoing::new(parts, body, &generation.upstream, &track.request_id)?;
         // 6. Admission, the upstream, retries — until a deliverable response or a final error.
         let deadline = track.log.started().checked_add(config.queue.max_wait).unwrap_or_else(Instant::now);
         let (response, permit) =
@@ -236,14 +256,10 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The accounts admission serves (one default account until several are configured).
-fn accounts(_config: &Config) -> Vec<AccountLimits> {
-    Vec::new()
-}
-
 /// Says so at startup and reload when the key would travel in clear text.
 fn warn_cleartext(upstream: &Upstream, config: &Config) {
-    if let Some(warning) = upstream.cleartext_warning(config.upstream.api_key.is_some()) {
+    let keyed = config.upstream.api_key.is_some() || !config.upstream.accounts.is_empty();
+    if let Some(warning) = upstream.cleartext_warning(keyed) {
         tracing::warn!("{warning}");
     }
 }
@@ -271,15 +287,19 @@ impl Track {
     fn into_parts(mut self) -> (HeaderValue, RequestLog, Progress) {
         self.metrics = None;
         let log = std::mem::replace(&mut self.log, RequestLog::detached());
-        (self.request_id.clone(), log, self.progress)
+        (self.request_id.clone(), log, std::mem::take(&mut self.progress))
     }
 }
 
 impl Drop for Track {
     fn drop(&mut self) {
         if self.metrics.is_some() {
-            self.answered("cancelled");
-            self.log.cancelled(millis(self.progress.waited), self.progress.attempts);
+            // Dropped while unwinding: a bug inside sluice (the server answers 500), not the client.
+            let outcome = if std::thread::panicking() { "internal_error" } else { "cancelled" };
+            self.progress.waited = self.progress.waited_so_far();
+            self.progress.waiting_since = None;
+            self.answered(outcome);
+            self.log.cancelled(outcome, millis(self.progress.waited), self.progress.attempts);
         }
     }
 }

@@ -8,6 +8,10 @@
 //! - Another retried status (500, 502, 504 by default) or a failed connection also backs the request off
 //!   on its own (full jitter, never less than a Retry-After), so one request that always fails cannot
 //!   spin on its lane's successes; connection failures stop after `upstream.unreachable_wait`.
+//! - A 401 or 402 on one of sluice's keys goes back to the queue: the key is set aside or the account
+//!   paused (`upstream/accounts.rs`), and another key or account serves; when none can, admission says
+//!   so and the client gets the upstream's own answer. With clients' own keys passed through, they are
+//!   delivered as they are.
 //! - Everything else is delivered; no response headers in time is a 504 (the upstream may still be working
 //!   on, and billing, the request).
 
@@ -74,6 +78,8 @@ pub enum GiveUp {
 #[derive(Debug, Clone, Copy)]
 pub struct Situation<'a> {
     pub on_status: &'a [u16],
+    /// The request went with one of sluice's keys (not the client's own).
+    pub keyed: bool,
     /// Attempts made so far (this one included).
     pub attempts: u32,
     pub now: Instant,
@@ -102,6 +108,12 @@ pub fn signal(outcome: Outcome, on_status: &[u16]) -> Option<Signal> {
 /// What the request does after `outcome`.
 pub fn decide(outcome: Outcome, situation: &Situation<'_>) -> Verdict {
     let (reason, retry_after) = match outcome {
+        Outcome::Response { status, .. } if situation.keyed && status == StatusCode::UNAUTHORIZED => {
+            return Verdict::Requeue(RetryReason::KeyRefused);
+        }
+        Outcome::Response { status, .. } if situation.keyed && status == StatusCode::PAYMENT_REQUIRED => {
+            return Verdict::Requeue(RetryReason::OutOfBalance);
+        }
         Outcome::Response { status, retry_after, .. } => match retried(status, situation.on_status) {
             None => return Verdict::Deliver,
             Some(reason) => (reason, retry_after),
@@ -154,6 +166,7 @@ mod tests {
     fn situation(now: Instant) -> Situation<'static> {
         Situation {
             on_status: &DEFAULT,
+            keyed: true,
             attempts: 1,
             now,
             deadline: now + Duration::from_secs(300),
@@ -172,8 +185,14 @@ mod tests {
     fn verdicts() {
         let now = Instant::now();
         let s = situation(now);
-        for status in [200, 201, 400, 401, 402, 404, 422, 501] {
+        for status in [200, 201, 400, 404, 422, 501] {
             assert_eq!(decide(response(status), &s), Verdict::Deliver, "{status}");
+        }
+        assert_eq!(decide(response(401), &s), Verdict::Requeue(RetryReason::KeyRefused));
+        assert_eq!(decide(response(402), &s), Verdict::Requeue(RetryReason::OutOfBalance));
+        let passed_through = Situation { keyed: false, ..s };
+        for status in [401, 402] {
+            assert_eq!(decide(response(status), &passed_through), Verdict::Deliver, "the client's own key: {status}");
         }
         assert_eq!(decide(response(429), &s), Verdict::Requeue(RetryReason::Throttled));
         assert_eq!(decide(response(503), &s), Verdict::Requeue(RetryReason::Overloaded));

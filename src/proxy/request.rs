@@ -18,7 +18,6 @@ use serde::Deserialize;
 
 use super::headers::{strip_hop_by_hop, strip_prefixed};
 use crate::admission::{ClientId, Priority};
-use crate::config::ApiKey;
 use crate::error::ProxyError;
 use crate::proxy::body::BoxError;
 use crate::upstream::Upstream;
@@ -42,6 +41,23 @@ pub fn refuse_foreign<B>(request: &Request<B>) -> Result<(), ProxyError> {
         ));
     }
     Ok(())
+}
+
+/// Whether `path` is one sluice forwards: it matches a configured prefix — one ending in `/` as a
+/// prefix, any other as a whole segment (`/models` matches `/models` and `/models/x`, not `/modelsx`) —
+/// and has no `.` or `..` segment (raw or percent-encoded), which could climb out of it upstream.
+pub fn forwarded_path(path: &str, prefixes: &[String]) -> bool {
+    let dotted = path.split('/').any(|segment| {
+        let lower = segment.to_ascii_lowercase();
+        matches!(lower.as_str(), "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e.")
+    });
+    let matches = |prefix: &String| {
+        if prefix.ends_with('/') {
+            return path.starts_with(prefix.as_str());
+        }
+        path.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    !dotted && prefixes.iter().any(matches)
 }
 
 /// What request bodies held in memory may take, all together (`server.max_buffered_bytes`).
@@ -180,17 +196,10 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// Applies header hygiene, injects the configured key (or keeps the client's when none is
-    /// configured), sets the request id, and targets the configured upstream. Takes the client's
-    /// request head and keeps only copies: hyper's parsed values are slices of the connection's read
-    /// buffer, which a queued request would otherwise pin.
-    pub fn new(
-        parts: Parts,
-        body: Bytes,
-        upstream: &Upstream,
-        api_key: Option<&ApiKey>,
-        request_id: &HeaderValue,
-    ) -> Result<Self, ProxyError> {
+    /// Applies header hygiene, sets the request id, and targets the configured upstream. Takes the
+    /// client's request head and keeps only copies: hyper's parsed values are slices of the connection's
+    /// read buffer, which a queued request would otherwise pin. The key is chosen per attempt.
+    pub fn new(parts: Parts, body: Bytes, upstream: &Upstream, request_id: &HeaderValue) -> Result<Self, ProxyError> {
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let uri = upstream
             .target(path)
@@ -207,19 +216,20 @@ impl Outgoing {
         for (name, value) in &client_headers {
             headers.append(name.clone(), owned(value));
         }
-        if let Some(key) = api_key {
-            headers.insert(header::AUTHORIZATION, key.authorization().clone());
-        }
         headers.insert(REQUEST_ID_HEADER, request_id.clone());
         Ok(Self { method: parts.method.clone(), uri, headers, body })
     }
 
-    /// A fresh request for one attempt.
-    pub fn attempt(&self) -> Request<Full<Bytes>> {
+    /// A fresh request for one attempt, with the account's `key` in place of the client's (none: the
+    /// client's own `Authorization` passes through).
+    pub fn attempt(&self, key: Option<&HeaderValue>) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(self.body.clone()));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
+        if let Some(key) = key {
+            request.headers_mut().insert(header::AUTHORIZATION, key.clone());
+        }
         request
     }
 }
@@ -277,6 +287,19 @@ mod tests {
         assert_eq!(token, with(&[("authorization", "Bearer x")], [127, 0, 0, 9]));
         assert_ne!(token, with(&[("authorization", "Bearer y")], [127, 0, 0, 1]));
         assert_ne!(with(&[], [127, 0, 0, 1]), with(&[], [127, 0, 0, 2]));
+    }
+
+    #[test]
+    fn only_api_paths_without_dot_segments_are_forwarded() {
+        let prefixes: Vec<String> = ["/v1/", "/models", "/completions"].map(String::from).to_vec();
+        for yes in ["/v1/chat/completions", "/v1//x", "/models", "/models/deepseek-v4-pro", "/completions"] {
+            assert!(forwarded_path(yes, &prefixes), "{yes}");
+        }
+        for no in
+            ["/", "/v1", "/modelsx", "/completionsX", "/v1/../admin", "/v1/./x", "/v1/%2E%2E/x", "/v1/.%2e/x", "/v2/x"]
+        {
+            assert!(!forwarded_path(no, &prefixes), "{no}");
+        }
     }
 
     #[test]

@@ -17,10 +17,15 @@ pub enum RetryReason {
     ServerError,
     /// No connection, or it broke before any response byte.
     Connection,
+    /// 401 on one of sluice's keys: the key is set aside, another key or account serves.
+    KeyRefused,
+    /// 402: the account is out of balance and paused; another account serves.
+    OutOfBalance,
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 4] = [Self::Throttled, Self::Overloaded, Self::ServerError, Self::Connection];
+    pub const ALL: [RetryReason; 6] =
+        [Self::Throttled, Self::Overloaded, Self::ServerError, Self::Connection, Self::KeyRefused, Self::OutOfBalance];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +33,8 @@ impl RetryReason {
             Self::Overloaded => "overloaded",
             Self::ServerError => "server_error",
             Self::Connection => "connection",
+            Self::KeyRefused => "key_refused",
+            Self::OutOfBalance => "out_of_balance",
         }
     }
 }

@@ -54,10 +54,14 @@ impl Aligner {
                 self.mid_event = true;
                 Some(self.held.split().freeze())
             }
-            other => other,
+            Some(bytes) => {
+                // What goes out ends on an event boundary (an oversized event's rest was held anew).
+                self.mid_event = false;
+                Some(bytes)
+            }
+            None => None,
         };
         if let Some(bytes) = &out {
-            self.mid_event &= self.line > 0;
             if !self.done {
                 self.done = contains_done(bytes);
             }

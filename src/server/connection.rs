@@ -33,14 +33,15 @@ pub struct ConnState {
 }
 
 impl ConnState {
-    /// A request arrived (the service was called).
-    pub fn request_started(&self) {
+    /// A request arrived (the service was called); it is in progress until the guard is dropped (with its
+    /// response body, or with the request when it is abandoned before one).
+    pub fn request_started(self: &Arc<Self>) -> RequestGuard {
         self.started.fetch_add(1, Ordering::SeqCst);
         self.in_progress.fetch_add(1, Ordering::SeqCst);
+        RequestGuard(self.clone())
     }
 
-    /// A request's response ended (its body was dropped).
-    pub fn request_done(&self) {
+    fn request_done(&self) {
         if self.in_progress.fetch_sub(1, Ordering::SeqCst) == 1 {
             if let Some(waker) = self.reader.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 waker.wake();
@@ -50,6 +51,16 @@ impl ConnState {
 
     fn idle(&self) -> bool {
         self.in_progress.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// A request in progress on its connection.
+#[derive(Debug)]
+pub struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.request_done();
     }
 }
 
@@ -101,13 +112,23 @@ fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, what.to_string())
 }
 
-/// Polls `timer` (armed at `deadline` if needed); true when it fired.
+/// Polls `timer` against `deadline`; true when the deadline has passed. The timer is re-armed lazily:
+/// only when it fires early (the deadline moved later) or would fire late, so a busy connection does not
+/// touch the timer wheel for every request.
 fn expired(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
     let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-    if sleep.deadline() != deadline {
+    loop {
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
         sleep.as_mut().reset(deadline);
     }
-    sleep.as_mut().poll(cx).is_ready()
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
@@ -121,9 +142,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for ConnIo<T> {
                 Poll::Ready(result)
             }
             Poll::Pending => {
-                *self.state.reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+                if !self.state.idle() {
+                    // Woken when the last request in progress ends, to arm the idle timer then.
+                    *self.state.reader.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+                }
                 let Some(deadline) = self.read_deadline() else {
-                    self.read_timer = None;
                     return Poll::Pending;
                 };
                 let this = &mut *self;
@@ -197,6 +220,41 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
                 ready
             }
         }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if this.replacement.is_some() {
+            return this.poll_replacement(cx).map_ok(|()| total);
+        }
+        if this.state.idle() {
+            if let Some(replacement) = bufs.iter().find(|b| !b.is_empty()).and_then(|b| replace_error_response(b)) {
+                this.replacement = Some(replacement);
+                return this.poll_replacement(cx).map_ok(|()| total);
+            }
+        }
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => {
+                if this.stalled(cx) {
+                    return Poll::Ready(Err(timed_out("the client accepted no response bytes")));
+                }
+                Poll::Pending
+            }
+            ready => {
+                this.write_timer = None;
+                this.last_io = Instant::now();
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

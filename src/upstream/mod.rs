@@ -1,6 +1,11 @@
-//! The one shared upstream client — hyper-util's pooled client over rustls (ring provider, webpki roots,
-//! HTTP/1.1 and h2 chosen by ALPN) — the rule that builds every target URL from `upstream.base_url`, and
-//! the header timeout. Send errors are typed so the retry loop knows what may have reached the upstream.
+//! How sluice reaches the upstream: the one shared client — hyper-util's pooled client over rustls (ring
+//! provider, webpki roots, HTTP/1.1 and h2 chosen by ALPN) — the rule that builds every target URL from
+//! `upstream.base_url`, and the header timeout; the accounts and their keys' health (`accounts.rs`) and
+//! their balance (`balance.rs`). Send errors are typed so the retry loop knows what may have reached the
+//! upstream.
+
+pub mod accounts;
+pub mod balance;
 
 use std::error::Error as StdError;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -64,9 +69,10 @@ pub struct Upstream {
     unreachable: Arc<Mutex<UnreachableLog>>,
 }
 
-/// When connection failures were last told, and how many since.
+/// The current run of connection failures: since when, when it was last told, and how many since.
 #[derive(Debug, Default)]
 struct UnreachableLog {
+    since: Option<tokio::time::Instant>,
     last_warned: Option<tokio::time::Instant>,
     since_warned: u64,
 }
@@ -105,6 +111,19 @@ impl Upstream {
         })
     }
 
+    /// An attempt got response headers: the upstream is reachable.
+    pub fn reached(&self) {
+        let mut log = self.unreachable.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.since.take().is_some() {
+            tracing::info!(upstream = %self.origin, "the upstream is reachable again");
+        }
+    }
+
+    /// Since when no attempt could connect (None: the last one did).
+    pub fn unreachable_since(&self) -> Option<tokio::time::Instant> {
+        self.unreachable.lock().unwrap_or_else(PoisonError::into_inner).since
+    }
+
     /// A warning when the key would travel in clear text: `http://` to a host that is not loopback.
     pub fn cleartext_warning(&self, has_key: bool) -> Option<String> {
         let (scheme, authority) = self.origin.split_once("://")?;
@@ -119,6 +138,7 @@ impl Upstream {
     pub fn unreachable(&self, err: &SendError) {
         let now = tokio::time::Instant::now();
         let mut log = self.unreachable.lock().unwrap_or_else(PoisonError::into_inner);
+        log.since.get_or_insert(now);
         log.since_warned += 1;
         if log.last_warned.is_some_and(|at| now.saturating_duration_since(at) < UNREACHABLE_WARN_EVERY) {
             return;

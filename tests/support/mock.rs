@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::accounts::{balance_body, AccountSlot, Caller, MockAccounts};
+
 /// One piece of a scripted streamed body.
 #[derive(Clone)]
 pub enum Chunk {
@@ -113,6 +115,8 @@ struct Counters {
     throttled_flags: Mutex<Vec<bool>>,
     cancelled: AtomicUsize,
     cancelled_notify: Notify,
+    /// When set, the mock knows accounts and keys (see `accounts.rs`).
+    accounts: Option<Arc<MockAccounts>>,
 }
 
 /// A running mock upstream.
@@ -132,10 +136,23 @@ impl Mock {
         cap: Option<usize>,
         handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
     ) -> Mock {
+        Self::serve(cap, None, Arc::new(handler)).await
+    }
+
+    /// Starts a mock that knows `accounts`: a request's key picks its account, which answers 401 for an
+    /// unknown or revoked key, 402 while out of balance, 429 past its own hidden cap, and
+    /// `GET /user/balance`; everything else goes to `handler`.
+    pub async fn start_accounts(
+        accounts: Vec<Arc<super::accounts::MockAccount>>,
+        handler: impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static,
+    ) -> Mock {
+        Self::serve(None, Some(Arc::new(MockAccounts(accounts))), Arc::new(handler)).await
+    }
+
+    async fn serve(cap: Option<usize>, accounts: Option<Arc<MockAccounts>>, handler: Arc<Handler>) -> Mock {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let counters = Arc::new(Counters::default());
-        let handler: Arc<Handler> = Arc::new(handler);
+        let counters = Arc::new(Counters { accounts, ..Counters::default() });
         let shared = counters.clone();
         tokio::spawn(async move {
             loop {
@@ -215,6 +232,8 @@ impl Mock {
 struct InflightGuard {
     counters: Arc<Counters>,
     model: String,
+    /// The account's slot, when the mock knows accounts.
+    _account: Option<AccountSlot>,
 }
 
 impl InflightGuard {
@@ -233,7 +252,7 @@ impl InflightGuard {
         *peak = (*peak).max(*now);
         drop(max);
         drop(inflight);
-        Some(Self { counters: counters.clone(), model })
+        Some(Self { counters: counters.clone(), model, _account: None })
     }
 }
 
@@ -266,7 +285,38 @@ async fn answer(
         requests.push(recorded.clone());
         requests.len() - 1
     };
-    let guard = InflightGuard::try_new(counters, recorded.model(), cap);
+    let mut account_slot = None;
+    if let Some(accounts) = &counters.accounts {
+        let caller = accounts.caller(recorded.headers.get("authorization").and_then(|v| v.to_str().ok()));
+        let account = match caller {
+            Caller::Refused => {
+                let body =
+                    r#"{"error":{"message":"Authentication Fails (no such user)","type":"authentication_error"}}"#;
+                return respond(401, "application/json", vec![], MockBody::full(body, None));
+            }
+            Caller::Account(account) => account,
+        };
+        if recorded.path == "/user/balance" {
+            return respond(200, "application/json", vec![], MockBody::full(balance_body(&account), None));
+        }
+        if !account.available() {
+            let body = r#"{"error":{"message":"Insufficient Balance","type":"payment_required"}}"#;
+            return respond(402, "application/json", vec![], MockBody::full(body, None));
+        }
+        match account.reserve() {
+            Some(slot) => account_slot = Some(slot),
+            None => {
+                counters.over_cap.fetch_add(1, Ordering::SeqCst);
+                counters.throttled_flags.lock().unwrap().push(true);
+                let body = r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error"}}"#;
+                return respond(429, "application/json", vec![], MockBody::full(body, None));
+            }
+        }
+    }
+    let guard = InflightGuard::try_new(counters, recorded.model(), cap).map(|mut guard| {
+        guard._account = account_slot;
+        guard
+    });
     counters.throttled_flags.lock().unwrap().push(guard.is_none());
     let Some(guard) = guard else {
         counters.over_cap.fetch_add(1, Ordering::SeqCst);

@@ -2,6 +2,7 @@
 //! client helpers (hyper's client for ordinary requests, raw TCP for the malformed ones).
 #![allow(dead_code, unused_imports)]
 
+pub mod accounts;
 pub mod daemon;
 pub mod mock;
 
@@ -23,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use accounts::MockAccount;
 pub use mock::{chunk_event, completion, data, gated_first, Chunk, Ending, Mock, Recorded, Reply};
 
 /// The key tests configure; the mock checks it arrives instead of the client's.
@@ -37,6 +39,8 @@ pub fn config_for(mock: &Mock) -> Config {
     config.retry.base_delay = Duration::from_millis(10);
     config.retry.max_delay = Duration::from_millis(200);
     config.queue.max_wait = Duration::from_secs(60);
+    // No balance reads: tests count what reaches the mock (the accounts tests turn them on).
+    config.upstream.balance.poll = Duration::ZERO;
     config
 }
 

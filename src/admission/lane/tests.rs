@@ -118,7 +118,7 @@ fn simulate(
         }
         // Dispatch while the lane lets us.
         while queued > 0 {
-            match lane.readiness(start + now) {
+            match lane.readiness(start + now, DELAYS) {
                 Readiness::Now => {}
                 Readiness::At(at) => {
                     events.push(Reverse((at - start, Event::Wake)));
@@ -208,6 +208,7 @@ fn static_lane(cap: usize) -> Lane {
 
 #[test]
 fn a_deep_queue_at_a_small_hidden_cap_is_near_ideal_with_few_429s() {
+    fastrand::seed(7);
     let upstream = Upstream::capped(8, Duration::from_millis(100));
     let report = simulate(&mut adaptive_lane(2500), &upstream, 1500, &[], Duration::from_secs(120));
     let ideal = 1500.0 / 8.0 * 0.1;
@@ -219,6 +220,7 @@ fn a_deep_queue_at_a_small_hidden_cap_is_near_ideal_with_few_429s() {
 
 #[test]
 fn a_deep_queue_at_a_large_hidden_cap_is_near_ideal_with_few_429s() {
+    fastrand::seed(7);
     let upstream = Upstream::capped(200, Duration::from_secs(1));
     let report = simulate(&mut adaptive_lane(2500), &upstream, 5000, &[], Duration::from_secs(300));
     assert_eq!(report.completed, 5000);
@@ -229,6 +231,7 @@ fn a_deep_queue_at_a_large_hidden_cap_is_near_ideal_with_few_429s() {
 
 #[test]
 fn an_upstream_that_frees_slots_late_is_absorbed_too() {
+    fastrand::seed(7);
     // Latencies vary (as real ones do): slots freed late then do not all meet new dispatches at once.
     let upstream = Upstream {
         free_lag: Duration::from_micros(200),
@@ -245,6 +248,7 @@ fn an_upstream_that_frees_slots_late_is_absorbed_too() {
 
 #[test]
 fn streams_at_a_hidden_cap_too() {
+    fastrand::seed(7);
     let upstream = Upstream { streaming: true, ..Upstream::capped(8, Duration::from_millis(200)) };
     let report = simulate(&mut adaptive_lane(2500), &upstream, 800, &[], Duration::from_secs(120));
     assert_eq!(report.completed, 800);
@@ -255,6 +259,7 @@ fn streams_at_a_hidden_cap_too() {
 
 #[test]
 fn attempts_against_a_wall_do_not_grow_with_the_queue() {
+    fastrand::seed(7);
     let wall = Upstream::capped(0, Duration::from_millis(100));
     let alone = simulate(&mut adaptive_lane(2500), &wall, 1, &[], Duration::from_secs(12)).attempts;
     assert!(alone <= 5, "{alone} attempts for one request in 12 s");
@@ -296,6 +301,7 @@ fn random_throttling_does_not_collapse_the_limit() {
 
 #[test]
 fn after_an_outage_throughput_returns_within_max_delay_and_five_windows() {
+    fastrand::seed(7);
     let latency = Duration::from_millis(200);
     let upstream = Upstream { caps: vec![(0.0, 8), (10.0, 0), (70.0, 8)], ..Upstream::capped(8, latency) };
     let mut lane = adaptive_lane(2500);
@@ -312,6 +318,7 @@ fn after_an_outage_throughput_returns_within_max_delay_and_five_windows() {
 
 #[test]
 fn a_capacity_drop_is_followed_without_probing_pauses() {
+    fastrand::seed(7);
     let latency = Duration::from_millis(200);
     let upstream = Upstream { caps: vec![(0.0, 40), (20.0, 10)], ..Upstream::capped(40, latency) };
     let mut lane = adaptive_lane(500);
@@ -324,6 +331,7 @@ fn a_capacity_drop_is_followed_without_probing_pauses() {
 
 #[test]
 fn a_learned_limit_survives_idleness_and_creeps_back_slowly() {
+    fastrand::seed(7);
     let upstream = Upstream::capped(8, Duration::from_millis(100));
     let mut lane = adaptive_lane(2500);
     simulate(&mut lane, &upstream, 500, &[], Duration::from_secs(60));
@@ -339,6 +347,7 @@ fn a_learned_limit_survives_idleness_and_creeps_back_slowly() {
 
 #[test]
 fn a_retry_after_pauses_the_lane_even_with_others_in_flight() {
+    fastrand::seed(7);
     let now = Instant::now();
     let mut lane = adaptive_lane(100);
     let (first, _) = lane.dispatch(now);
@@ -346,13 +355,14 @@ fn a_retry_after_pauses_the_lane_even_with_others_in_flight() {
     let wait = Some(Duration::from_secs(5));
     lane.report(now, second, Signal::Throttled { retry_after: wait }, DELAYS);
     lane.release(now, second, None, true);
-    assert_eq!(lane.gate.readiness(now), Readiness::At(now + Duration::from_secs(5)));
+    assert_eq!(lane.gate.readiness(now, DELAYS.max), Readiness::At(now + Duration::from_secs(5)));
     lane.release(now, first, None, false);
-    assert_eq!(lane.readiness(now), Readiness::At(now + Duration::from_secs(5)));
+    assert_eq!(lane.readiness(now, DELAYS), Readiness::At(now + Duration::from_secs(5)));
 }
 
 #[test]
 fn why_says_what_holds_a_lane_back() {
+    fastrand::seed(7);
     let now = Instant::now();
     let mut lane = adaptive_lane(100);
     assert_eq!(lane.why(now, 0), "learned limit 8 of 100, growing");
@@ -360,4 +370,26 @@ fn why_says_what_holds_a_lane_back() {
     lane.report(now, d, Signal::Throttled { retry_after: None }, DELAYS);
     lane.release(now, d, None, true);
     assert!(lane.why(now, 3).starts_with("probing after 1 setback"), "{}", lane.why(now, 3));
+}
+
+#[test]
+fn a_4xx_during_probing_lets_the_next_probe_go_but_does_not_reopen_the_lane() {
+    fastrand::seed(7);
+    let now = Instant::now();
+    let mut lane = static_lane(2500);
+    let (first, _) = lane.dispatch(now);
+    lane.report(now, first, Signal::Throttled { retry_after: None }, DELAYS);
+    lane.release(now, first, None, true);
+    let Readiness::At(probe_at) = lane.readiness(now, DELAYS) else { panic!("probing") };
+    let (probe, _) = lane.dispatch(probe_at);
+    assert!(probe.probe);
+    lane.report(probe_at, probe, Signal::Answered, DELAYS);
+    lane.release(probe_at, probe, None, true);
+    assert!(lane.gate.probing(), "a 400 says nothing about capacity");
+    assert_eq!(lane.readiness(probe_at, DELAYS), Readiness::Now, "the next probe may go");
+    let (next, _) = lane.dispatch(probe_at);
+    assert!(next.probe, "one at a time still");
+    lane.report(probe_at, next, Signal::Accepted { rtt: Duration::from_millis(5) }, DELAYS);
+    assert!(!lane.gate.probing(), "an accepted attempt ends probing");
+    lane.release(probe_at, next, None, true);
 }

@@ -1,0 +1,167 @@
+//! `[upstream]`: where requests go, how long sluice waits for it, and on which accounts and keys —
+//! `[[upstream.accounts]]` (several DeepSeek accounts, each with one or more keys, a weight and per-model
+//! caps) or the single key of `api_key_file` / `$CREDENTIALS_DIRECTORY` / `DEEPSEEK_API_KEY` (one
+//! account named `default`) — and `[upstream.balance]`, the balance watch.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{invalid, ApiKey, ConfigError, ModelLimits};
+
+/// `[upstream]`: where requests go, and how long sluice waits for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The only place requests are forwarded to: base_url + the request's path and query.
+    pub base_url: String,
+    /// A file holding the API key (systemd credentials, Docker secrets). Unset: `DEEPSEEK_API_KEY`.
+    /// For several accounts use `[[upstream.accounts]]` instead.
+    pub api_key_file: Option<PathBuf>,
+    /// Time allowed to open a TCP connection (and finish TLS) to the upstream.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request until the response headers arrive. Not retried when it passes.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest gap allowed between two chunks of a response body before the stream counts as dead.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long an unused pooled upstream connection is kept open.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// How long a request keeps retrying when the upstream cannot be reached at all (DNS, refused, TLS)
+    /// before it gets 502 `sluice_upstream_unreachable`.
+    #[serde(with = "humantime_serde")]
+    pub unreachable_wait: Duration,
+    /// Request paths forwarded upstream (prefixes). Anything else gets 404 `sluice_not_found` from sluice.
+    pub paths: Vec<String>,
+    /// Several DeepSeek accounts (each limited on its own), with their keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accounts: Vec<AccountConfig>,
+    /// The balance watch.
+    pub balance: BalanceConfig,
+    /// The key in use, read from `api_key_file`, `$CREDENTIALS_DIRECTORY` or `DEEPSEEK_API_KEY`;
+    /// never read from the config file and shown only redacted.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKey>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.deepseek.com".into(),
+            api_key_file: None,
+            connect_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(300),
+            pool_idle_timeout: Duration::from_secs(90),
+            unreachable_wait: Duration::from_secs(30),
+            paths: ["/v1/", "/beta/", "/chat/", "/completions", "/models", "/user/balance", "/anthropic/"]
+                .map(String::from)
+                .to_vec(),
+            accounts: Vec::new(),
+            balance: BalanceConfig::default(),
+            api_key: None,
+        }
+    }
+}
+
+/// `[[upstream.accounts]]`: one DeepSeek account — what DeepSeek limits — and the keys sluice uses on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    /// The account's label in logs, metrics and `/status` (never the key): letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// A file holding the account's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// A file holding several keys of the account, one per line (blank lines and `#` comments ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys_file: Option<PathBuf>,
+    /// An environment variable holding the account's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Share of traffic when several accounts have room for a request.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Caps of this account per model (over `[limits.models]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, ModelLimits>,
+    /// The keys, read at load time from the source above (or `$CREDENTIALS_DIRECTORY/<name>.key`); never
+    /// from the config file, shown only redacted.
+    #[serde(skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<ApiKey>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// `[upstream.balance]`: each account's `GET /user/balance`, watched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// How often each account's balance is read ("0s": never). A paused account (402) is re-enabled
+    /// when its balance says it is available again; a reload reads at once.
+    #[serde(with = "humantime_serde")]
+    pub poll: Duration,
+    /// Below this (in the account's currency) `sluice_account_balance_low` is 1 (alert `SluiceBalanceLow`).
+    pub low: f64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self { poll: Duration::from_secs(600), low: 5.0 }
+    }
+}
+
+impl UpstreamConfig {
+    /// Checks accounts: names unique and label-safe, one key source each, weights at least 1.
+    pub(super) fn validate_accounts(&self) -> Result<(), ConfigError> {
+        if !self.accounts.is_empty() && self.api_key_file.is_some() {
+            return Err(invalid(
+                "upstream.api_key_file",
+                self.api_key_file.as_ref().map_or(String::new(), |p| p.display().to_string()),
+                "unset when [[upstream.accounts]] are configured: give each account its key",
+            ));
+        }
+        for (i, account) in self.accounts.iter().enumerate() {
+            let key = |field: &str| format!("upstream.accounts[{i}] ({:?}).{field}", account.name);
+            let label_safe = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            if account.name.is_empty() || account.name.len() > 64 || !account.name.chars().all(label_safe) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?}", account.name),
+                    "1 to 64 letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if self.accounts[..i].iter().any(|other| other.name == account.name) {
+                return Err(invalid(key("name"), format!("{:?}", account.name), "a name no other account has"));
+            }
+            let sources =
+                [account.api_key_file.is_some(), account.api_keys_file.is_some(), account.api_key_env.is_some()];
+            if sources.iter().filter(|s| **s).count() > 1 {
+                return Err(invalid(
+                    key("api_key_file"),
+                    "several key sources",
+                    "one of api_key_file, api_keys_file and api_key_env",
+                ));
+            }
+            if account.weight == 0 {
+                return Err(invalid(key("weight"), 0, "at least 1"));
+            }
+            for (model, limits) in &account.models {
+                if limits.max_concurrency == 0 {
+                    return Err(invalid(key(&format!("models.\"{model}\".max_concurrency")), 0, "at least 1"));
+                }
+            }
+        }
+        if !self.balance.low.is_finite() || self.balance.low < 0.0 {
+            return Err(invalid("upstream.balance.low", self.balance.low, "a number of at least 0, such as 5"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! The accounts sluice sends requests on and the health of their keys: which key a request of an account
+//! uses (round-robin over the keys still enabled), a key the upstream refused (401) set aside, an
+//! account out of balance (402) paused until its balance says it is available, the upstream's own answer
+//! kept for when no account can serve, and the latest balance read. Names are labels; keys never leave
+//! this module except as a ready `Authorization` value.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+use crate::admission::{AccountLimits, DEFAULT_ACCOUNT};
+use crate::config::{ApiKey, UpstreamConfig};
+
+/// The upstream's own refusal (a 401 or 402 response), kept to answer with when no account can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+/// One balance entry of `GET /user/balance`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceInfo {
+    pub currency: String,
+    pub total: f64,
+}
+
+/// What the latest balance read said.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Balance {
+    pub available: bool,
+    pub infos: Vec<BalanceInfo>,
+}
+
+/// The accounts in force: built from the config (and rebuilt by a reload, keys starting healthy).
+#[derive(Debug)]
+pub struct Accounts {
+    accounts: Vec<Account>,
+}
+
+#[derive(Debug)]
+struct Account {
+    name: Arc<str>,
+    weight: u32,
+    caps: Vec<(String, usize)>,
+    keys: Vec<Key>,
+    next: AtomicUsize,
+    /// Out of balance (402) until a balance read says otherwise.
+    paused: AtomicBool,
+    refusal: Mutex<Option<Refusal>>,
+    balance: Mutex<Option<Balance>>,
+}
+
+#[derive(Debug)]
+struct Key {
+    authorization: HeaderValue,
+    disabled: AtomicBool,
+}
+
+/// How an account stands, for `/status` and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccountView {
+    pub name: String,
+    pub keys: usize,
+    pub keys_disabled: usize,
+    pub paused: bool,
+    /// Serving: not paused, a key left (or no key at all: the client's own is passed through).
+    pub available: bool,
+    pub balance: Option<Balance>,
+}
+
+/// What the upstream's refusal did to an account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setback {
+    /// A key was set aside; the account has others.
+    KeyDisabled,
+    /// The account serves no more (its last key went, or its balance ran out).
+    AccountOut,
+}
+
+impl Accounts {
+    /// The accounts of `config`: `[[upstream.accounts]]`, else one account `default` with the single key
+    /// (or none: then each client's own key is passed through).
+    pub fn new(config: &UpstreamConfig) -> Self {
+        let accounts = if config.accounts.is_empty() {
+            vec![Account::new(DEFAULT_ACCOUNT, 1, Vec::new(), config.api_key.iter())]
+        } else {
+            config
+                .accounts
+                .iter()
+                .map(|a| {
+                    let caps = a.models.iter().map(|(m, l)| (m.clone(), l.max_concurrency as usize)).collect();
+                    Account::new(&a.name, a.weight, caps, a.keys.iter())
+                })
+                .collect()
+        };
+        Self { accounts }
+    }
+
+    fn get(&self, name: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| &*a.name == name)
+    }
+
+    /// What admission needs to know: names, weights, caps.
+    pub fn limits(&self) -> Vec<AccountLimits> {
+        self.accounts
+            .iter()
+            .map(|a| AccountLimits { name: a.name.clone(), weight: a.weight, caps: a.caps.iter().cloned().collect() })
+            .collect()
+    }
+
+    /// The account names (bounded metric labels).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.accounts.iter().map(|a| &*a.name)
+    }
+
+    /// Whether sluice holds keys (else clients' own keys pass through).
+    pub fn keyed(&self) -> bool {
+        self.accounts.iter().any(|a| !a.keys.is_empty())
+    }
+
+    /// The key for the next attempt on `account`: (its index, its header value), round-robin over the
+    /// enabled keys. None when the account has no key (pass-through) or none left.
+    pub fn key(&self, account: &str) -> Option<(usize, HeaderValue)> {
+        let account = self.get(account)?;
+        let n = account.keys.len();
+        let start = account.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|i| (start + i) % n).find_map(|i| {
+            let key = &account.keys[i];
+            (!key.disabled.load(Ordering::Relaxed)).then(|| (i, key.authorization.clone()))
+        })
+    }
+
+    /// The upstream refused a key of `account` (401): set it aside. Returns whether the account still serves.
+    pub fn key_refused(&self, account: &str, key: usize, refusal: Refusal) -> Setback {
+        let Some(entry) = self.get(account) else { return Setback::AccountOut };
+        entry.remember(refusal);
+        if let Some(k) = entry.keys.get(key) {
+            if !k.disabled.swap(true, Ordering::Relaxed) {
+                tracing::error!(account, key = key + 1, "the upstream refused a key (401): it is set aside");
+            }
+        }
+        if entry.available() {
+            Setback::KeyDisabled
+        } else {
+            Setback::AccountOut
+        }
+    }
+
+    /// The upstream said `account` is out of balance (402): pause it until its balance recovers.
+    pub fn out_of_balance(&self, account: &str, refusal: Refusal) {
+        if let Some(entry) = self.get(account) {
+            entry.remember(refusal);
+            if !entry.paused.swap(true, Ordering::Relaxed) {
+                tracing::error!(account, "the upstream says the account is out of balance (402): it is paused");
+            }
+        }
+    }
+
+    /// A balance read of `account`. Returns true when it ended a pause (the account serves again).
+    pub fn balance_read(&self, account: &str, balance: Balance) -> bool {
+        let Some(entry) = self.get(account) else { return false };
+        let available = balance.available;
+        *entry.balance.lock().unwrap_or_else(PoisonError::into_inner) = Some(balance);
+        let resumed = available && entry.paused.swap(false, Ordering::Relaxed);
+        if resumed {
+            tracing::info!(account, "the account's balance is available again: it serves again");
+        }
+        resumed && entry.available()
+    }
+
+    /// Whether `account` serves.
+    pub fn available(&self, account: &str) -> bool {
+        self.get(account).is_some_and(Account::available)
+    }
+
+    /// The upstream's latest refusal on any account, to answer with when none can serve.
+    pub fn refusal(&self) -> Option<Refusal> {
+        self.accounts.iter().find_map(|a| a.refusal.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+
+    pub fn views(&self) -> Vec<AccountView> {
+        self.accounts
+            .iter()
+            .map(|a| AccountView {
+                name: a.name.to_string(),
+                keys: a.keys.len(),
+                keys_disabled: a.keys.iter().filter(|k| k.disabled.load(Ordering::Relaxed)).count(),
+                paused: a.paused.load(Ordering::Relaxed),
+                available: a.available(),
+                balance: a.balance.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            })
+            .collect()
+    }
+}
+
+impl Account {
+    fn new<'a>(name: &str, weight: u32, caps: Vec<(String, usize)>, keys: impl Iterator<Item = &'a ApiKey>) -> Self {
+        Self {
+            name: Arc::from(name),
+            weight,
+            caps,
+            keys: keys
+                .map(|k| Key { authorization: k.authorization().clone(), disabled: AtomicBool::new(false) })
+                .collect(),
+            next: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            refusal: Mutex::new(None),
+            balance: Mutex::new(None),
+        }
+    }
+
+    fn available(&self) -> bool {
+        let keyless = self.keys.is_empty();
+        !self.paused.load(Ordering::Relaxed)
+            && (keyless || self.keys.iter().any(|k| !k.disabled.load(Ordering::Relaxed)))
+    }
+
+    fn remember(&self, refusal: Refusal) {
+        *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(refusal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AccountConfig;
+
+    fn accounts(keys: &[(&str, &[&str])]) -> Accounts {
+        let config = UpstreamConfig {
+            accounts: keys
+                .iter()
+                .map(|(name, keys)| AccountConfig {
+                    name: name.to_string(),
+                    api_key_file: None,
+                    api_keys_file: None,
+                    api_key_env: None,
+                    weight: 1,
+                    models: Default::default(),
+                    keys: keys.iter().map(|k| ApiKey::new(k, "test").unwrap()).collect(),
+                })
+                .collect(),
+            ..UpstreamConfig::default()
+        };
+        Accounts::new(&config)
+    }
+
+    fn refusal(status: u16) -> Refusal {
+        Refusal { status: StatusCode::from_u16(status).unwrap(), content_type: None, body: Bytes::from_static(b"{}") }
+    }
+
+    #[test]
+    fn keys_rotate_and_a_refused_one_is_set_aside() {
+        let accounts = accounts(&[("a", &["k1", "k2"])]);
+        let first = accounts.key("a").unwrap();
+        let second = accounts.key("a").unwrap();
+        assert_ne!(first.0, second.0, "round-robin");
+        assert_eq!(accounts.key_refused("a", first.0, refusal(401)), Setback::KeyDisabled);
+        for _ in 0..4 {
+            assert_eq!(accounts.key("a").unwrap().0, second.0, "only the good key is used");
+        }
+        assert_eq!(accounts.key_refused("a", second.0, refusal(401)), Setback::AccountOut);
+        assert_eq!(accounts.key("a"), None);
+        assert!(!accounts.available("a"));
+        assert_eq!(accounts.refusal().unwrap().status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn out_of_balance_pauses_until_the_balance_is_available() {
+        let accounts = accounts(&[("a", &["k"]), ("b", &["k"])]);
+        accounts.out_of_balance("a", refusal(402));
+        assert!(!accounts.available("a") && accounts.available("b"));
+        assert!(!accounts.balance_read("a", Balance { available: false, infos: vec![] }));
+        assert!(accounts.balance_read("a", Balance { available: true, infos: vec![] }));
+        assert!(accounts.available("a"));
+    }
+
+    #[test]
+    fn a_single_key_is_the_default_account_and_none_means_pass_through() {
+        let single = Accounts::new(&UpstreamConfig { api_key: ApiKey::new("sk", "t"), ..UpstreamConfig::default() });
+        assert_eq!(single.names().collect::<Vec<_>>(), vec![DEFAULT_ACCOUNT]);
+        assert!(single.keyed());
+        let keyless = Accounts::new(&UpstreamConfig::default());
+        assert!(!keyless.keyed());
+        assert_eq!(keyless.key(DEFAULT_ACCOUNT), None);
+        assert!(keyless.available(DEFAULT_ACCOUNT), "no key: clients' own keys pass through");
+    }
+}
