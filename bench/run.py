@@ -88,7 +88,7 @@ def sim(*flags):
     return Process([SIM, "--listen", f"127.0.0.1:{port}", *flags], port), port
 
 
-def sluice(upstream_port, *, adaptive=True, extra=None):
+def sluice(upstream_port, *, adaptive=True, extra=None, config=None):
     port = free_port()
     env = {
         "SLUICE_LIMITS__ADAPTIVE": "true" if adaptive else "false",
@@ -98,7 +98,22 @@ def sluice(upstream_port, *, adaptive=True, extra=None):
     }
     env.update(extra or {})
     args = [SLUICE, "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    if config:
+        path = os.path.join(TMP, f"sluice-{port}.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        args += ["--config", path]
     return Process(args, port, env), port
+
+
+TWO_ACCOUNTS = """
+[[upstream.accounts]]
+name = "a"
+api_key_env = "BENCH_KEY_A"
+[[upstream.accounts]]
+name = "b"
+api_key_env = "BENCH_KEY_B"
+"""
 
 
 def nginx(upstream_port):
@@ -234,14 +249,22 @@ def absorption(quick):
     for cap, latency_ms, clients in setups:
         capacity = cap / (latency_ms / 1000)
         rows = {}
-        for name in ["sluice (adaptive)", "sluice (static)", "openai SDK, no proxy"]:
-            sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms")
+        names = ["sluice (adaptive)", "sluice (static)", "openai SDK, no proxy"]
+        if cap == setups[0][0]:
+            names.insert(1, "sluice (adaptive), two accounts")
+        for name in names:
+            two = name.endswith("two accounts")
+            sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms", *(["--per-key"] if two else []))
             with sim_proc:
                 if name.startswith("sluice"):
-                    s_proc, s_port = sluice(sim_port, adaptive=(name == "sluice (adaptive)"),
-                                            extra={"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"})
+                    extra = {"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"}
+                    if two:
+                        extra.update({"BENCH_KEY_A": "sk-bench-a", "BENCH_KEY_B": "sk-bench-b"})
+                    s_proc, s_port = sluice(sim_port, adaptive=not name.startswith("sluice (static)"), extra=extra,
+                                            config=TWO_ACCOUNTS if two else None)
+                    load = ",".join(str(2 * int(n)) for n in clients.split(",")) if two else clients
                     with s_proc:
-                        result = loadgen(s_port, seconds, "--clients", clients)
+                        result = loadgen(s_port, seconds, "--clients", load)
                 else:
                     out_sdk = subprocess.run([PYTHON, os.path.join(ROOT, "bench", "sdk_load.py"),
                                               f"http://127.0.0.1:{sim_port}/v1", clients, str(seconds)],
@@ -427,12 +450,13 @@ def report(results, quick, command):
         lines += [
             f"Hidden cap C = {a['cap']}, {a['latency_ms']} ms per request (capacity {a['cap'] / (a['latency_ms'] / 1000):.0f} req/s), "
             f"{sum(int(n) for n in a['clients'].split(','))} closed-loop workers from 4 clients ({a['clients'].replace(',', '/')}), {a['seconds']} s. sluice's configured",
-            "cap is 500; the SDK row is the openai Python SDK (max_retries = 2) straight at the upstream.", "",
+            "cap is 500; the SDK row is the openai Python SDK (max_retries = 2) straight at the upstream. The two-account row",
+            "runs twice the workers against two accounts, each with the cap (goodput ÷ one account's capacity: 2.0 is ideal).", "",
             "| | client errors | goodput ÷ capacity | upstream 429 share | attempts / request | p50 | p99 | Jain fairness |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, r in a["rows"].items():
-            lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} % | {100 * r['share_429']:.1f} % "
+            lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} %{' (' + format(r['goodput'], '.2f') + ' ×)' if 'two' in name else ''} | {100 * r['share_429']:.1f} % "
                          f"| {r['attempts_per_request']:.2f} | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['jain']:.3f} |")
         lines.append("")
     lines += [

@@ -4,9 +4,12 @@
 //! requests take a configurable latency and answer an OpenAI-shaped completion, or an SSE stream when the
 //! body asks for `"stream": true`. `GET /sim/counters` reports what it saw, per second too.
 //!
+//! With `--per-key`, the cap applies to each API key (`Authorization`) on its own, as DeepSeek's applies
+//! to each account.
+//!
 //! cargo run --release --example sluice_sim -- --listen 127.0.0.1:9000 --caps 40:20s,10:20s,30:20s \
 //!     --latency 200ms [--jitter 50ms] [--rate 100/s] [--retry-after 1] [--fail-503 0.01] \
-//!     [--chunks 20 --chunk-delay 10ms]
+//!     [--chunks 20 --chunk-delay 10ms] [--per-key]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -36,6 +39,7 @@ struct Options {
     fail_503: f64,
     chunks: usize,
     chunk_delay: Duration,
+    per_key: bool,
 }
 
 fn parse_args() -> Options {
@@ -49,8 +53,13 @@ fn parse_args() -> Options {
         fail_503: 0.0,
         chunks: 10,
         chunk_delay: Duration::from_millis(10),
+        per_key: false,
     };
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(at) = args.iter().position(|a| a == "--per-key") {
+        args.remove(at);
+        options.per_key = true;
+    }
     let duration = |v: &str| humantime::parse_duration(v).unwrap_or_else(|e| panic!("{v}: {e}"));
     for pair in args.chunks(2) {
         let (flag, value) = (pair[0].as_str(), pair.get(1).map_or("", String::as_str));
@@ -93,6 +102,8 @@ struct Sim {
     started: Instant,
     inflight: AtomicUsize,
     max_inflight: AtomicUsize,
+    /// With `--per-key`: in flight per API key.
+    per_key: Mutex<std::collections::HashMap<String, Arc<AtomicUsize>>>,
     arrivals: AtomicU64,
     accepted: AtomicU64,
     completed: AtomicU64,
@@ -139,12 +150,16 @@ impl Sim {
     }
 }
 
-/// Holds a slot of the hidden capacity until dropped (with the response body).
-struct Slot(Arc<Sim>);
+/// Holds a slot of the hidden capacity (and of its key's, with `--per-key`) until dropped (with the
+/// response body).
+struct Slot(Arc<Sim>, Option<Arc<AtomicUsize>>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(key) = &self.1 {
+            key.fetch_sub(1, Ordering::SeqCst);
+        }
         self.0.completed.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -195,6 +210,7 @@ async fn answer(sim: Arc<Sim>, request: Request<Incoming>) -> Response<SimBody> 
         });
         return whole(200, "application/json", body.to_string(), None, None);
     }
+    let key = request.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let stream = serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v["stream"] == true);
     sim.arrivals.fetch_add(1, Ordering::Relaxed);
@@ -204,11 +220,23 @@ async fn answer(sim: Arc<Sim>, request: Request<Incoming>) -> Response<SimBody> 
         return whole(503, "application/json", r#"{"error":{"message":"Server overloaded"}}"#.into(), None, None);
     }
     let cap = sim.cap_now();
-    let admitted = sim.inflight.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < cap).then_some(n + 1));
+    let counter = if sim.options.per_key {
+        sim.per_key.lock().unwrap().entry(key).or_insert_with(|| Arc::new(AtomicUsize::new(0))).clone()
+    } else {
+        Arc::new(AtomicUsize::new(0))
+    };
+    let limited = if sim.options.per_key { &*counter } else { &sim.inflight };
+    let admitted = limited.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < cap).then_some(n + 1));
+    if admitted.is_ok() && sim.options.per_key {
+        sim.inflight.fetch_add(1, Ordering::SeqCst);
+    }
     let throttle = match admitted {
         Err(_) => true,
         Ok(_) if !sim.take_token() => {
-            sim.inflight.fetch_sub(1, Ordering::SeqCst);
+            limited.fetch_sub(1, Ordering::SeqCst);
+            if sim.options.per_key {
+                sim.inflight.fetch_sub(1, Ordering::SeqCst);
+            }
             true
         }
         Ok(_) => false,
@@ -228,7 +256,7 @@ async fn answer(sim: Arc<Sim>, request: Request<Incoming>) -> Response<SimBody> 
         s.max_inflight = s.max_inflight.max(inflight);
         s.cap = cap;
     });
-    let slot = Slot(sim.clone());
+    let slot = Slot(sim.clone(), sim.options.per_key.then_some(counter));
     let jitter = sim.options.jitter.mul_f64(fastrand::f64() * 2.0);
     let latency = (sim.options.latency + jitter).saturating_sub(sim.options.jitter);
     if !stream {
@@ -270,6 +298,7 @@ async fn main() {
         started: Instant::now(),
         inflight: AtomicUsize::new(0),
         max_inflight: AtomicUsize::new(0),
+        per_key: Mutex::new(std::collections::HashMap::new()),
         arrivals: AtomicU64::new(0),
         accepted: AtomicU64::new(0),
         completed: AtomicU64::new(0),
