@@ -11,7 +11,7 @@ Scenarios: overhead (direct vs sluice vs nginx, wrk at saturation and a fixed 1k
 queued requests), limiter precision, persistent throttling (attempts per second by queue depth, sluice
 against the openai SDK's own retries), deep-queue cold start, absorption of a hidden concurrency cap
 (with the openai SDK's own retries as the baseline), adaptive vs static limits under a changing capacity,
-streaming time to first byte. Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
+streaming time to first byte, the cache (hit against miss latency, memory and Redis; coalescing). Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
 """
 
 import argparse
@@ -375,6 +375,71 @@ def changing_capacity(quick):
     return {"step": step, "settle": settle, "rows": rows}
 
 
+def redis_server():
+    port = free_port()
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    return Process(args, port), port
+
+
+def wait_cache_connected(port, limit=20):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+            if json.load(response)["cache"]["connected"]:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("the cache never connected")
+
+
+def cache(quick):
+    """Hit against miss latency (memory and Redis backends; closed loop, 8 workers; the simulator answers at
+    once, so a miss costs only the upstream round trip and the store), then coalescing: N identical
+    requests at once under a hidden cap, with and without coalescing."""
+    seconds = 2 if quick else 10
+    latency = {}
+    sim_proc, sim_port = sim("--latency", "0ms")
+    redis_proc, redis_port = redis_server()
+    with sim_proc, redis_proc:
+        plain = ["--clients", "8"]
+        det = plain + ["--temperature", "0"]
+        cases = [("cache off", {}, plain), ("memory", {"SLUICE_CACHE__BACKEND": "memory"}, det),
+                 ("redis", {"SLUICE_CACHE__BACKEND": "redis", "SLUICE_CACHE__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}, det)]
+        for name, extra, flags in cases:
+            env = dict(extra, SLUICE_CACHE__ENABLED="true" if extra else "false")
+            s_proc, s_port = sluice(sim_port, adaptive=False, extra=env)
+            with s_proc:
+                wait_cache_connected(s_port) if extra else None
+                loadgen(s_port, 1, *flags)  # warm up; the entry is stored
+                if not extra:
+                    latency[name] = loadgen(s_port, seconds, *flags)
+                    continue
+                before = sim_counters(sim_port)["arrivals"]
+                latency[name + " hit"] = loadgen(s_port, seconds, *flags)
+                latency[name + " hit"]["upstream"] = sim_counters(sim_port)["arrivals"] - before
+                latency[name + " miss"] = loadgen(s_port, seconds, *flags, "--unique")
+            log(f"cache latency {name}: done")
+    rows = {name: {"rps": r["throughput_rps"], "p50": r["total_ms"]["p50"], "p99": r["total_ms"]["p99"],
+                   "errors": sum(n for st, n in r["statuses"].items() if st != "200"), "upstream": r.get("upstream")}
+            for name, r in latency.items()}
+    burst, cap, hold_ms = (40, 4, 250) if quick else (200, 4, 500)
+    coalescing = {}
+    for name, coalesce in [("coalescing on", "true"), ("coalescing off", "false")]:
+        sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{hold_ms}ms")
+        with sim_proc:
+            extra = {"SLUICE_CACHE__ENABLED": "true", "SLUICE_CACHE__COALESCE": coalesce,
+                     "SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"}
+            s_proc, s_port = sluice(sim_port, extra=extra)
+            with s_proc:
+                result = loadgen(s_port, 1, "--burst", str(burst), "--temperature", "0")
+            counters = sim_counters(sim_port)
+        coalescing[name] = {"upstream": counters["arrivals"], "accepted": counters["accepted"],
+                            "throttled": counters["throttled"], "elapsed": result["elapsed_s"],
+                            "p50": result["total_ms"]["p50"], "p99": result["total_ms"]["p99"],
+                            "errors": sum(n for st, n in result["statuses"].items() if st != "200")}
+        log(f"coalescing {name}: {coalescing[name]}")
+    return {"seconds": seconds, "latency": rows, "burst": burst, "cap": cap, "hold_ms": hold_ms, "coalescing": coalescing}
+
+
 def streaming(quick):
     """Time to first byte of streamed responses: direct against through sluice."""
     seconds = 2 if quick else 10
@@ -478,6 +543,24 @@ def report(results, quick, command):
         lines.append(f"| {name} | {r['p50']:.2f} ms | {r['p90']:.2f} ms | {r['p99']:.2f} ms | {r['total_p50']:.1f} ms |")
     delta = (s['sluice']['p50'] - s['direct']['p50']) * 1000
     lines.append(f"\nsluice − direct, median time to first byte: {delta:+.0f} µs (run-to-run noise is of the same order).")
+    k = results["cache"]
+    lines += ["",
+        "## Cache: hit against miss", "",
+        f"Closed loop, 8 workers, {k['seconds']} s per row; the simulator answers at once, so a miss costs the upstream",
+        "round trip plus storing the answer. Hit rows repeat one deterministic request (temperature 0); miss rows",
+        "make every body different. Redis: Debian's redis-server on 127.0.0.1.", "",
+        "| | req/s | p50 | p99 | client errors | upstream calls during the run |", "|---|---|---|---|---|---|",
+    ]
+    for name, r in k["latency"].items():
+        upstream = "" if r["upstream"] is None else str(r["upstream"])
+        lines.append(f"| {name} | {r['rps']:.0f} | {r['p50']:.2f} ms | {r['p99']:.2f} ms | {r['errors']} | {upstream} |")
+    lines += ["",
+        f"## Cache: coalescing identical requests", "",
+        f"{k['burst']} identical deterministic requests at once; hidden cap C = {k['cap']}, {k['hold_ms']} ms per request.", "",
+        "| | upstream calls | of which 429 | time to the last answer | p50 | p99 | client errors |", "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in k["coalescing"].items():
+        lines.append(f"| {name} | {r['upstream']} | {r['throttled']} | {r['elapsed']:.2f} s | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['errors']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -489,7 +572,7 @@ def main():
     args = parser.parse_args()
     if not os.path.exists(PYTHON):
         sys.exit("bench: .venv with the openai SDK not found; run scripts/install-test-deps")
-    for tool in ["wrk", "nginx"]:
+    for tool in ["wrk", "nginx", "redis-server"]:
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (Debian package {tool}; scripts/install-test-deps installs it)")
     log("bench: building release binaries")
@@ -498,7 +581,7 @@ def main():
     results = {}
     for name, scenario in [("overhead", overhead), ("memory", memory), ("limiter", limiter), ("persistent", persistent),
                            ("coldstart", coldstart), ("absorption", absorption), ("changing", changing_capacity),
-                           ("streaming", streaming)]:
+                           ("streaming", streaming), ("cache", cache)]:
         if args.only and name not in args.only.split(","):
             continue
         log(f"bench: {name}")

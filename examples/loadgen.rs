@@ -6,7 +6,10 @@
 //!
 //! cargo run --release --example loadgen -- --url http://127.0.0.1:8787/v1/chat/completions \
 //!     --duration 30s (--clients 4,4 | --rate 1000 | --burst 1500) [--stream | --stream-every 2] \
-//!     [--model deepseek-v4-flash]
+//!     [--model deepseek-v4-flash] [--temperature 0] [--unique]
+//!
+//! `--temperature` puts a temperature in every body (0 makes it eligible for sluice's cache); `--unique`
+//! makes every body different (a cache can then only miss).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -28,12 +31,22 @@ struct Results {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-async fn one(client: &HttpClient, url: &str, body: &Bytes, who: usize, results: &Mutex<Results>) {
+/// Bodies sent so far (`--unique` numbers them).
+static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+async fn one(client: &HttpClient, url: &str, body: &Bytes, who: usize, results: &Mutex<Results>, unique: bool) {
+    let body = if unique {
+        let n = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let text = String::from_utf8_lossy(body).replacen("\"hello\"", &format!("\"hello {n}\""), 1);
+        Bytes::from(text)
+    } else {
+        body.clone()
+    };
     let request = http::Request::post(url)
         .header("content-type", "application/json")
         .header("authorization", "Bearer bench")
         .header("x-sluice-client", format!("c{who}"))
-        .body(Full::new(body.clone()))
+        .body(Full::new(body))
         .unwrap();
     let started = Instant::now();
     let outcome = async {
@@ -87,11 +100,15 @@ async fn main() {
     let stream = args.iter().any(|a| a == "--stream");
     let stream_every = get("--stream-every").and_then(|n| n.parse::<usize>().ok());
     let model = get("--model").unwrap_or("deepseek-v4-flash".into());
+    let temperature = get("--temperature").and_then(|t| t.parse::<f64>().ok());
+    let unique = args.iter().any(|a| a == "--unique");
     let body_of = |stream: bool| {
-        Bytes::from(
-            serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]})
-                .to_string(),
-        )
+        let mut body =
+            serde_json::json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]});
+        if let Some(temperature) = temperature {
+            body["temperature"] = serde_json::json!(temperature);
+        }
+        Bytes::from(body.to_string())
     };
     let body = body_of(stream);
     let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(4096).build_http();
@@ -104,7 +121,7 @@ async fn main() {
         for n in 0..burst {
             let streams = stream || stream_every.is_some_and(|k| k > 0 && n % k == 0);
             let (client, url, body, results) = (client.clone(), url.clone(), body_of(streams), results.clone());
-            tasks.push(tokio::spawn(async move { one(&client, &url, &body, n % 4, &results).await }));
+            tasks.push(tokio::spawn(async move { one(&client, &url, &body, n % 4, &results, unique).await }));
         }
     } else if let Some(rate) = get("--rate").and_then(|r| r.parse::<f64>().ok()) {
         // Open loop: one request every 1/rate, whatever the answers do (bounded at 20,000 in flight).
@@ -119,7 +136,7 @@ async fn main() {
             let who = n % 4;
             n += 1;
             tasks.push(tokio::spawn(async move {
-                one(&client, &url, &body, who, &results).await;
+                one(&client, &url, &body, who, &results, unique).await;
                 drop(permit);
             }));
         }
@@ -131,7 +148,7 @@ async fn main() {
                 let (client, url, body, results) = (client.clone(), url.clone(), body.clone(), results.clone());
                 tasks.push(tokio::spawn(async move {
                     while Instant::now() < end {
-                        one(&client, &url, &body, who, &results).await;
+                        one(&client, &url, &body, who, &results, unique).await;
                     }
                 }));
             }

@@ -10,8 +10,9 @@ use serde_json::json;
 use crate::proxy::ResponseBody;
 use crate::upstream::accounts::Refusal;
 
-/// A failure that ends a request with sluice's own answer instead of the upstream's.
-#[derive(Debug, thiserror::Error)]
+/// A failure that ends a request with sluice's own answer instead of the upstream's. (Cloned for each
+/// member of a shared call.)
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },

@@ -3,6 +3,7 @@
 //! responses back untouched. Modules follow a request's path: server → proxy → admission → upstream.
 
 pub mod admission;
+pub mod cache;
 pub mod catch_unwind;
 pub mod cli;
 pub mod config;

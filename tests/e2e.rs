@@ -104,3 +104,26 @@ async fn sdk_never_sees_the_upstreams_429s() {
     run_sdk(&sluice, "absorbed_429").await;
     assert_eq!(mock.arrivals(), 4);
 }
+
+#[tokio::test]
+async fn sdk_parses_a_replayed_stream_into_the_original_content() {
+    let mock = Mock::start(|_, _| {
+        Reply::sse(
+            vec![
+                data(": keep-alive\n\n"),
+                data("data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"deepseek-v4-flash\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"reasoning_content\":\"Let me think.\"},\"finish_reason\":null}]}\n\n"),
+                chunk_event("Hello"),
+                chunk_event(", world"),
+                data("data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"deepseek-v4-flash\",\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":9,\"total_tokens\":13}}\n\n"),
+                data("data: [DONE]\n\n"),
+            ],
+            Ending::Complete,
+        )
+    })
+    .await;
+    let mut config = config_for(&mock);
+    config.cache.enabled = true;
+    let sluice = Sluice::start(config).await;
+    run_sdk(&sluice, "cache_replay").await;
+    assert_eq!(mock.arrivals(), 1, "the second stream came from the cache");
+}

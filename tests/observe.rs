@@ -253,9 +253,11 @@ fn the_alert_rules_pass_promtool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_renders_in_headless_chromium_without_errors() {
     let mock = Mock::start(|_, _| Reply::json(200, completion_with_usage(5, 5))).await;
-    let sluice = Sluice::start(config_for(&mock)).await;
+    let mut config = config_for(&mock);
+    config.cache.enabled = true;
+    let sluice = Sluice::start(config).await;
     for _ in 0..3 {
-        chat(&sluice, "deepseek-v4-pro", &[]).await;
+        chat(&sluice, "deepseek-v4-pro", &[("x-sluice-cache", "use")]).await;
     }
     let page = call("GET", &sluice.url("/dashboard"), &[], "").await;
     assert_eq!(page.status, 200);
@@ -300,6 +302,7 @@ async fn the_dashboard_renders_in_headless_chromium_without_errors() {
     assert!(html.contains(&format!("v{}", env!("CARGO_PKG_VERSION"))), "header not filled:\n{html}");
     assert!(!html.contains("connecting…"), "never reached /status:\n{html}");
     assert!(html.contains("id=\"inflight-now\">0 <small>/ 4096</small>"), "{html}");
+    assert!(html.contains("cache (memory): 2 hits · 0 coalesced · 67% saved · 20 tokens"), "{html}");
     let shot = tokio::task::spawn_blocking({
         let mut command = run(&[&format!("--screenshot={}", screenshot.display())]);
         move || command.output().unwrap()

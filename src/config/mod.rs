@@ -1,6 +1,7 @@
 //! The daemon's configuration: typed sections with their defaults (the embedded defaults),
 //! validation with errors that name the key, and — in `load` — the layering of file, env and flags.
 
+mod cache;
 mod load;
 mod rate;
 mod secret;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use cache::{ByteSize, CacheBackend, CacheConfig};
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
 pub use secret::{ApiKey, Secret};
@@ -27,6 +29,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub queue: QueueConfig,
     pub retry: RetryConfig,
+    pub cache: CacheConfig,
     pub observe: ObserveConfig,
 }
 
@@ -296,6 +299,33 @@ impl Config {
             }
         }
         self.upstream.validate_accounts()?;
+        if self.cache.enabled && self.cache.backend == CacheBackend::Redis && self.cache.redis_url.is_none() {
+            return Err(invalid(
+                "cache.redis_url",
+                "unset",
+                "a Redis URL such as \"redis://127.0.0.1:6379/0\" for backend = \"redis\"",
+            ));
+        }
+        if let Some(url) = self.cache.redis_url.as_deref() {
+            let scheme_ok =
+                url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://");
+            if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(url).is_err() {
+                // Never echo the URL: it may carry a password.
+                let shown = url.split("://").next().unwrap_or("?");
+                return Err(invalid(
+                    "cache.redis_url",
+                    format!("a {shown}:// URL"),
+                    "a redis:// URL such as \"redis://127.0.0.1:6379/0\" or a socket as \"redis+unix:///run/redis.sock\" (TLS is not built in)",
+                ));
+            }
+        }
+        if self.cache.ttl.is_zero() || self.cache.ttl > MAX_DURATION {
+            return Err(invalid(
+                "cache.ttl",
+                humantime::format_duration(self.cache.ttl),
+                "from 1s to 7 days, such as \"1h\"",
+            ));
+        }
         if self.upstream.balance.poll > MAX_DURATION {
             return Err(invalid(
                 "upstream.balance.poll",
@@ -376,7 +406,9 @@ impl Config {
 
     /// The effective config as TOML, with every secret redacted (for `sluice check-config`).
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
-        toml::to_string_pretty(self)
+        let mut shown = self.clone();
+        shown.cache.redis_url = shown.cache.redis_url.as_deref().map(cache::without_password);
+        toml::to_string_pretty(&shown)
     }
 }
 

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::cache_metrics::CacheMetrics;
 use super::metrics::OUTCOMES;
 use crate::admission::Priority;
 use crate::config::Secret;
@@ -191,6 +192,30 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "completion_tokens": load(&totals.completion_tokens),
         },
         "accounts": accounts,
+        "cache": cache_status(generation, &metrics.cache),
         "recent": recent,
+    })
+}
+
+/// The cache: whether it is on, where it keeps entries, and what it did since start.
+fn cache_status(generation: &Generation, cache: &CacheMetrics) -> Value {
+    let config = &generation.config.cache;
+    let (counts, tokens_saved) = cache.totals();
+    let requests: serde_json::Map<String, Value> =
+        counts.iter().map(|(result, count)| (result.to_string(), json!(count))).collect();
+    let (entries, bytes) = cache.memory();
+    json!({
+        "enabled": generation.cache.is_some(),
+        "connected": generation.cache.as_ref().is_some_and(|store| store.connected()),
+        "backend": config.backend,
+        "coalesce": config.coalesce,
+        "ttl_seconds": config.ttl.as_secs(),
+        "requests": requests,
+        "tokens_saved": tokens_saved,
+        "entries": entries,
+        "bytes": bytes,
+        "max_bytes": config.max_bytes.0,
+        "evictions": cache.evictions(),
+        "backend_errors": cache.backend_errors(),
     })
 }

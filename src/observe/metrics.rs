@@ -5,7 +5,7 @@
 //! configured name.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,6 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use super::cache_metrics::CacheMetrics;
 use super::collector::{AccountsSource, StateCollector};
 use super::recent::{Recent, RecentSummary};
 use super::usage::Usage;
@@ -97,6 +98,8 @@ pub struct Metrics {
     ttfb: Histogram,
     duration: Histogram,
     tokens: Family<TokenLabels, Counter>,
+    /// The response cache's own metrics (in the same registry).
+    pub cache: Arc<CacheMetrics>,
     pub totals: Totals,
     recent: Mutex<Recent>,
     pub started: Instant,
@@ -107,8 +110,8 @@ const WAIT_BUCKETS: [f64; 15] =
 const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 impl Metrics {
-    /// Registers every metric; `admission` and `accounts` are read at scrape time.
-    pub fn new(admission: Admission, accounts: AccountsSource) -> Self {
+    /// Registers every metric (the cache's among them); `admission` and `accounts` are read at scrape time.
+    pub fn new(admission: Admission, accounts: AccountsSource, cache: Arc<CacheMetrics>) -> Self {
         let mut registry = Registry::with_prefix("sluice");
         let metrics = Self {
             requests: Family::default(),
@@ -121,6 +124,7 @@ impl Metrics {
             ttfb: Histogram::new(LATENCY_BUCKETS),
             duration: Histogram::new(LATENCY_BUCKETS),
             tokens: Family::default(),
+            cache,
             totals: Totals::default(),
             recent: Mutex::new(Recent::default()),
             started: Instant::now(),
@@ -160,6 +164,7 @@ impl Metrics {
             metrics.duration.clone(),
         );
         registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.clone());
+        metrics.cache.register(&mut registry);
         registry.register_collector(Box::new(StateCollector::new(admission, accounts)));
         Self { registry, ..metrics }
     }

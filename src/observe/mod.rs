@@ -1,6 +1,7 @@
 //! What sluice tells operators: the log, the one log line per request, Prometheus metrics, the live
 //! status snapshot and the dashboard page that draws it.
 
+mod cache_metrics;
 mod collector;
 pub mod endpoints;
 mod log;
@@ -9,9 +10,10 @@ mod recent;
 mod request_log;
 mod usage;
 
+pub use cache_metrics::{CacheMetrics, CACHE_RESULTS};
 pub use collector::AccountsSource;
 pub use log::init_logging;
 pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;
 pub use request_log::{End, RequestLog};
-pub use usage::Usage;
+pub use usage::{Usage, UsageTail};

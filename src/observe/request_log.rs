@@ -48,6 +48,8 @@ pub struct RequestLog {
     pub error: Option<&'static str>,
     /// The request's outcome (`sluice_requests_total{outcome}`).
     pub outcome: &'static str,
+    /// What the cache did with it (`x-sluice-cache`), or "-".
+    pub cache: &'static str,
     started: Instant,
     /// A placeholder that writes nothing.
     silent: bool,
@@ -77,6 +79,7 @@ impl RequestLog {
             ttfb_ms: None,
             error: None,
             outcome: "-",
+            cache: "-",
             started,
             silent: false,
             bytes: 0,
@@ -154,6 +157,7 @@ impl Drop for RequestLog {
             bytes = self.bytes,
             end,
             outcome = self.outcome,
+            cache = self.cache,
             model = self.model.as_deref().unwrap_or("-"),
             account = self.account.as_deref().unwrap_or("-"),
             stream = self.stream,

@@ -43,12 +43,12 @@ pub struct Progress {
 
 impl Progress {
     /// Begins a wait.
-    fn wait(&mut self) {
+    pub(super) fn wait(&mut self) {
         self.waiting_since = Some(Instant::now());
     }
 
     /// Ends a wait, counting it.
-    fn waited(&mut self) {
+    pub(super) fn waited(&mut self) {
         if let Some(since) = self.waiting_since.take() {
             self.waited += since.elapsed();
         }

@@ -15,9 +15,11 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::cached::Outcome;
 use super::sse::Aligner;
 use super::stop::StopWatch;
 use crate::admission::Permit;
+use crate::cache::Member;
 use crate::error::error_event;
 use crate::observe::{End, RequestLog};
 
@@ -40,6 +42,8 @@ enum Kind {
     Upstream(Box<UpstreamStream>),
     /// Frames relayed from a task that owns the real body (see `relay`).
     Relayed(tokio::sync::mpsc::Receiver<Relay>),
+    /// A member's read of a call shared by identical requests (`cache::coalesce`).
+    Shared(Box<Member<Outcome>>),
 }
 
 /// What a relay task passes on.
@@ -101,6 +105,11 @@ impl ResponseBody {
         Self { kind: Kind::Relayed(rx), permit: None, log: None, attached: None }
     }
 
+    /// A member's read of a shared call: every byte from the beginning, then live.
+    pub fn shared(member: Member<Outcome>) -> Self {
+        Self { kind: Kind::Shared(Box::new(member)), permit: None, log: None, attached: None }
+    }
+
     /// Whether the body is sluice's own, already complete.
     pub fn is_full(&self) -> bool {
         matches!(self.kind, Kind::Full(_))
@@ -151,6 +160,12 @@ impl ResponseBody {
                 }
                 Poll::Pending => Poll::Pending,
             },
+            Kind::Shared(member) => match member.poll_chunk(cx) {
+                Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                Poll::Ready(Some(Err(_))) => Poll::Ready(Some(Err("the upstream response was cut".into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -173,8 +188,13 @@ impl ResponseBody {
         polled
     }
 
-    fn broke(&self) -> bool {
-        matches!(&self.kind, Kind::Upstream(stream) if stream.broke())
+    /// Whether the body ended through a failure (an SSE error event was sent, or the body aborted).
+    pub fn broke(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream(stream) => stream.broke(),
+            Kind::Shared(member) => member.broke(),
+            _ => false,
+        }
     }
 }
 
@@ -200,7 +220,7 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Upstream(stream) => stream.ended,
-            Kind::Relayed(_) => false,
+            Kind::Relayed(_) | Kind::Shared(_) => false,
         }
     }
 
@@ -211,7 +231,7 @@ impl Body for ResponseBody {
             // An SSE stream may gain an error event at the end, so it promises no length.
             Kind::Upstream(stream) if stream.sse.is_some() => SizeHint::default(),
             Kind::Upstream(stream) => stream.incoming.size_hint(),
-            Kind::Relayed(_) => SizeHint::default(),
+            Kind::Relayed(_) | Kind::Shared(_) => SizeHint::default(),
         }
     }
 }

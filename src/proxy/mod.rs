@@ -7,6 +7,7 @@
 mod attempts;
 mod balance;
 mod body;
+mod cached;
 mod headers;
 mod policy;
 mod request;
@@ -30,12 +31,14 @@ pub use request::{BodyBudget, CLIENT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER}
 pub use stop::Stop;
 
 use crate::admission::{Admission, Permit};
+use crate::cache::{Coalescer, Store, CACHE_HEADER};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::observe::{self, Metrics, RequestLog};
+use crate::observe::{self, CacheMetrics, Metrics, RequestLog};
 use crate::upstream::accounts::Accounts;
 use crate::upstream::{BuildError, Upstream};
 use attempts::Progress;
+use cached::{Outcome, Step, Work};
 use request::{Inspection, Outgoing};
 
 /// Response header: upstream attempts this request took.
@@ -57,6 +60,8 @@ pub struct Proxy {
     stop: Arc<Stop>,
     /// Asks the balance watch to read every account's balance now (after a reload).
     read_balances: Arc<tokio::sync::Notify>,
+    /// The calls in flight that identical requests join (`cache.coalesce`).
+    calls: Coalescer<Outcome>,
 }
 
 /// One generation of the config, the upstream client and the accounts built from it.
@@ -65,12 +70,14 @@ pub struct Generation {
     upstream: Upstream,
     /// The accounts and their keys' health (fresh with each reload).
     pub accounts: Arc<Accounts>,
+    /// The response cache's store, when `cache.enabled` (kept by a reload that does not change it).
+    pub cache: Option<Arc<Store>>,
 }
 
 impl Generation {
-    fn new(config: Config, upstream: Upstream) -> Self {
+    fn new(config: Config, upstream: Upstream, cache: Option<Arc<Store>>) -> Self {
         let accounts = Arc::new(Accounts::new(&config.upstream));
-        Self { config, upstream, accounts }
+        Self { config, upstream, accounts, cache }
     }
 }
 
@@ -84,16 +91,19 @@ impl Proxy {
         let upstream = Upstream::new(&config.upstream)?;
         warn_cleartext(&upstream, &config);
         let budget = BodyBudget::new(config.server.max_buffered_bytes);
-        let generation = Generation::new(config, upstream);
+        let cache_metrics = Arc::new(CacheMetrics::default());
+        let cache = Store::new(&config.cache, &cache_metrics);
+        let generation = Generation::new(config, upstream, cache);
         let config = &generation.config;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         let current = Arc::new(RwLock::new(Arc::new(generation)));
-        let metrics = Arc::new(Metrics::new(admission.clone(), balance::accounts_source(&current)));
+        let metrics = Arc::new(Metrics::new(admission.clone(), balance::accounts_source(&current), cache_metrics));
         metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));
         let stop = Arc::new(Stop::default());
         let read_balances = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(balance::watch(Arc::downgrade(&current), admission.clone(), read_balances.clone()));
-        Ok(Self { current, admission, metrics, hasher: RandomState::new(), budget, stop, read_balances })
+        let calls = Coalescer::default();
+        Ok(Self { current, admission, metrics, hasher: RandomState::new(), budget, stop, read_balances, calls })
     }
 
     /// Ends the drain: every request still on its way answers now (see `stop.rs`).
@@ -128,7 +138,12 @@ impl Proxy {
             config.log.level != old.config.log.level,
         ];
         let needs_restart = RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c).map(|(key, _)| *key).collect();
-        let generation = Generation::new(config, upstream);
+        let cache = if Store::serves(&old.config.cache, &config.cache) {
+            old.cache.clone()
+        } else {
+            Store::new(&config.cache, &self.metrics.cache)
+        };
+        let generation = Generation::new(config, upstream, cache);
         let config = &generation.config;
         self.admission.reconfigure(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         self.budget.set_limit(config.server.max_buffered_bytes);
@@ -146,7 +161,7 @@ impl Proxy {
     }
 
     /// Answers one client request (any path but the reserved ones).
-    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
+    pub async fn handle<B>(self: &Arc<Self>, request: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
@@ -160,7 +175,8 @@ impl Proxy {
         );
         // Should this future be dropped before it answers (the client went away while the request
         // waited), the track counts it as cancelled.
-        let mut track = Track { request_id, log, progress: Progress::default(), metrics: Some(self.metrics.clone()) };
+        let mut track =
+            Track { request_id, log, progress: Progress::default(), metrics: Some(self.metrics.clone()), cache: None };
         let generation = self.current();
         let mut response = match self.forward(&generation, request, peer, &mut track).await {
             Ok(response) => {
@@ -179,9 +195,14 @@ impl Proxy {
                 err.into_response()
             }
         };
+        let cache = track.cache;
         let (request_id, mut log, progress) = track.into_parts();
         let headers = response.headers_mut();
         headers.insert(REQUEST_ID_HEADER, request_id);
+        if let Some(result) = cache {
+            headers.insert(CACHE_HEADER, HeaderValue::from_static(result));
+            log.cache = result;
+        }
         if progress.attempts > 0 || !progress.waited.is_zero() {
             headers.insert(ATTEMPTS_HEADER, HeaderValue::from(progress.attempts));
             headers.insert(QUEUE_MS_HEADER, HeaderValue::from(millis(progress.waited)));
@@ -200,8 +221,8 @@ impl Proxy {
     }
 
     async fn forward<B>(
-        &self,
-        generation: &Generation,
+        self: &Arc<Self>,
+        generation: &Arc<Generation>,
         request: Request<B>,
         peer: SocketAddr,
         track: &mut Track,
@@ -227,7 +248,7 @@ impl Proxy {
         //    of the global body budget until the request ends.
         let (parts, body) = request.into_parts();
         // Boxed, like the upstream send: a queued request then carries no room for this state.
-        let (body, _budget) = Box::pin(tokio::time::timeout(
+        let (body, budget) = Box::pin(tokio::time::timeout(
             server.body_read_timeout,
             request::read_body(body, &parts.headers, server.max_body_bytes, &self.budget),
         ))
@@ -239,14 +260,27 @@ impl Proxy {
         track.log.model_label = observe::model_label(seen.model.as_deref(), &config.limits);
         track.log.stream = seen.stream;
         track.log.client = seen.client;
-        // 5. The upstream request, built once: header hygiene, key injection, the configured origin only.
+        // 5. The cache: a hit answers now; an identical request in flight is joined (`cached.rs`).
+        let step = self.cache_step(generation, &parts, &body, track).await;
+        let step = match step {
+            Step::Hit(response) => return Ok(*response),
+            Step::Follow(member) => return cached::member_response(member, false, track).await,
+            step => step,
+        };
+        // 6. The upstream request, built once: header hygiene, key injection, the configured origin only.
         //    It takes the client's request head, so nothing of hyper's read buffer stays pinned.
         let outgoing = Outgoing::new(parts, body, &generation.upstream, &track.request_id)?;
-        // 6. Admission, the upstream, retries — until a deliverable response or a final error.
         let deadline = track.log.started().checked_add(config.queue.max_wait).unwrap_or_else(Instant::now);
+        if let Step::Lead(call, member, key, store) = step {
+            // The call runs in its own task, for every member: this client may leave without ending it.
+            let work = Work { outgoing, seen, deadline, hold: budget };
+            self.start_call(call, generation.clone(), work, (key, store));
+            return cached::member_response(member, true, track).await;
+        }
+        // 7. Admission, the upstream, retries — until a deliverable response or a final error.
         let (response, permit) =
             self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress).await?;
-        // 7. Stream the response back frame by frame; the body holds the slot until it ends.
+        // 8. Stream the response back frame by frame; the body holds the slot until it ends.
         Ok(stream_back(response, permit, config.upstream.idle_timeout, &self.stop))
     }
 }
@@ -272,6 +306,8 @@ struct Track {
     progress: Progress,
     /// Set until the request is answered.
     metrics: Option<Arc<Metrics>>,
+    /// What the cache did with it (`x-sluice-cache`), when the cache is on.
+    cache: Option<&'static str>,
 }
 
 impl Track {

@@ -48,5 +48,36 @@ def absorbed_429():
     assert raw.headers["x-sluice-attempts"] == "4", raw.headers
 
 
-{"chat": chat, "stream": stream, "stream_error": stream_error, "absorbed_429": absorbed_429}[scenario]()
+def cache_replay():
+    """The same deterministic stream twice: a miss, then a hit replayed from the cache, parsed by the SDK
+    into exactly the same reasoning, content and usage."""
+
+    def run():
+        raw = client.chat.completions.with_raw_response.create(
+            model="deepseek-v4-flash",
+            messages=messages,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        reasoning, content, usage = [], [], None
+        for chunk in raw.parse():
+            if chunk.usage:
+                usage = chunk.usage.model_dump()
+            if chunk.choices:
+                delta = chunk.choices[0].delta
+                if (delta.model_extra or {}).get("reasoning_content"):
+                    reasoning.append(delta.model_extra["reasoning_content"])
+                if delta.content:
+                    content.append(delta.content)
+        return raw.headers["x-sluice-cache"], "".join(reasoning), "".join(content), usage
+
+    first, second = run(), run()
+    assert first[0] == "miss" and second[0] == "hit", (first, second)
+    assert first[1:] == second[1:], (first, second)
+    assert first[1] == "Let me think." and first[2] == "Hello, world", first
+    assert first[3]["completion_tokens"] == 9, first
+
+
+{"cache_replay": cache_replay, "chat": chat, "stream": stream, "stream_error": stream_error, "absorbed_429": absorbed_429}[scenario]()
 print("ok")
