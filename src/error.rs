@@ -26,6 +26,8 @@ pub enum ProxyError {
     UpstreamTimeout(Duration),
     #[error("the queue is full ({depth} requests waiting); retry later")]
     QueueFull { depth: usize, retry_after: u64 },
+    #[error("this client's share of the queue is full ({queued} requests waiting, clients.max_queued); retry later")]
+    ClientQueueFull { queued: usize },
     #[error("gave up after {} waiting and {attempts} attempt(s); last upstream status: {}",
         humantime::format_duration(*waited), last_status.map_or("none".to_string(), |s| s.to_string()))]
     DeadlineExceeded { waited: Duration, attempts: u32, last_status: Option<u16>, retry_after: u64 },
@@ -33,6 +35,11 @@ pub enum ProxyError {
     ShuttingDown,
     #[error("this endpoint needs the admin token: Authorization: Bearer <token>")]
     Unauthorized,
+    #[error("sluice needs a client token: Authorization: Bearer <token> of a configured client (server.require_client_token)")]
+    ClientUnauthorized,
+    /// sluice's own policy (a client's `daily_tokens`), not an upstream 429: waiting until the day turns helps.
+    #[error("client {client:?} used {used} tokens today, its daily quota is {quota} (clients.daily_tokens); it resets at 00:00 UTC")]
+    QuotaExceeded { client: String, used: u64, quota: u64, retry_after: u64 },
     #[error("this endpoint is turned off in [observe]")]
     NotFound,
     #[error("{0} is not an API path sluice forwards (upstream.paths)")]
@@ -57,10 +64,13 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::QueueFull { .. } | Self::DeadlineExceeded { .. } | Self::ShuttingDown | Self::BodiesFull => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::QueueFull { .. }
+            | Self::ClientQueueFull { .. }
+            | Self::DeadlineExceeded { .. }
+            | Self::ShuttingDown
+            | Self::BodiesFull => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized | Self::ClientUnauthorized => StatusCode::UNAUTHORIZED,
+            Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound | Self::NotForwarded(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Refused(refusal) => refusal.status,
@@ -76,10 +86,11 @@ impl ProxyError {
             Self::MethodNotAllowed(_) => "sluice_method_not_allowed",
             Self::UpstreamUnreachable(_) => "sluice_upstream_unreachable",
             Self::UpstreamTimeout(_) => "sluice_upstream_timeout",
-            Self::QueueFull { .. } | Self::BodiesFull => "sluice_queue_full",
+            Self::QueueFull { .. } | Self::ClientQueueFull { .. } | Self::BodiesFull => "sluice_queue_full",
             Self::DeadlineExceeded { .. } => "sluice_deadline_exceeded",
             Self::ShuttingDown => "sluice_shutting_down",
-            Self::Unauthorized => "sluice_unauthorized",
+            Self::Unauthorized | Self::ClientUnauthorized => "sluice_unauthorized",
+            Self::QuotaExceeded { .. } => "sluice_quota_exceeded",
             Self::NotFound | Self::NotForwarded(_) => "sluice_not_found",
             Self::Internal(_) => "sluice_internal_error",
             Self::Refused(_) => "upstream_refused",
@@ -92,16 +103,18 @@ impl ProxyError {
         match self {
             Self::UpstreamUnreachable(_) => "upstream_unreachable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
-            Self::QueueFull { .. } | Self::BodiesFull => "queue_full",
+            Self::QueueFull { .. } | Self::ClientQueueFull { .. } | Self::BodiesFull => "queue_full",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::ShuttingDown => "shutting_down",
             Self::Internal(_) => "internal_error",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::Refused(_) => "client_error",
             Self::NoAccount => "upstream_error",
             Self::BodyTooLarge { .. }
             | Self::BadRequest(_)
             | Self::MethodNotAllowed(_)
             | Self::Unauthorized
+            | Self::ClientUnauthorized
             | Self::NotFound
             | Self::NotForwarded(_) => "rejected",
         }
@@ -110,8 +123,10 @@ impl ProxyError {
     /// Seconds the client should wait before trying again, sent as `Retry-After`.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::QueueFull { retry_after, .. } | Self::DeadlineExceeded { retry_after, .. } => Some(*retry_after),
-            Self::ShuttingDown | Self::BodiesFull => Some(1),
+            Self::QueueFull { retry_after, .. }
+            | Self::DeadlineExceeded { retry_after, .. }
+            | Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
+            Self::ShuttingDown | Self::BodiesFull | Self::ClientQueueFull { .. } => Some(1),
             _ => None,
         }
     }
@@ -130,6 +145,10 @@ impl ProxyError {
         let mut response = ResponseBody::response(self.status(), "application/json", body);
         if let Some(seconds) = self.retry_after() {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(self, Self::QuotaExceeded { .. }) {
+            // Retrying before midnight cannot help: the OpenAI SDKs read this and do not.
+            response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
         }
         response
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice::cli::{Cli, Command};
+use sluice::cli::{self as command_line, Cli, ClientAction, Command};
 use sluice::config::{self, Config, Overrides};
 use sluice::{observe, proxy, server, service};
 
@@ -16,6 +16,21 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Needs no config: a new client's token is made before there is one to paste it into.
+    if let Some(Command::Client { action: ClientAction::New { name } }) = &cli.command {
+        return match command_line::new_client(name) {
+            Ok((token, block)) => {
+                println!("# The token of client {name:?}: shown once, give it to the client as its API key.");
+                println!("{token}\n");
+                println!("# Paste into sluice.toml (only the token's SHA-256 is kept):\n{block}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("sluice: {err}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
     let env: HashMap<String, String> = std::env::vars().collect();
     let overrides = cli.overrides();
     let config = match config::load(&overrides, &env) {
@@ -31,6 +46,7 @@ fn main() -> ExitCode {
             return if service::healthcheck(&config) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Command::Run => run(config, overrides),
+        Command::Client { .. } => Ok(()), // answered above, before any config
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,7 +86,8 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
         service::spawn_reloader(proxy.clone(), overrides);
         service::spawn_watchdog();
         service::ready();
-        server::run(listener, proxy, service::shutdown_signal()).await;
+        server::run(listener, proxy.clone(), service::shutdown_signal()).await;
+        proxy.save_state();
         tracing::info!("sluice stopped");
         Ok(())
     })

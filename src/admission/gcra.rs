@@ -27,6 +27,13 @@ impl Gcra {
         self.interval.saturating_mul(self.burst - 1)
     }
 
+    /// How long until a token is available at `now` (None: at once), without taking it.
+    pub fn wait(&self, now: Instant) -> Option<Duration> {
+        let tat = self.tat.map_or(now, |tat| tat.max(now));
+        let allowed_at = tat.checked_sub(self.tolerance()).unwrap_or(now);
+        (allowed_at > now).then(|| allowed_at - now)
+    }
+
     /// Takes a token at `now`: `None` when granted, else how long until one is available.
     pub fn take(&mut self, now: Instant) -> Option<Duration> {
         let tat = self.tat.map_or(now, |tat| tat.max(now));

@@ -13,6 +13,7 @@ mod limits;
 mod pacing;
 mod probe;
 mod queue;
+mod quota;
 mod state;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,13 +29,13 @@ pub use limits::{AccountLimits, LaneView, DEFAULT_ACCOUNT};
 pub use pacing::{parse_go_duration, Window};
 pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
+pub use quota::{ClientLimits, ClientView};
 pub use state::{OTHER_MODEL, UNKNOWN_MODEL};
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
-use lane::Dispatch;
 use limits::Limits;
-use state::{Granted, State};
+use state::{Full, Granted, State};
 
 /// What a request brings to admission.
 #[derive(Debug, Clone)]
@@ -54,6 +55,8 @@ pub struct Ticket<'a> {
 pub enum Rejected {
     #[error("the queue is full ({depth} waiting)")]
     QueueFull { depth: usize, retry_after: u64 },
+    #[error("the client's share of the queue is full ({queued} waiting)")]
+    ClientQueueFull { queued: usize },
     #[error("the request's deadline passed while it waited")]
     DeadlineExceeded { retry_after: u64 },
     #[error("sluice is shutting down")]
@@ -78,6 +81,8 @@ pub struct Snapshot {
     pub rate: Option<(crate::config::Rate, u32)>,
     /// The rate in force (req/s): the configured one, lowered while the learned limits are.
     pub effective_rate: Option<f64>,
+    /// Each configured client's queued and in-flight requests.
+    pub clients: Vec<ClientView>,
     /// The global concurrency cap and the queue bound in force.
     pub max_concurrency: usize,
     pub max_depth: usize,
@@ -175,7 +180,7 @@ impl Admission {
             if !state.serves(&route) {
                 return Err(Rejected::NoAccount);
             }
-            if let Some(granted) = state.try_take_now(&route, now) {
+            if let Some(granted) = state.try_take_now(&route, ticket.client, now) {
                 return Ok(Permit::new(self.shared.clone(), granted));
             }
             if ticket.deadline <= now {
@@ -183,12 +188,13 @@ impl Admission {
             }
             match state.enqueue(route.clone(), ticket.client, ticket.priority, ticket.deadline, ticket.retry, tx) {
                 Ok(id) => id,
-                Err(_) => {
+                Err(Full::Queue) => {
                     return Err(Rejected::QueueFull {
                         depth: state.queued(),
                         retry_after: state.retry_after_secs(&route, now),
                     });
                 }
+                Err(Full::Client(queued)) => return Err(Rejected::ClientQueueFull { queued }),
             }
         };
         tracing::debug!(entry = id, model = ticket.model.unwrap_or(UNKNOWN_MODEL), retry = ticket.retry, "queued");
@@ -239,6 +245,12 @@ impl Admission {
         self.shared.wake.notify_one();
     }
 
+    /// Puts the configured clients' quotas in force (at start and on reload); what each holds is kept.
+    pub fn set_clients(&self, clients: Vec<(ClientId, ClientLimits)>) {
+        self.shared.lock().quotas.reconfigure(clients);
+        self.shared.wake.notify_one();
+    }
+
     /// Turns away everyone still waiting and every newcomer with `ShuttingDown` (end of a drain).
     pub fn close(&self) {
         close(&self.shared);
@@ -258,6 +270,7 @@ impl Admission {
             queued_by_priority: state.queued_by_priority(),
             inflight: state.inflight(),
             lanes: state.lanes(now),
+            clients: state.quotas.views(),
             rate: state.limits.rate(),
             effective_rate: state.limits.effective_rate(),
             max_concurrency: state.limits.max_concurrency(),
@@ -293,8 +306,7 @@ impl Drop for QueueEntry<'_> {
 /// dropping the permit gives the slot back and wakes the dispatcher.
 pub struct Permit {
     shared: Arc<Shared>,
-    lane: LaneKey,
-    dispatch: Dispatch,
+    grant: Granted,
     granted: Instant,
     reported: bool,
     /// Set once the attempt was accepted: then the hold time feeds the learned limit's window.
@@ -303,29 +315,22 @@ pub struct Permit {
 
 impl Permit {
     fn new(shared: Arc<Shared>, granted: Granted) -> Self {
-        Self {
-            shared,
-            lane: granted.lane,
-            dispatch: granted.dispatch,
-            granted: Instant::now(),
-            reported: false,
-            accepted: false,
-        }
+        Self { shared, grant: granted, granted: Instant::now(), reported: false, accepted: false }
     }
 
     /// The model (after aliases) this slot belongs to.
     pub fn model(&self) -> &str {
-        &self.lane.model
+        &self.grant.lane.model
     }
 
     /// The account this slot belongs to.
     pub fn account(&self) -> &str {
-        &self.lane.account
+        &self.grant.lane.account
     }
 
     /// Whether this attempt is its lane's probe.
     pub fn probe(&self) -> bool {
-        self.dispatch.probe
+        self.grant.dispatch.probe
     }
 
     /// Tells the lane what became of the attempt (once; later reports are ignored).
@@ -334,8 +339,8 @@ impl Permit {
             return;
         }
         self.accepted = matches!(signal, Signal::Accepted { .. });
-        let (change, began_probing) = self.shared.lock().report(&self.lane, self.dispatch, signal);
-        let (account, model) = (&*self.lane.account, &*self.lane.model);
+        let (change, began_probing) = self.shared.lock().report(&self.grant.lane, self.grant.dispatch, signal);
+        let (account, model) = (&*self.grant.lane.account, &*self.grant.lane.model);
         match change {
             Some(Change::Decreased { from, to }) => {
                 tracing::info!(account, model, from, to, "upstream throttled: the lane's limit came down")
@@ -354,20 +359,20 @@ impl Permit {
 
     /// The upstream's response carried rate-limit headers: pace the lane by them.
     pub fn paced(&self, window: Window) {
-        self.shared.lock().paced(&self.lane, window);
+        self.shared.lock().paced(&self.grant.lane, window);
     }
 }
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("lane", &self.lane).field("probe", &self.dispatch.probe).finish()
+        f.debug_struct("Permit").field("lane", &self.grant.lane).field("probe", &self.grant.dispatch.probe).finish()
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let hold = self.accepted.then(|| self.granted.elapsed());
-        let anyone_waiting = self.shared.lock().release(&self.lane, self.dispatch, hold, self.reported);
+        let anyone_waiting = self.shared.lock().release(&self.grant, hold, self.reported);
         if anyone_waiting {
             self.shared.wake.notify_one();
         }

@@ -5,6 +5,9 @@
 //! Priority rule: the highest class with waiting entries goes first, except that a class passed over
 //! `STARVATION_LIMIT` times in a row while it had entries gets the next dispatch. So `low` still gets
 //! at least one of roughly every nine dispatches under a flood of `high`.
+//!
+//! A client held back by its own quota (`quota.rs`) is passed over: `peek_where` picks among the clients
+//! the caller accepts, so the others are served meanwhile and the held client keeps its place.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -44,7 +47,7 @@ impl Priority {
 pub type ClientId = u64;
 
 /// One priority class: a FIFO per client and the ring of clients that have entries.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Class {
     fifos: HashMap<ClientId, VecDeque<u64>>,
     ring: VecDeque<ClientId>,
@@ -65,13 +68,31 @@ impl Class {
         self.len += 1;
     }
 
-    fn peek(&self) -> Option<u64> {
-        let client = self.ring.front()?;
-        self.fifos.get(client)?.front().copied()
-    }
-
     fn pop(&mut self) -> Option<u64> {
         let client = self.ring.pop_front()?;
+        let fifo = self.fifos.get_mut(&client)?;
+        let id = fifo.pop_front();
+        if fifo.is_empty() {
+            self.fifos.remove(&client);
+        } else {
+            self.ring.push_back(client);
+        }
+        if id.is_some() {
+            self.len -= 1;
+        }
+        id
+    }
+
+    /// The first client in ring order that `ok` accepts, and its next entry.
+    fn peek_where(&self, ok: &impl Fn(ClientId) -> bool) -> Option<(ClientId, u64)> {
+        let client = self.ring.iter().find(|c| ok(**c))?;
+        Some((*client, *self.fifos.get(client)?.front()?))
+    }
+
+    /// Takes `client`'s next entry; the client goes to the back of the ring.
+    fn take(&mut self, client: ClientId) -> Option<u64> {
+        let at = self.ring.iter().position(|c| *c == client)?;
+        self.ring.remove(at);
         let fifo = self.fifos.get_mut(&client)?;
         let id = fifo.pop_front();
         if fifo.is_empty() {
@@ -96,8 +117,16 @@ impl Class {
     }
 }
 
+/// An entry chosen by `peek_where`, to `take`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    class: usize,
+    pub client: ClientId,
+    pub id: u64,
+}
+
 /// Entry ids waiting in priority classes, fair across clients.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct FairQueue {
     classes: [Class; 3],
     /// Dispatches that went to another class while this one had entries.
@@ -122,11 +151,6 @@ impl FairQueue {
         (0..3).filter(waiting).find(|c| self.skips[*c] >= STARVATION_LIMIT).or_else(|| (0..3).find(waiting))
     }
 
-    /// The id `pop` would return, without taking it.
-    pub fn peek(&self) -> Option<u64> {
-        self.classes[self.next_class()?].peek()
-    }
-
     /// Takes the next id: class by priority rule, client by round-robin, FIFO inside the client.
     pub fn pop(&mut self) -> Option<u64> {
         let chosen = self.next_class()?;
@@ -138,6 +162,28 @@ impl FairQueue {
             }
         }
         self.classes[chosen].pop()
+    }
+
+    /// The entry `take` would take among clients `ok` accepts: the class by the priority rule (among
+    /// classes with such a client), the client by round-robin.
+    pub fn peek_where(&self, ok: impl Fn(ClientId) -> bool) -> Option<Pick> {
+        let waiting = |c: &usize| self.classes[*c].peek_where(&ok).is_some();
+        let class =
+            (0..3).filter(|c| self.skips[*c] >= STARVATION_LIMIT).find(waiting).or_else(|| (0..3).find(waiting))?;
+        let (client, id) = self.classes[class].peek_where(&ok)?;
+        Some(Pick { class, client, id })
+    }
+
+    /// Takes a picked entry (as `pop` would: the other waiting classes count a skip).
+    pub fn take(&mut self, pick: Pick) -> Option<u64> {
+        for class in 0..3 {
+            if class == pick.class {
+                self.skips[class] = 0;
+            } else if self.classes[class].len > 0 {
+                self.skips[class] += 1;
+            }
+        }
+        self.classes[pick.class].take(pick.client)
     }
 
     /// Drops every id for which `keep` says no (compaction of abandoned entries).
@@ -215,8 +261,10 @@ mod tests {
             let priority = Priority::ALL[(id % 3) as usize];
             queue.push(priority, id % 4, id, false);
         }
-        while let Some(peeked) = queue.peek() {
-            assert_eq!(queue.pop(), Some(peeked));
+        while let Some(pick) = queue.peek_where(|_| true) {
+            let mut copy = queue.clone();
+            assert_eq!(copy.pop(), queue.take(pick), "with no client held, peek_where and take agree with pop");
+            assert_eq!(copy.skips, queue.skips);
         }
         assert_eq!(queue.pop(), None);
     }
@@ -232,6 +280,26 @@ mod tests {
         let mut left = drain(&mut queue);
         left.sort_unstable();
         assert_eq!(left, vec![0, 3, 6, 9]);
+    }
+
+    #[test]
+    fn a_held_client_is_passed_over_and_keeps_its_place() {
+        let mut queue = FairQueue::default();
+        for id in 0..3 {
+            queue.push(Priority::High, 1, id, false);
+        }
+        queue.push(Priority::Normal, 2, 10, false);
+        queue.push(Priority::Normal, 3, 20, false);
+        let held = |client: ClientId| client != 1;
+        let pick = queue.peek_where(held).unwrap();
+        assert_eq!((pick.client, pick.id), (2, 10), "client 1 is held: the next class serves");
+        assert_eq!(queue.take(pick), Some(10));
+        let pick = queue.peek_where(held).unwrap();
+        assert_eq!(queue.take(pick), Some(20));
+        assert!(queue.peek_where(held).is_none());
+        let pick = queue.peek_where(|_| true).unwrap();
+        assert_eq!((pick.client, pick.id), (1, 0), "once free, client 1 goes first, in order");
+        assert_eq!(queue.len(), 3);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The admission state behind one mutex: routes (one per model: the fair queue of its waiting requests)
 //! and the lanes that serve them (one per account × model, `lane.rs`), the waiting entries and their
-//! deadlines, the global counts and the limits (`limits.rs`).
+//! deadlines, the global counts, the limits (`limits.rs`) and the configured clients' quotas (`quota.rs`).
 //! Plain data and decisions; no tasks, no sleeps. `mod.rs` wraps it in the async API and the dispatcher.
 
 use std::cmp::Reverse;
@@ -16,7 +16,8 @@ use super::lane::{Dispatch, Lane, LaneKey, Signal};
 use super::limits::{LaneView, Limits};
 use super::pacing::Window;
 use super::probe::Readiness;
-use super::queue::{ClientId, FairQueue, Priority};
+use super::queue::{ClientId, FairQueue, Pick, Priority};
+use super::quota::{Quotas, Turn};
 use super::Rejected;
 
 /// The lane of requests whose model could not be read (no JSON body, invalid JSON, no `model`).
@@ -35,6 +36,7 @@ pub type Sender = oneshot::Sender<Result<super::Permit, Rejected>>;
 pub struct Waiter {
     route: Arc<str>,
     priority: Priority,
+    client: ClientId,
     tx: Sender,
 }
 
@@ -51,17 +53,27 @@ struct Route {
     configured: bool,
 }
 
-/// A waiter ready to go: its route, its entry id and the lane it goes to.
-type Ready = (Arc<str>, u64, LaneKey);
+/// A waiter ready to go: its route, its queue entry and the lane it goes to.
+type Ready = (Arc<str>, Pick, LaneKey);
+
+/// Why a request could not be queued.
+pub enum Full {
+    /// The queue is at `queue.max_depth`.
+    Queue,
+    /// The client has `max_queued` requests waiting (this many).
+    Client(usize),
+}
 
 /// A dispatch the dispatcher (or the uncontended path) made.
 pub struct Granted {
     pub lane: LaneKey,
     pub dispatch: Dispatch,
+    pub client: ClientId,
 }
 
 pub struct State {
     pub limits: Limits,
+    pub quotas: Quotas,
     routes: HashMap<Arc<str>, Route>,
     lanes: HashMap<LaneKey, Lane>,
     /// Routes with waiting entries, served round-robin.
@@ -84,6 +96,7 @@ impl State {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
+            quotas: Quotas::default(),
             routes: HashMap::new(),
             lanes: HashMap::new(),
             ring: VecDeque::new(),
@@ -191,18 +204,22 @@ impl State {
     }
 
     /// Takes a slot at once if nothing waits and every limit allows it (the uncontended path).
-    pub fn try_take_now(&mut self, route: &Arc<str>, now: Instant) -> Option<Granted> {
-        if !self.waiters.is_empty() || self.inflight >= self.limits.max_concurrency() {
+    pub fn try_take_now(&mut self, route: &Arc<str>, client: ClientId, now: Instant) -> Option<Granted> {
+        if !self.waiters.is_empty()
+            || self.inflight >= self.limits.max_concurrency()
+            || self.quotas.turn(client, now) != Turn::Now
+        {
             return None;
         }
         let lane = self.best_lane(route, now).ok()?;
         if self.limits.take_rate_token(now).is_some() {
             return None;
         }
-        Some(self.occupy(lane, now))
+        Some(self.occupy(lane, client, now))
     }
 
-    /// Queues a waiter; `Err` when the queue is full.
+    /// Queues a waiter; `Err` when the queue (or the client's share of it: not for a retry, which was
+    /// counted when it first came) is full.
     pub fn enqueue(
         &mut self,
         route: Arc<str>,
@@ -211,11 +228,14 @@ impl State {
         deadline: Instant,
         retry: bool,
         tx: Sender,
-    ) -> Result<u64, Sender> {
+    ) -> Result<u64, Full> {
         if self.waiters.len() >= self.limits.max_depth() {
-            return Err(tx);
+            return Err(Full::Queue);
         }
-        let Some(entry) = self.routes.get_mut(&route) else { return Err(tx) };
+        if !retry {
+            self.quotas.may_queue(client).map_err(Full::Client)?;
+        }
+        let Some(entry) = self.routes.get_mut(&route) else { return Err(Full::Queue) };
         let id = self.next_id;
         self.next_id += 1;
         entry.queue.push(priority, client, id, retry);
@@ -225,8 +245,9 @@ impl State {
             self.ring.push_back(route.clone());
         }
         self.deadlines.push(Reverse((deadline, id)));
-        self.waiters.insert(id, Waiter { route, priority, tx });
+        self.waiters.insert(id, Waiter { route, priority, client, tx });
         self.depth[priority as usize] += 1;
+        self.quotas.queued(client);
         Ok(id)
     }
 
@@ -277,8 +298,10 @@ impl State {
     }
 
     /// A permit came back. Returns whether anyone waits (then the dispatcher should look).
-    pub fn release(&mut self, lane: &LaneKey, dispatch: Dispatch, hold: Option<Duration>, reported: bool) -> bool {
+    pub fn release(&mut self, granted: &Granted, hold: Option<Duration>, reported: bool) -> bool {
+        let (lane, dispatch) = (&granted.lane, granted.dispatch);
         self.inflight = self.inflight.saturating_sub(1);
+        self.quotas.released(granted.client);
         if let Some(entry) = self.lanes.get_mut(lane) {
             entry.release(Instant::now(), dispatch, hold, reported);
             let gone = !self.limits.accounts.iter().any(|a| a.name == lane.account);
@@ -322,7 +345,7 @@ impl State {
                 break None;
             }
             let (next, blocked_until) = self.next_dispatchable(now);
-            let Some((route, id, lane)) = next else {
+            let Some((route, pick, lane)) = next else {
                 break blocked_until;
             };
             if let Some(wait) = self.limits.take_rate_token(now) {
@@ -332,14 +355,14 @@ impl State {
                 }
                 break now.checked_add(wait);
             }
-            let taken = self.routes.get_mut(&route).and_then(|r| r.queue.pop());
-            if taken != Some(id) {
+            let taken = self.routes.get_mut(&route).and_then(|r| r.queue.take(pick));
+            if taken != Some(pick.id) {
                 // The queue and the waiter map disagree; skip the entry rather than stall.
-                tracing::error!(entry = id, "admission queue out of step; entry skipped");
+                tracing::error!(entry = pick.id, "admission queue out of step; entry skipped");
                 continue;
             }
-            if let Some(waiter) = self.remove_waiter(id) {
-                let granted = self.occupy(lane, now);
+            if let Some(waiter) = self.remove_waiter(pick.id) {
+                let granted = self.occupy(lane, waiter.client, now);
                 out.push((waiter.tx, Ok(granted)));
             }
         };
@@ -423,13 +446,14 @@ impl State {
         views
     }
 
-    fn occupy(&mut self, lane: LaneKey, now: Instant) -> Granted {
+    fn occupy(&mut self, lane: LaneKey, client: ClientId, now: Instant) -> Granted {
         self.inflight += 1;
+        self.quotas.took(client, now);
         let dispatch = match self.lanes.get_mut(&lane) {
             Some(entry) => entry.dispatch(now).0,
             None => Dispatch { seq: 0, level: 1, probe: false, throttles_before: 0 }, // never: lanes outlive routes
         };
-        Granted { lane, dispatch }
+        Granted { lane, dispatch, client }
     }
 
     /// The lane of `route` to dispatch to now: the one with the most headroom among those ready
@@ -464,29 +488,36 @@ impl State {
         }
     }
 
-    /// The next route (round-robin) with a live waiter and a ready lane: the route, the waiter's id and
-    /// the lane. Otherwise, when a blocked route may become ready.
+    /// The next route (round-robin) with a live waiter whose client's quota lets it go, and a ready lane:
+    /// the route, the waiter's entry and the lane. Otherwise, when a blocked route may become ready.
     fn next_dispatchable(&mut self, now: Instant) -> (Option<Ready>, Option<Instant>) {
-        let mut wake: Option<Instant> = None;
+        let mut wake: Option<Instant> = self.quotas.next_turn(now);
         for _ in 0..self.ring.len() {
             let Some(key) = self.ring.pop_front() else { break };
+            let quotas = &self.quotas;
+            let free = |client: ClientId| quotas.turn(client, now) == Turn::Now;
             let Some(route) = self.routes.get_mut(&key) else { continue };
             let live = loop {
-                match route.queue.peek() {
-                    Some(id) if self.waiters.contains_key(&id) => break Some(id),
-                    Some(_) => {
-                        route.queue.pop();
+                match route.queue.peek_where(free) {
+                    Some(pick) if self.waiters.contains_key(&pick.id) => break Some(pick),
+                    Some(pick) => {
+                        route.queue.take(pick);
                     }
                     None => break None,
                 }
             };
-            let Some(id) = live else {
-                route.in_ring = false;
+            let Some(pick) = live else {
+                // Nothing it can dispatch now: it stays in the ring while clients held by quota wait.
+                if route.waiting > 0 {
+                    self.ring.push_back(key);
+                } else {
+                    route.in_ring = false;
+                }
                 continue;
             };
             self.ring.push_back(key.clone());
             match self.best_lane(&key, now) {
-                Ok(lane) => return (Some((key, id, lane)), None),
+                Ok(lane) => return (Some((key, pick, lane)), None),
                 Err(Some(at)) => wake = Some(wake.map_or(at, |w| w.min(at))),
                 Err(None) => {}
             }
@@ -497,6 +528,7 @@ impl State {
     fn remove_waiter(&mut self, id: u64) -> Option<Waiter> {
         let waiter = self.waiters.remove(&id)?;
         self.depth[waiter.priority as usize] -= 1;
+        self.quotas.unqueued(waiter.client);
         if let Some(route) = self.routes.get_mut(&waiter.route) {
             route.waiting = route.waiting.saturating_sub(1);
         }

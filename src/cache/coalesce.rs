@@ -94,7 +94,7 @@ impl<H: Clone> Call<H> {
             writer: None,
         };
         let call = Arc::new(Self { state: Mutex::new(state), head_ready: Notify::new(), recorded });
-        let member = call.add_member();
+        let member = call.add_member(); // id 0: the first
         (call, member)
     }
 
@@ -104,6 +104,10 @@ impl<H: Clone> Call<H> {
 
     fn add_member(self: &Arc<Self>) -> Member<H> {
         let mut state = self.state();
+        Self::add_member_locked(self, &mut state)
+    }
+
+    fn add_member_locked(self: &Arc<Self>, state: &mut State<H>) -> Member<H> {
         let id = state.next_reader;
         state.next_reader += 1;
         let next = state.first;
@@ -111,19 +115,18 @@ impl<H: Clone> Call<H> {
         Member { call: self.clone(), id }
     }
 
-    /// A follower, if the call still takes one.
+    /// A follower, if the call still takes one (checked and joined under one lock: nothing is trimmed
+    /// and no last member leaves in between).
     pub fn join(self: &Arc<Self>) -> Option<Member<H>> {
-        {
-            let mut state = self.state();
-            if !state.joinable || state.followers >= MAX_FOLLOWERS || state.readers.is_empty() {
-                return None;
-            }
-            state.followers += 1;
+        let mut state = self.state();
+        if !state.joinable || !state.whole || state.followers >= MAX_FOLLOWERS || state.readers.is_empty() {
+            return None;
         }
-        Some(self.add_member())
+        state.followers += 1;
+        Some(Self::add_member_locked(self, &mut state))
     }
 
-    /// Members that joined after the first.
+    /// Members that joined after the first and have not left before the end.
     pub fn followers(&self) -> usize {
         self.state().followers
     }
@@ -302,6 +305,9 @@ impl<H> Drop for Member<H> {
     fn drop(&mut self) {
         let mut state = self.call.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.readers.remove(&self.id);
+        if self.id != 0 && state.end.is_none() {
+            state.followers = state.followers.saturating_sub(1); // it leaves without the answer
+        }
         let dropped = state.trim();
         self.call.recorded.fetch_sub(dropped, Ordering::AcqRel);
         if state.readers.is_empty() && state.end.is_none() {

@@ -50,7 +50,7 @@ impl Entry {
             (Form::Events, replayable_events(body)?)
         } else if media.eq_ignore_ascii_case(b"application/json") {
             let value: Value = serde_json::from_slice(body).ok()?;
-            value.as_object().filter(|object| !object.contains_key("error"))?;
+            whole_answer(&value).then_some(())?;
             (Form::Json, Bytes::copy_from_slice(body))
         } else {
             return None;
@@ -155,7 +155,7 @@ fn replayable_events(body: &[u8]) -> Option<Bytes> {
             done = true;
         } else {
             let value: Value = serde_json::from_str(&joined).ok()?;
-            value.as_object().filter(|object| !object.contains_key("error"))?;
+            whole_answer(&value).then_some(())?;
         }
         for line in data {
             out.push_str("data: ");
@@ -165,6 +165,17 @@ fn replayable_events(body: &[u8]) -> Option<Bytes> {
         out.push('\n');
     }
     done.then(|| Bytes::from(out))
+}
+
+/// Whether a JSON answer (or stream chunk) is one to keep: an object without an `error`, and no choice
+/// cut short by the upstream (`finish_reason: insufficient_system_resource`).
+fn whole_answer(value: &Value) -> bool {
+    let Some(object) = value.as_object() else { return false };
+    let cut_short = object
+        .get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|choices| choices.iter().any(|c| c["finish_reason"] == "insufficient_system_resource"));
+    !object.contains_key("error") && !cut_short
 }
 
 /// Reads big-endian fields off the front of a slice.
@@ -216,6 +227,9 @@ mod tests {
         let failed = "data: {\"choices\":[]}\n\ndata: {\"error\":{\"message\":\"cut\"}}\n\ndata: [DONE]\n\n";
         assert!(Entry::from_response(b"text/event-stream", failed.as_bytes(), 0).is_none(), "an error event");
         assert!(Entry::from_response(b"application/json", b"{\"error\":{}}", 0).is_none());
+        let cut_short =
+            br#"{"choices":[{"message":{"content":"par"},"finish_reason":"insufficient_system_resource"}]}"#;
+        assert!(Entry::from_response(b"application/json", cut_short, 0).is_none(), "cut short by the upstream");
         assert!(Entry::from_response(b"application/json", b"{\"id\":", 0).is_none(), "cut JSON");
         assert!(Entry::from_response(b"text/plain", b"hello", 0).is_none());
     }

@@ -71,12 +71,14 @@ impl Memory {
         let (mut entries, mut bytes, mut evicted) = (0i64, 0i64, 0u64);
         {
             let mut lru = self.lru();
-            if weight > lru.max_bytes {
-                return;
-            }
             if let Some(old) = lru.remove(&key) {
                 entries -= 1;
                 bytes -= old as i64;
+            }
+            if weight > lru.max_bytes {
+                drop(lru);
+                self.metrics.memory_changed(entries, bytes);
+                return; // larger than the whole bound (and the stale entry is gone)
             }
             while lru.bytes + weight > lru.max_bytes {
                 let Some((_, oldest)) = lru.order.pop_first() else { break };

@@ -111,8 +111,13 @@ impl fmt::Display for ByteSize {
     }
 }
 
-/// A URL with the password in its authority (`redis://user:secret@host`) replaced by `[redacted]`.
+/// A URL with the password in its authority (`redis://user:secret@host`) replaced by `[redacted]`, and
+/// its query (where `?pass=` may be) too.
 pub fn without_password(url: &str) -> String {
+    let url = match url.split_once('?') {
+        Some((base, _)) => return format!("{}?[redacted]", without_password(base)),
+        None => url,
+    };
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
@@ -134,6 +139,10 @@ mod tests {
         assert_eq!(without_password("redis://app:hunter2@cache/1"), "redis://app:[redacted]@cache/1");
         assert_eq!(without_password("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
         assert_eq!(without_password("redis+unix:///run/redis.sock"), "redis+unix:///run/redis.sock");
+        assert_eq!(
+            without_password("redis+unix:///run/r.sock?db=1&pass=hunter2"),
+            "redis+unix:///run/r.sock?[redacted]"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ::config::{Environment, File, FileFormat};
 
-use super::{AccountConfig, ApiKey, Config, ConfigError, Secret};
+use super::{clients, AccountConfig, ApiKey, Config, ConfigError, Secret};
 
 /// The environment variable that holds the API key when no key file is configured.
 pub const API_KEY_ENV: &str = "DEEPSEEK_API_KEY";
@@ -54,6 +54,13 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
         for account in &mut config.upstream.accounts {
             account.keys = load_account_keys(account, env)?;
         }
+    }
+    clients::load_tokens(&mut config.clients)?;
+    if config.server.state_dir.is_none() {
+        config.server.state_dir = env.get("STATE_DIRECTORY").filter(|d| !d.is_empty()).map(|d| {
+            // systemd may list several directories, separated by colons: the first is sluice's.
+            PathBuf::from(d.split(':').next().unwrap_or(d))
+        });
     }
     if let Some(path) = &config.observe.admin_token_file {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {

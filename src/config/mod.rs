@@ -2,6 +2,7 @@
 //! validation with errors that name the key, and — in `load` — the layering of file, env and flags.
 
 mod cache;
+mod clients;
 mod load;
 mod rate;
 mod secret;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{ByteSize, CacheBackend, CacheConfig};
+pub use clients::{token_sha256, validate as validate_clients, ClientConfig, PriorityName, ANONYMOUS};
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
 pub use secret::{ApiKey, Secret};
@@ -31,6 +33,9 @@ pub struct Config {
     pub retry: RetryConfig,
     pub cache: CacheConfig,
     pub observe: ObserveConfig,
+    /// The local callers sluice knows by token (`[[clients]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientConfig>,
 }
 
 /// `[server]`: the listener that applications talk to.
@@ -62,6 +67,12 @@ pub struct ServerConfig {
     /// A client connection with no request in progress and no traffic for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Every proxied request needs the token of a configured `[[clients]]` entry (else 401).
+    pub require_client_token: bool,
+    /// Where sluice keeps what must survive a restart (the clients' token counts of the day). Unset:
+    /// `$STATE_DIRECTORY` (systemd `StateDirectory=`), else nowhere (counts start over at each start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +87,8 @@ impl Default for ServerConfig {
             max_connections: 16_384,
             max_buffered_bytes: 512 * 1024 * 1024,
             idle_timeout: Duration::from_secs(120),
+            require_client_token: false,
+            state_dir: None,
         }
     }
 }
@@ -299,6 +312,14 @@ impl Config {
             }
         }
         self.upstream.validate_accounts()?;
+        clients::validate(&self.clients)?;
+        if self.server.require_client_token && self.clients.is_empty() {
+            return Err(invalid(
+                "server.require_client_token",
+                true,
+                "false, or at least one [[clients]] entry (`sluice client new NAME` makes one)",
+            ));
+        }
         if self.cache.enabled && self.cache.backend == CacheBackend::Redis && self.cache.redis_url.is_none() {
             return Err(invalid(
                 "cache.redis_url",

@@ -47,6 +47,11 @@ struct LaneLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AccountLabels {
     account: String,
 }
@@ -154,8 +159,41 @@ impl prometheus_client::collector::Collector for StateCollector {
         for row in &rows {
             ConstCounter::new(row.probing_seconds).encode(probing_seconds.encode_family(&row.labels)?)?;
         }
+        encode_clients(&snapshot, &mut encoder)?;
         self.encode_accounts(&mut encoder)
     }
+}
+
+/// Queued and in-flight requests per configured client, the rest as `anonymous`.
+fn encode_clients(
+    snapshot: &crate::admission::Snapshot,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let anonymous = (
+        snapshot.queued.saturating_sub(snapshot.clients.iter().map(|c| c.queued).sum()),
+        snapshot.inflight.saturating_sub(snapshot.clients.iter().map(|c| c.inflight).sum()),
+    );
+    let rows: Vec<(String, usize, usize)> = snapshot
+        .clients
+        .iter()
+        .map(|c| (c.name.to_string(), c.queued, c.inflight))
+        .chain([(crate::config::ANONYMOUS.to_string(), anonymous.0, anonymous.1)])
+        .collect();
+    let mut queued =
+        encoder.encode_descriptor("client_queued", "Requests waiting, by client", None, MetricType::Gauge)?;
+    for (client, count, _) in &rows {
+        ConstGauge::new(*count as i64).encode(queued.encode_family(&ClientLabels { client: client.clone() })?)?;
+    }
+    let mut inflight = encoder.encode_descriptor(
+        "client_inflight",
+        "Upstream requests in flight, by client",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (client, _, count) in &rows {
+        ConstGauge::new(*count as i64).encode(inflight.encode_family(&ClientLabels { client: client.clone() })?)?;
+    }
+    Ok(())
 }
 
 impl StateCollector {

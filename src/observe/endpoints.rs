@@ -193,8 +193,57 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
         },
         "accounts": accounts,
         "cache": cache_status(generation, &metrics.cache),
+        "clients": clients_status(proxy, generation, &snapshot),
         "recent": recent,
     })
+}
+
+/// Every configured client and `anonymous`: requests by outcome since start, tokens today against the
+/// daily quota, queued and in flight now.
+fn clients_status(proxy: &Proxy, generation: &Generation, snapshot: &crate::admission::Snapshot) -> Vec<Value> {
+    let totals = proxy.metrics().clients.totals();
+    let row = |name: &str, tokens_today: Option<u64>, quota: Option<u64>, queued: usize, inflight: usize| {
+        let requests: serde_json::Map<String, Value> = match totals.get(name) {
+            Some(t) => OUTCOMES
+                .iter()
+                .zip(t.requests)
+                .filter(|(_, n)| *n > 0)
+                .map(|(o, n)| (o.to_string(), json!(n)))
+                .collect(),
+            None => serde_json::Map::new(),
+        };
+        let all: u64 = totals.get(name).map_or(0, |t| t.requests.iter().sum());
+        json!({
+            "name": name,
+            "requests": all,
+            "by_outcome": requests,
+            "tokens": totals.get(name).map_or(0, |t| t.tokens),
+            "tokens_today": tokens_today,
+            "daily_tokens": quota,
+            "quota_used": quota.zip(tokens_today).map(|(q, t)| t as f64 / q as f64),
+            "queued": queued,
+            "inflight": inflight,
+        })
+    };
+    let mut rows = Vec::new();
+    let (mut queued, mut inflight) = (0, 0);
+    for name in generation.clients.names() {
+        let view = snapshot.clients.iter().find(|v| v.name == *name);
+        let (q, i) = view.map_or((0, 0), |v| (v.queued, v.inflight));
+        queued += q;
+        inflight += i;
+        let quota = generation.clients.get(name).and_then(|c| c.daily_tokens);
+        rows.push(row(name, Some(proxy.tokens_today(name)), quota, q, i));
+    }
+    let anonymous = crate::config::ANONYMOUS;
+    rows.push(row(
+        anonymous,
+        None,
+        None,
+        snapshot.queued.saturating_sub(queued),
+        snapshot.inflight.saturating_sub(inflight),
+    ));
+    rows
 }
 
 /// The cache: whether it is on, where it keeps entries, and what it did since start.

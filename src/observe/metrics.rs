@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use super::cache_metrics::CacheMetrics;
+use super::client_metrics::ClientMetrics;
 use super::collector::{AccountsSource, StateCollector};
 use super::recent::{Recent, RecentSummary};
 use super::usage::Usage;
@@ -23,7 +24,7 @@ use crate::admission::{Admission, UNKNOWN_MODEL};
 use crate::config::LimitsConfig;
 
 /// How a request ended, for `sluice_requests_total{outcome}` (a fixed set).
-pub const OUTCOMES: [&str; 11] = [
+pub const OUTCOMES: [&str; 12] = [
     "success",
     "client_error",
     "upstream_error",
@@ -35,6 +36,7 @@ pub const OUTCOMES: [&str; 11] = [
     "rejected",
     "internal_error",
     "cancelled",
+    "quota_exceeded",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +102,8 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     /// The response cache's own metrics (in the same registry).
     pub cache: Arc<CacheMetrics>,
+    /// Per configured client (and `anonymous`).
+    pub clients: ClientMetrics,
     pub totals: Totals,
     recent: Mutex<Recent>,
     pub started: Instant,
@@ -125,6 +129,7 @@ impl Metrics {
             duration: Histogram::new(LATENCY_BUCKETS),
             tokens: Family::default(),
             cache,
+            clients: ClientMetrics::default(),
             totals: Totals::default(),
             recent: Mutex::new(Recent::default()),
             started: Instant::now(),
@@ -165,6 +170,7 @@ impl Metrics {
         );
         registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.clone());
         metrics.cache.register(&mut registry);
+        metrics.clients.register(&mut registry);
         registry.register_collector(Box::new(StateCollector::new(admission, accounts)));
         Self { registry, ..metrics }
     }
@@ -186,9 +192,17 @@ impl Metrics {
         Ok(openmetrics_to_prometheus(&text))
     }
 
-    /// A request got its response (or sluice's error): its outcome and how long it waited in all.
-    pub fn request_answered(&self, outcome: &'static str, model: String, waited: Duration, absorbed_429: u32) {
+    /// A request of `client` got its response (or sluice's error): its outcome and how long it waited.
+    pub fn request_answered(
+        &self,
+        outcome: &'static str,
+        model: String,
+        client: &str,
+        waited: Duration,
+        absorbed_429: u32,
+    ) {
         self.requests.get_or_create(&RequestLabels { outcome, model }).inc();
+        self.clients.request(client, outcome);
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
             self.totals.requests[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -232,13 +246,13 @@ impl Metrics {
         self.totals.retries.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A response body ended (or was dropped): total duration, tokens (of `account`), and whether the
-    /// upstream broke.
+    /// A response body ended (or was dropped): total duration, tokens (of `account`, for `client`), and
+    /// whether the upstream broke.
     pub fn response_finished(
         &self,
         duration: Duration,
         model: String,
-        account: &str,
+        (account, client): (&str, &str),
         usage: Option<Usage>,
         broken: bool,
     ) {
@@ -247,14 +261,20 @@ impl Metrics {
             self.stream_errors.inc();
         }
         if let Some(usage) = usage {
-            self.totals.prompt_tokens.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
-            self.totals.completion_tokens.fetch_add(usage.completion_tokens, Ordering::Relaxed);
-            self.recent().tokens(usage.prompt_tokens + usage.completion_tokens);
-            for (kind, count) in usage.kinds() {
-                if count > 0 {
-                    let labels = TokenLabels { model: model.clone(), kind, account: account.to_string() };
-                    self.tokens.get_or_create(&labels).inc_by(count);
-                }
+            self.tokens_used(model, account, client, &usage);
+        }
+    }
+
+    /// Tokens a response used (of `model` on `account`, for `client`).
+    pub fn tokens_used(&self, model: String, account: &str, client: &str, usage: &Usage) {
+        self.clients.tokens(client, usage);
+        self.totals.prompt_tokens.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
+        self.totals.completion_tokens.fetch_add(usage.completion_tokens, Ordering::Relaxed);
+        self.recent().tokens(usage.prompt_tokens + usage.completion_tokens);
+        for (kind, count) in usage.kinds() {
+            if count > 0 {
+                let labels = TokenLabels { model: model.clone(), kind, account: account.to_string() };
+                self.tokens.get_or_create(&labels).inc_by(count);
             }
         }
     }

@@ -2,6 +2,7 @@
 //! status snapshot and the dashboard page that draws it.
 
 mod cache_metrics;
+mod client_metrics;
 mod collector;
 pub mod endpoints;
 mod log;
@@ -10,10 +11,12 @@ mod recent;
 mod request_log;
 mod usage;
 
+pub use crate::config::ANONYMOUS;
 pub use cache_metrics::{CacheMetrics, CACHE_RESULTS};
+pub use client_metrics::{ClientMetrics, ClientTotals};
 pub use collector::AccountsSource;
 pub use log::init_logging;
 pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;
-pub use request_log::{End, RequestLog};
+pub use request_log::{Charge, End, RequestLog};
 pub use usage::{Usage, UsageTail};

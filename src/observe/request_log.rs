@@ -38,6 +38,8 @@ pub struct RequestLog {
     pub stream: bool,
     /// A hash of the client identity used for fair queueing (never the token itself).
     pub client: u64,
+    /// The configured client's name, or `anonymous`.
+    pub client_name: std::sync::Arc<str>,
     pub attempts: u32,
     pub queue_ms: u64,
     /// The status of the last upstream response, whether or not it was delivered.
@@ -58,6 +60,19 @@ pub struct RequestLog {
     /// Set for upstream bodies: the tail where `usage` is looked for.
     usage: Option<UsageTail>,
     metrics: Option<Arc<Metrics>>,
+    /// Told the tokens the response used (a configured client's daily count).
+    charge: Option<Charge>,
+    /// False when another place counts this response's tokens (a call shared by identical requests).
+    count_tokens: bool,
+}
+
+/// Where a response's tokens (prompt + completion) are charged.
+pub struct Charge(pub Box<dyn FnOnce(u64) + Send + Sync>);
+
+impl std::fmt::Debug for Charge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Charge")
+    }
 }
 
 impl RequestLog {
@@ -73,6 +88,7 @@ impl RequestLog {
             account: None,
             stream: false,
             client: 0,
+            client_name: std::sync::Arc::from(crate::config::ANONYMOUS),
             attempts: 0,
             queue_ms: 0,
             upstream_status: None,
@@ -86,6 +102,8 @@ impl RequestLog {
             end: End::ClientGone,
             usage: None,
             metrics: None,
+            charge: None,
+            count_tokens: true,
         }
     }
 
@@ -115,6 +133,22 @@ impl RequestLog {
         self.usage = read_usage.then(UsageTail::default);
     }
 
+    /// Charges the response's tokens, once known, to `charge`.
+    pub fn charge_to(&mut self, charge: Charge) {
+        self.charge = Some(charge);
+    }
+
+    /// Hands over where the tokens are charged (to the shared call that counts them instead).
+    pub fn take_charge(&mut self) -> Option<Charge> {
+        self.charge.take()
+    }
+
+    /// The response's tokens are counted elsewhere (its shared call): the log line still shows them.
+    pub fn tokens_counted_elsewhere(&mut self) {
+        self.count_tokens = false;
+        self.charge = None;
+    }
+
     /// Counts a chunk sent to the client (and keeps its end for `usage`).
     pub fn sent(&mut self, chunk: &[u8]) {
         self.bytes += chunk.len() as u64;
@@ -141,7 +175,12 @@ impl Drop for RequestLog {
         if let Some(metrics) = &self.metrics {
             let model = std::mem::take(&mut self.model_label);
             let account = self.account.as_deref().unwrap_or("none");
-            metrics.response_finished(duration, model, account, usage, self.end == End::UpstreamBroken);
+            let client = &*self.client_name;
+            let counted = usage.filter(|_| self.count_tokens);
+            metrics.response_finished(duration, model, (account, client), counted, self.end == End::UpstreamBroken);
+        }
+        if let (Some(charge), Some(usage)) = (self.charge.take(), usage) {
+            (charge.0)(usage.prompt_tokens.saturating_add(usage.completion_tokens));
         }
         let end = match self.end {
             End::Complete => "complete",
@@ -162,6 +201,7 @@ impl Drop for RequestLog {
             account = self.account.as_deref().unwrap_or("-"),
             stream = self.stream,
             client = format_args!("{:016x}", self.client),
+            client_name = &*self.client_name,
             attempts = self.attempts,
             queue_ms = self.queue_ms,
             upstream_status = self.upstream_status,

@@ -240,6 +240,7 @@ impl Proxy {
 fn gave_up(rejected: Rejected, progress: &Progress, last_error: Option<SendError>, accounts: &Accounts) -> ProxyError {
     match rejected {
         Rejected::QueueFull { depth, retry_after } => ProxyError::QueueFull { depth, retry_after },
+        Rejected::ClientQueueFull { queued } => ProxyError::ClientQueueFull { queued },
         Rejected::ShuttingDown => ProxyError::ShuttingDown,
         Rejected::Internal => ProxyError::Internal("admission failed".into()),
         Rejected::NoAccount => accounts.refusal().map_or(ProxyError::NoAccount, ProxyError::Refused),

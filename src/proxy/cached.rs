@@ -16,9 +16,23 @@ use super::request::{BudgetHold, Inspection, Outgoing};
 use super::{stream_back, Generation, Proxy, ResponseBody, Track};
 use crate::cache::{self, Ask, Call, Ending, Joined, Key, Member, Plan, Store};
 use crate::error::ProxyError;
+use crate::observe::{Charge, UsageTail};
 
 /// What every member of a call gets: the response head (with how the call fared), or the same error.
-pub type Outcome = Result<Arc<Head>, ProxyError>;
+pub type Outcome = Result<Arc<Head>, Failed>;
+
+/// A call that ended without a response to deliver: the error, and how the call fared.
+#[derive(Clone)]
+pub struct Failed {
+    error: ProxyError,
+    progress: Progress,
+}
+
+impl Failed {
+    pub fn new(error: ProxyError) -> Self {
+        Self { error, progress: Progress::default() }
+    }
+}
 
 /// The head of a call's response.
 pub struct Head {
@@ -47,6 +61,8 @@ pub(super) struct Work {
     /// The request body's share of the budget, held until the call no longer needs the body.
     #[expect(dead_code, reason = "held, never read: dropping it gives the share back")]
     pub hold: BudgetHold,
+    /// Who pays for the call's tokens: the first member's model label, client, and daily count.
+    pub payer: (String, Arc<str>, Option<Charge>),
 }
 
 impl Proxy {
@@ -103,7 +119,9 @@ impl Proxy {
         work: Work,
         storing: (Key, Arc<Store>),
     ) {
-        let task = tokio::spawn(self.clone().run_call(call.clone(), generation, work, storing));
+        // Made before the task: a task aborted before it first ran still answers every member.
+        let unfinished = Unfinished(Some(call.clone()));
+        let task = tokio::spawn(self.clone().run_call(unfinished, generation, work, storing));
         call.set_task(task.abort_handle());
     }
 
@@ -111,38 +129,45 @@ impl Proxy {
     /// member, and stored when it is a complete 200 worth keeping.
     async fn run_call(
         self: Arc<Self>,
-        call: Arc<Call<Outcome>>,
+        mut unfinished: Unfinished,
         generation: Arc<Generation>,
         work: Work,
         (key, store): (Key, Arc<Store>),
     ) {
-        let mut unfinished = Unfinished(Some(call.clone()));
+        let Some(call) = unfinished.0.clone() else { return };
         let mut progress = Progress::default();
         let sent = self.send_with_retries(&generation, &work.outgoing, &work.seen, work.deadline, &mut progress).await;
-        drop(work);
+        let Work { payer: (model, client, charge), .. } = work; // the body's budget share goes back here
         let (response, permit) = match sent {
             Ok(sent) => sent,
-            Err(err) => {
-                call.publish(Err(err), false);
+            Err(error) => {
+                call.publish(Err(Failed { error, progress }), false);
                 call.end(Ending::Aborted);
                 unfinished.0 = None;
                 return;
             }
         };
+        let account = permit.account().to_string();
         let config = &generation.config;
         let (parts, mut body) = stream_back(response, permit, config.upstream.idle_timeout, &self.stop).into_parts();
         let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
         let status = parts.status;
         let head = Head { status, headers: parts.headers, progress };
         call.publish(Ok(Arc::new(head)), status == StatusCode::OK);
-        let ending = pump(&call, &mut body).await;
+        let mut tail = UsageTail::default();
+        let ending = pump(&call, &mut body, &mut tail).await;
         drop(body); // the slot goes back with the upstream body
+                    // The call's tokens, counted here once (its first client may have left), and what the followers saved.
+        if let Some(usage) = tail.usage().filter(|_| status == StatusCode::OK) {
+            self.metrics.tokens_used(model, &account, &client, &usage);
+            if let Some(charge) = charge {
+                (charge.0)(usage.prompt_tokens.saturating_add(usage.completion_tokens));
+            }
+            self.metrics.cache.saved(usage, call.followers() as u64);
+        }
         if ending == Ending::Complete && status == StatusCode::OK {
             let entry = call.recorded().and_then(|recorded| cache::entry_of(content_type.as_ref(), &recorded));
             if let Some(entry) = entry {
-                if let Some(usage) = entry.usage {
-                    self.metrics.cache.saved(usage, call.followers() as u64);
-                }
                 store.put(key, Arc::new(entry), config.cache.ttl);
             }
         }
@@ -152,12 +177,13 @@ impl Proxy {
 }
 
 /// Moves the upstream body into the call, chunk by chunk, as fast as its slowest member allows.
-async fn pump(call: &Call<Outcome>, body: &mut ResponseBody) -> Ending {
+async fn pump(call: &Call<Outcome>, body: &mut ResponseBody, tail: &mut UsageTail) -> Ending {
     loop {
         poll_fn(|cx| call.poll_room(cx)).await;
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
+                    tail.observe(&data);
                     call.push(data);
                 }
             }
@@ -178,7 +204,17 @@ pub(super) async fn member_response(
     track.progress.wait();
     let outcome = member.head().await;
     track.progress.waited();
-    let head = outcome?;
+    // The call counts its tokens itself; the log line still shows them.
+    track.log.tokens_counted_elsewhere();
+    let head = match outcome {
+        Ok(head) => head,
+        Err(failed) => {
+            if leader {
+                track.progress = failed.progress;
+            }
+            return Err(failed.error);
+        }
+    };
     if leader {
         // The call's attempts, waits and account are the leader's own; followers made none.
         track.progress = head.progress.clone();
@@ -191,7 +227,7 @@ pub(super) async fn member_response(
 
 /// Set while a call runs: should it end any other way (a bug, or its task aborted), every member still
 /// gets an answer rather than wait forever.
-struct Unfinished(Option<Arc<Call<Outcome>>>);
+pub(super) struct Unfinished(Option<Arc<Call<Outcome>>>);
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
@@ -199,7 +235,8 @@ impl Drop for Unfinished {
             if std::thread::panicking() {
                 tracing::error!("a shared upstream call failed; its members get an error");
             }
-            call.abandon(Err(ProxyError::Internal("the shared upstream call ended unexpectedly".into())));
+            let error = ProxyError::Internal("the shared upstream call ended unexpectedly".into());
+            call.abandon(Err(Failed::new(error)));
         }
     }
 }

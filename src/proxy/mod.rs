@@ -8,7 +8,9 @@ mod attempts;
 mod balance;
 mod body;
 mod cached;
+mod clients;
 mod headers;
+mod ledger;
 mod policy;
 mod request;
 mod retry;
@@ -34,11 +36,13 @@ use crate::admission::{Admission, Permit};
 use crate::cache::{Coalescer, Store, CACHE_HEADER};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::observe::{self, CacheMetrics, Metrics, RequestLog};
+use crate::observe::{self, CacheMetrics, Charge, Metrics, RequestLog};
 use crate::upstream::accounts::Accounts;
 use crate::upstream::{BuildError, Upstream};
 use attempts::Progress;
 use cached::{Outcome, Step, Work};
+use clients::Clients;
+use ledger::Ledger;
 use request::{Inspection, Outgoing};
 
 /// Response header: upstream attempts this request took.
@@ -62,6 +66,8 @@ pub struct Proxy {
     read_balances: Arc<tokio::sync::Notify>,
     /// The calls in flight that identical requests join (`cache.coalesce`).
     calls: Coalescer<Outcome>,
+    /// The configured clients' tokens of the day (kept across reloads and, in `server.state_dir`, restarts).
+    ledger: Arc<Ledger>,
 }
 
 /// One generation of the config, the upstream client and the accounts built from it.
@@ -72,12 +78,15 @@ pub struct Generation {
     pub accounts: Arc<Accounts>,
     /// The response cache's store, when `cache.enabled` (kept by a reload that does not change it).
     pub cache: Option<Arc<Store>>,
+    /// The configured clients.
+    pub clients: Clients,
 }
 
 impl Generation {
-    fn new(config: Config, upstream: Upstream, cache: Option<Arc<Store>>) -> Self {
+    fn new(config: Config, upstream: Upstream, cache: Option<Arc<Store>>, hasher: &RandomState) -> Self {
         let accounts = Arc::new(Accounts::new(&config.upstream));
-        Self { config, upstream, accounts, cache }
+        let clients = Clients::new(&config, hasher);
+        Self { config, upstream, accounts, cache, clients }
     }
 }
 
@@ -93,17 +102,22 @@ impl Proxy {
         let budget = BodyBudget::new(config.server.max_buffered_bytes);
         let cache_metrics = Arc::new(CacheMetrics::default());
         let cache = Store::new(&config.cache, &cache_metrics);
-        let generation = Generation::new(config, upstream, cache);
+        let hasher = RandomState::new();
+        let ledger = Arc::new(Ledger::open(config.server.state_dir.as_deref()));
+        warn_clients_without_key(&config);
+        let generation = Generation::new(config, upstream, cache, &hasher);
         let config = &generation.config;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
+        admission.set_clients(generation.clients.limits());
         let current = Arc::new(RwLock::new(Arc::new(generation)));
         let metrics = Arc::new(Metrics::new(admission.clone(), balance::accounts_source(&current), cache_metrics));
         metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));
         let stop = Arc::new(Stop::default());
         let read_balances = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(balance::watch(Arc::downgrade(&current), admission.clone(), read_balances.clone()));
+        tokio::spawn(ledger::keep_saved(Arc::downgrade(&ledger)));
         let calls = Coalescer::default();
-        Ok(Self { current, admission, metrics, hasher: RandomState::new(), budget, stop, read_balances, calls })
+        Ok(Self { current, admission, metrics, hasher, budget, stop, read_balances, calls, ledger })
     }
 
     /// Ends the drain: every request still on its way answers now (see `stop.rs`).
@@ -143,13 +157,27 @@ impl Proxy {
         } else {
             Store::new(&config.cache, &self.metrics.cache)
         };
-        let generation = Generation::new(config, upstream, cache);
+        warn_clients_without_key(&config);
+        let generation = Generation::new(config, upstream, cache, &self.hasher);
         let config = &generation.config;
+        self.admission.set_clients(generation.clients.limits());
         self.admission.reconfigure(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         self.budget.set_limit(config.server.max_buffered_bytes);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(generation);
         self.read_balances.notify_one();
         Ok(needs_restart)
+    }
+
+    /// Writes what must survive a restart (the clients' tokens of the day); at shutdown.
+    pub fn save_state(&self) {
+        if let Err(err) = self.ledger.save() {
+            tracing::warn!(error = %err, "cannot write the token ledger (server.state_dir)");
+        }
+    }
+
+    /// Tokens `client` used today.
+    pub fn tokens_today(&self, client: &str) -> u64 {
+        self.ledger.used(client)
     }
 
     pub fn admission(&self) -> &Admission {
@@ -177,6 +205,7 @@ impl Proxy {
         // waited), the track counts it as cancelled.
         let mut track =
             Track { request_id, log, progress: Progress::default(), metrics: Some(self.metrics.clone()), cache: None };
+        track.log.client_name = Arc::from(observe::ANONYMOUS);
         let generation = self.current();
         let mut response = match self.forward(&generation, request, peer, &mut track).await {
             Ok(response) => {
@@ -240,13 +269,29 @@ impl Proxy {
         if !request::forwarded_path(path, &config.upstream.paths) {
             return Err(ProxyError::NotForwarded(path.chars().take(200).collect()));
         }
-        // 2. A full queue answers before the body is read.
-        if let Some(depth) = self.admission.full() {
-            return Err(ProxyError::QueueFull { depth, retry_after: 1 });
+        // 2. Who calls: a configured client by its token (required with server.require_client_token), within
+        //    its day's tokens.
+        let caller = generation.clients.identify(request.headers());
+        match &caller {
+            Some(known) => {
+                track.log.client_name = known.name.clone();
+                self.ledger.check(&known.name, known.daily_tokens)?;
+                let (ledger, name) = (self.ledger.clone(), known.name.clone());
+                track.log.charge_to(Charge(Box::new(move |tokens| ledger.charge(&name, tokens))));
+            }
+            None if generation.clients.required => return Err(ProxyError::ClientUnauthorized),
+            None => {}
         }
-        // 3. Read the bounded body: retries re-send it and admission reads its model. It holds its share
+        // 3. A full queue answers before the body is read (with the cache on: after it, below — a hit or a
+        //    joined call needs no place in the queue).
+        if generation.cache.is_none() {
+            if let Some(depth) = self.admission.full() {
+                return Err(ProxyError::QueueFull { depth, retry_after: 1 });
+            }
+        }
+        // 4. Read the bounded body: retries re-send it and admission reads its model. It holds its share
         //    of the global body budget until the request ends.
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         // Boxed, like the upstream send: a queued request then carries no room for this state.
         let (body, budget) = Box::pin(tokio::time::timeout(
             server.body_read_timeout,
@@ -254,33 +299,50 @@ impl Proxy {
         ))
         .await
         .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time".into()))??;
-        // 4. Who asks, for which model, how urgently.
-        let seen = Inspection::new(&parts.headers, &body, peer, &self.hasher);
+        // 5. Who asks, for which model, how urgently.
+        let seen = Inspection::new(&parts.headers, &body, peer, &self.hasher, caller.as_deref());
+        if caller.is_some() {
+            // A client's sluice token is sluice's business: it never travels upstream.
+            parts.headers.remove(header::AUTHORIZATION);
+        }
         track.log.model = seen.model.as_deref().map(Arc::from);
         track.log.model_label = observe::model_label(seen.model.as_deref(), &config.limits);
         track.log.stream = seen.stream;
         track.log.client = seen.client;
-        // 5. The cache: a hit answers now; an identical request in flight is joined (`cached.rs`).
+        // 6. The cache: a hit answers now; an identical request in flight is joined (`cached.rs`).
         let step = self.cache_step(generation, &parts, &body, track).await;
         let step = match step {
             Step::Hit(response) => return Ok(*response),
             Step::Follow(member) => return cached::member_response(member, false, track).await,
             step => step,
         };
-        // 6. The upstream request, built once: header hygiene, key injection, the configured origin only.
+        // A call that cannot start tells the members that joined it why.
+        let refuse = |error: ProxyError| {
+            if let Step::Lead(call, ..) = &step {
+                call.abandon(Err(cached::Failed::new(error.clone())));
+            }
+            error
+        };
+        if generation.cache.is_some() {
+            if let Some(depth) = self.admission.full() {
+                return Err(refuse(ProxyError::QueueFull { depth, retry_after: 1 }));
+            }
+        }
+        // 7. The upstream request, built once: header hygiene, key injection, the configured origin only.
         //    It takes the client's request head, so nothing of hyper's read buffer stays pinned.
-        let outgoing = Outgoing::new(parts, body, &generation.upstream, &track.request_id)?;
+        let outgoing = Outgoing::new(parts, body, &generation.upstream, &track.request_id).map_err(refuse)?;
         let deadline = track.log.started().checked_add(config.queue.max_wait).unwrap_or_else(Instant::now);
         if let Step::Lead(call, member, key, store) = step {
             // The call runs in its own task, for every member: this client may leave without ending it.
-            let work = Work { outgoing, seen, deadline, hold: budget };
+            let payer = (track.log.model_label.clone(), track.log.client_name.clone(), track.log.take_charge());
+            let work = Work { outgoing, seen, deadline, hold: budget, payer };
             self.start_call(call, generation.clone(), work, (key, store));
             return cached::member_response(member, true, track).await;
         }
-        // 7. Admission, the upstream, retries — until a deliverable response or a final error.
+        // 8. Admission, the upstream, retries — until a deliverable response or a final error.
         let (response, permit) =
             self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress).await?;
-        // 8. Stream the response back frame by frame; the body holds the slot until it ends.
+        // 9. Stream the response back frame by frame; the body holds the slot until it ends.
         Ok(stream_back(response, permit, config.upstream.idle_timeout, &self.stop))
     }
 }
@@ -288,6 +350,17 @@ impl Proxy {
 /// Milliseconds for a header or a log field, saturating.
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Says so when clients are configured but sluice holds no key (their requests then reach the upstream
+/// without one: a client token is never passed on).
+fn warn_clients_without_key(config: &Config) {
+    let keyed = config.upstream.api_key.is_some() || config.upstream.accounts.iter().any(|a| !a.keys.is_empty());
+    if !config.clients.is_empty() && !keyed {
+        tracing::warn!(
+            "[[clients]] are configured but sluice holds no API key: their requests reach the upstream without one"
+        );
+    }
 }
 
 /// Says so at startup and reload when the key would travel in clear text.
@@ -316,7 +389,8 @@ impl Track {
         self.log.outcome = outcome;
         if let Some(metrics) = self.metrics.take() {
             let progress = &self.progress;
-            metrics.request_answered(outcome, self.log.model_label.clone(), progress.waited, progress.throttled);
+            let (model, client) = (self.log.model_label.clone(), &*self.log.client_name);
+            metrics.request_answered(outcome, model, client, progress.waited, progress.throttled);
         }
     }
 

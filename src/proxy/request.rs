@@ -16,6 +16,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 
+use super::clients::Client;
 use super::headers::{strip_hop_by_hop, strip_prefixed};
 use crate::admission::{ClientId, Priority};
 use crate::error::ProxyError;
@@ -168,16 +169,26 @@ struct Peek<'a> {
 }
 
 impl Inspection {
-    /// Reads the model from the body and the client identity: `x-sluice-client`, else the bearer
-    /// token, else the peer IP — each hashed with this process's random key.
-    pub fn new(headers: &HeaderMap, body: &[u8], peer: SocketAddr, hasher: &RandomState) -> Self {
+    /// Reads the model from the body and the client identity: a configured client (`caller`) is itself,
+    /// with its priority capped; anyone else is `x-sluice-client`, else the bearer token, else the peer
+    /// IP — each hashed with this process's random key.
+    pub fn new(
+        headers: &HeaderMap,
+        body: &[u8],
+        peer: SocketAddr,
+        hasher: &RandomState,
+        caller: Option<&Client>,
+    ) -> Self {
         let peek = serde_json::from_slice::<Peek<'_>>(body).ok();
-        let client = match (headers.get(CLIENT_HEADER), headers.get(header::AUTHORIZATION)) {
-            (Some(name), _) => hasher.hash_one((0u8, name.as_bytes())),
-            (None, Some(token)) => hasher.hash_one((1u8, token.as_bytes())),
-            (None, None) => hasher.hash_one((2u8, peer.ip())),
+        let client = match (caller, headers.get(CLIENT_HEADER), headers.get(header::AUTHORIZATION)) {
+            (Some(known), _, _) => known.id,
+            (None, Some(name), _) => hasher.hash_one((0u8, name.as_bytes())),
+            (None, None, Some(token)) => hasher.hash_one((1u8, token.as_bytes())),
+            (None, None, None) => hasher.hash_one((2u8, peer.ip())),
         };
-        let priority = headers.get(PRIORITY_HEADER).map_or(Priority::Normal, |v| Priority::from_header(v.as_bytes()));
+        let asked = headers.get(PRIORITY_HEADER).map_or(Priority::Normal, |v| Priority::from_header(v.as_bytes()));
+        // A lower class is a larger number: the ceiling is the larger of the two.
+        let priority = caller.map_or(asked, |known| asked.max(known.max_priority));
         Self {
             model: peek.as_ref().and_then(|p| p.model.as_deref().map(str::to_owned)),
             stream: peek.and_then(|p| p.stream).unwrap_or(false),
@@ -262,11 +273,11 @@ mod tests {
     fn reads_model_and_stream_without_building_the_body() {
         let hasher = RandomState::new();
         let body = br#"{"messages":[{"role":"user","content":"hi"}],"model":"deepseek-v4-pro","stream":true}"#;
-        let seen = Inspection::new(&HeaderMap::new(), body, peer(), &hasher);
+        let seen = Inspection::new(&HeaderMap::new(), body, peer(), &hasher, None);
         assert_eq!(seen.model.as_deref(), Some("deepseek-v4-pro"));
         assert!(seen.stream);
         for junk in [&b"not json"[..], b"", b"{\"model\": 5}", b"[1,2]"] {
-            assert_eq!(Inspection::new(&HeaderMap::new(), junk, peer(), &hasher).model, None);
+            assert_eq!(Inspection::new(&HeaderMap::new(), junk, peer(), &hasher, None).model, None);
         }
     }
 
@@ -278,7 +289,7 @@ mod tests {
             for (k, v) in pairs {
                 headers.insert(*k, HeaderValue::from_static(v));
             }
-            Inspection::new(&headers, b"", SocketAddr::from((ip, 1)), &hasher).client
+            Inspection::new(&headers, b"", SocketAddr::from((ip, 1)), &hasher, None).client
         };
         let named = with(&[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer x")], [127, 0, 0, 1]);
         assert_eq!(named, with(&[(CLIENT_HEADER, "app-a"), ("authorization", "Bearer y")], [127, 0, 0, 2]));

@@ -1,0 +1,167 @@
+//! Each configured client's tokens of the UTC day (prompt + completion, from responses' usage), against its
+//! `daily_tokens`. Kept in `<state_dir>/client-tokens.json` — written atomically (a temporary file renamed
+//! over it) at most every `SAVE_EVERY` and at shutdown, read back at start when it is of the same day — so
+//! a restart does not hand out a fresh quota. The day is the wall clock's at start plus tokio's monotonic
+//! time since (so tests can move it), re-anchored whenever the wall clock runs ahead of that (a suspend,
+//! a clock step).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
+
+/// The most often the ledger is written.
+pub const SAVE_EVERY: Duration = Duration::from_secs(5);
+const FILE: &str = "client-tokens.json";
+const DAY: u64 = 86_400;
+
+/// Tokens per client name, for one UTC day.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Day {
+    /// Days since the Unix epoch (UTC).
+    utc_day: u64,
+    tokens: BTreeMap<String, u64>,
+}
+
+pub struct Ledger {
+    day: Mutex<(Day, bool)>,
+    path: Option<PathBuf>,
+    /// (wall-clock seconds, the monotonic instant they were read at).
+    anchor: Mutex<(u64, Instant)>,
+}
+
+impl Ledger {
+    /// The ledger kept under `state_dir` (None: in memory only), with today's counts read back.
+    pub fn open(state_dir: Option<&Path>) -> Self {
+        let anchor = (wall_clock(), Instant::now());
+        let path = state_dir.map(|dir| dir.join(FILE));
+        let today = anchor.0 / DAY;
+        let mut day = Day { utc_day: today, tokens: BTreeMap::new() };
+        if let Some(path) = &path {
+            match std::fs::read(path) {
+                Ok(bytes) => match serde_json::from_slice::<Day>(&bytes) {
+                    Ok(saved) if saved.utc_day == today => day = saved,
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::warn!(path = %path.display(), error = %err, "the token ledger is unreadable; starting it over")
+                    }
+                },
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot read the token ledger"),
+            }
+        }
+        Self { day: Mutex::new((day, false)), path, anchor: Mutex::new(anchor) }
+    }
+
+    /// Seconds since the Unix epoch, as the ledger counts them.
+    fn now(&self) -> u64 {
+        let mut anchor = self.anchor.lock().unwrap_or_else(PoisonError::into_inner);
+        let monotonic = anchor.0.saturating_add(anchor.1.elapsed().as_secs());
+        let wall = wall_clock();
+        if wall > monotonic.saturating_add(60) {
+            *anchor = (wall, Instant::now());
+            return wall;
+        }
+        monotonic
+    }
+
+    /// Today's counts (started over when the day turned).
+    fn today(&self) -> MutexGuard<'_, (Day, bool)> {
+        let today = self.now() / DAY;
+        let mut day = self.day.lock().unwrap_or_else(PoisonError::into_inner);
+        if day.0.utc_day != today {
+            *day = (Day { utc_day: today, tokens: BTreeMap::new() }, true);
+        }
+        day
+    }
+
+    /// Tokens `client` used today.
+    pub fn used(&self, client: &str) -> u64 {
+        self.today().0.tokens.get(client).copied().unwrap_or(0)
+    }
+
+    /// Adds `tokens` to `client`'s day.
+    pub fn charge(&self, client: &str, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let mut day = self.today();
+        let used = day.0.tokens.entry(client.to_string()).or_default();
+        *used = used.saturating_add(tokens);
+        day.1 = true;
+    }
+
+    /// Refuses a request of `client` once its day's tokens reached `quota`: 429 until the next midnight.
+    pub fn check(&self, client: &str, quota: Option<u64>) -> Result<(), ProxyError> {
+        let Some(quota) = quota else { return Ok(()) };
+        let used = self.used(client);
+        if used < quota {
+            return Ok(());
+        }
+        let retry_after = DAY - self.now() % DAY;
+        Err(ProxyError::QuotaExceeded { client: client.to_string(), used, quota, retry_after })
+    }
+
+    /// Writes the day to the state file if it changed (atomically: a temporary file renamed over it).
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let bytes = {
+            let mut day = self.today();
+            if !std::mem::replace(&mut day.1, false) {
+                return Ok(());
+            }
+            serde_json::to_vec_pretty(&day.0).map_err(std::io::Error::other)?
+        };
+        let temporary = path.with_extension("json.tmp");
+        std::fs::write(&temporary, &bytes)?;
+        std::fs::rename(&temporary, path)
+    }
+}
+
+fn wall_clock() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Writes the ledger every `SAVE_EVERY` while it changes, until it is dropped.
+pub async fn keep_saved(ledger: Weak<Ledger>) {
+    loop {
+        tokio::time::sleep(SAVE_EVERY).await;
+        let Some(ledger) = ledger.upgrade() else { return };
+        let saved = tokio::task::spawn_blocking(move || ledger.save()).await;
+        if let Ok(Err(err)) = saved {
+            tracing::warn!(error = %err, "cannot write the token ledger (server.state_dir)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_reset_at_midnight_and_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("sluice-ledger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ledger = Ledger::open(Some(&dir));
+        ledger.charge("batch", 700);
+        assert!(ledger.check("batch", Some(1000)).is_ok());
+        ledger.charge("batch", 300);
+        let Err(ProxyError::QuotaExceeded { retry_after, .. }) = ledger.check("batch", Some(1000)) else {
+            panic!("over its quota")
+        };
+        assert!((1..=DAY).contains(&retry_after));
+        assert!(ledger.check("other", Some(1000)).is_ok(), "each client has its own");
+        ledger.save().unwrap();
+        let reopened = Ledger::open(Some(&dir));
+        assert_eq!(reopened.used("batch"), 1000, "read back after a restart");
+        tokio::time::advance(Duration::from_secs(retry_after)).await;
+        assert_eq!(reopened.used("batch"), 0, "a new day");
+        assert!(reopened.check("batch", Some(1000)).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
