@@ -11,7 +11,8 @@ Scenarios: overhead (direct vs sluice vs nginx, wrk at saturation and a fixed 1k
 queued requests), limiter precision, persistent throttling (attempts per second by queue depth, sluice
 against the openai SDK's own retries), deep-queue cold start, absorption of a hidden concurrency cap
 (with the openai SDK's own retries as the baseline), adaptive vs static limits under a changing capacity,
-streaming time to first byte, the cache (hit against miss latency, memory and Redis; coalescing). Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
+streaming time to first byte, the cache (hit against miss latency, memory and Redis; coalescing), faults
+with and without a fallback. Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -440,6 +442,78 @@ def cache(quick):
     return {"seconds": seconds, "latency": rows, "burst": burst, "cap": cap, "hold_ms": hold_ms, "coalescing": coalescing}
 
 
+FALLBACK = """
+[[fallbacks]]
+name = "flash"
+base_url = "http://127.0.0.1:{port}"
+[fallbacks.models]
+"*" = "deepseek-v4-flash"
+"""
+
+
+def one_request(port, stream, timeout=120):
+    """One chat request through sluice: (status, x-sluice-upstream, body text, seconds to the end)."""
+    body = json.dumps({"model": "deepseek-v4-pro", "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body.encode(),
+                                     headers={"content-type": "application/json"})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, upstream, text = response.status, response.headers.get("x-sluice-upstream"), response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, upstream, text = err.code, err.headers.get("x-sluice-upstream"), err.read().decode()
+    except Exception as err:  # a response aborted mid-way
+        status, upstream, text = "broken", None, str(err)
+    return status, upstream, text, time.monotonic() - started
+
+
+def outcome(status, upstream, text, stream, chunks):
+    if status != 200:
+        kind = re.search(r'"type":\s*"([^"]+)"', text)
+        return f"{status} {kind.group(1) if kind else ''}".strip()
+    if stream:
+        words = "".join(re.findall(r'"content":"(t\d+ )"', text)).split()
+        if text.rstrip().endswith("data: [DONE]") and '"error"' not in text and len(words) == chunks:
+            return f"complete ({upstream})"
+        kind = re.search(r'"type":\s*"([^"]+)"', text)
+        return f"error event {kind.group(1) if kind else ''} after {len(words)} of {chunks} chunks"
+    return f"answered ({upstream})"
+
+
+def faults(quick):
+    """One request into each fault, through sluice without and with a fallback (a healthy simulator)."""
+    t = (lambda full, short: short) if quick else (lambda full, short: full)
+    chunks = 60
+    cases = [
+        ("silent primary", ["--fault", "silent"], False, {"SLUICE_UPSTREAM__HEADER_TIMEOUT": t("10s", "2s")}),
+        (f"first token after {t('20', '4')} s", ["--fault", f"slow-first:{t('20s', '4s')}"], True,
+         {"SLUICE_FALLBACK__FIRST_TOKEN_TIMEOUT": t("15s", "1s")}),
+        ("stream cut after 40 of 60 chunks", ["--fault", "cut-after:40"], True, {}),
+        ("stream stalls after 40 of 60 chunks", ["--fault", "stall-after:40"], True,
+         {"SLUICE_UPSTREAM__IDLE_TIMEOUT": t("5s", "2s")}),
+        ("stream cut, continuation refused", ["--fault", "cut-refuse:40"], True, {}),
+        ("429 to everything", ["--caps", "0"], False,
+         {"SLUICE_FALLBACK__AFTER": t("2s", "1s"), "SLUICE_QUEUE__MAX_WAIT": t("10s", "3s")}),
+        (f"503 for {t('10', '3')} s, then healthy", ["--fault", f"down:{t('10s', '3s')}"], False,
+         {"SLUICE_FALLBACK__AFTER": t("2s", "1s")}),
+    ]
+    rows = []
+    for name, fault, stream, extra in cases:
+        row = {"case": name}
+        for variant in ["without", "with"]:
+            primary_proc, primary_port = sim("--latency", "50ms", "--chunks", str(chunks), "--chunk-delay", "5ms", *fault)
+            backup_proc, backup_port = sim("--latency", "50ms", "--chunks", str(chunks), "--chunk-delay", "5ms")
+            with primary_proc, backup_proc:
+                config = FALLBACK.format(port=backup_port) if variant == "with" else None
+                s_proc, s_port = sluice(primary_port, extra=extra, config=config)
+                with s_proc:
+                    status, upstream, text, seconds = one_request(s_port, stream)
+            row[variant] = {"outcome": outcome(status, upstream, text, stream, chunks), "seconds": seconds}
+        log(f"faults: {row}")
+        rows.append(row)
+    return rows
+
+
 def streaming(quick):
     """Time to first byte of streamed responses: direct against through sluice."""
     seconds = 2 if quick else 10
@@ -561,6 +635,16 @@ def report(results, quick, command):
     ]
     for name, r in k["coalescing"].items():
         lines.append(f"| {name} | {r['upstream']} | {r['throttled']} | {r['elapsed']:.2f} s | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['errors']} |")
+    lines += ["",
+        "## Faults: without and with a fallback", "",
+        "One request into each fault (a simulator misbehaving on purpose, `--fault`), through sluice on its defaults",
+        "(resume on) except the timeouts named, without a fallback and with one (a healthy simulator as",
+        "`[[fallbacks]]`). Streams are 60 chunks; \"complete\" means every chunk, `[DONE]` and no error event.", "",
+        "| fault | without a fallback | time | with a fallback | time |", "|---|---|---|---|---|",
+    ]
+    for r in results["faults"]:
+        lines.append(f"| {r['case']} | {r['without']['outcome']} | {r['without']['seconds']:.2f} s "
+                     f"| {r['with']['outcome']} | {r['with']['seconds']:.2f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -581,7 +665,7 @@ def main():
     results = {}
     for name, scenario in [("overhead", overhead), ("memory", memory), ("limiter", limiter), ("persistent", persistent),
                            ("coldstart", coldstart), ("absorption", absorption), ("changing", changing_capacity),
-                           ("streaming", streaming), ("cache", cache)]:
+                           ("streaming", streaming), ("cache", cache), ("faults", faults)]:
         if args.only and name not in args.only.split(","):
             continue
         log(f"bench: {name}")

@@ -7,9 +7,15 @@
 //! With `--per-key`, the cap applies to each API key (`Authorization`) on its own, as DeepSeek's applies
 //! to each account.
 //!
+//! With `--fault`, it misbehaves on purpose (for the fault benchmark): `silent` (never answers), `slow-first:20s`
+//! (a stream's first content comes that late), `cut-after:40` / `stall-after:40` (a stream breaks or goes
+//! silent after 40 chunks), `down:60s` (503 for the first minute), `cut-refuse:40` (cut after 40 chunks,
+//! and a prefix completion on /beta gets 400). Continuations (`POST /beta/chat/completions` with an assistant prefix) go on from
+//! the chunk the prefix ends at.
+//!
 //! cargo run --release --example sluice_sim -- --listen 127.0.0.1:9000 --caps 40:20s,10:20s,30:20s \
 //!     --latency 200ms [--jitter 50ms] [--rate 100/s] [--retry-after 1] [--fail-503 0.01] \
-//!     [--chunks 20 --chunk-delay 10ms] [--per-key]
+//!     [--chunks 20 --chunk-delay 10ms] [--per-key] [--fault cut-after:40]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -40,6 +46,19 @@ struct Options {
     chunks: usize,
     chunk_delay: Duration,
     per_key: bool,
+    fault: Fault,
+}
+
+/// A misbehaviour on purpose.
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    Silent,
+    SlowFirst(Duration),
+    CutAfter(usize),
+    StallAfter(usize),
+    Down(Duration),
+    CutRefuse(usize),
 }
 
 fn parse_args() -> Options {
@@ -54,6 +73,7 @@ fn parse_args() -> Options {
         chunks: 10,
         chunk_delay: Duration::from_millis(10),
         per_key: false,
+        fault: Fault::None,
     };
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(at) = args.iter().position(|a| a == "--per-key") {
@@ -81,6 +101,18 @@ fn parse_args() -> Options {
             "--fail-503" => options.fail_503 = value.parse().unwrap(),
             "--chunks" => options.chunks = value.parse().unwrap(),
             "--chunk-delay" => options.chunk_delay = duration(value),
+            "--fault" => {
+                let (kind, arg) = value.split_once(':').unwrap_or((value, ""));
+                options.fault = match kind {
+                    "silent" => Fault::Silent,
+                    "slow-first" => Fault::SlowFirst(duration(arg)),
+                    "cut-after" => Fault::CutAfter(arg.parse().unwrap()),
+                    "stall-after" => Fault::StallAfter(arg.parse().unwrap()),
+                    "down" => Fault::Down(duration(arg)),
+                    "cut-refuse" => Fault::CutRefuse(arg.parse().unwrap()),
+                    other => panic!("unknown fault {other}"),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -165,15 +197,18 @@ impl Drop for Slot {
 }
 
 struct SimBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
     _slot: Option<Slot>,
 }
 
 impl Body for SimBody {
     type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+    type Error = std::io::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|chunk| chunk.map(|bytes| bytes.map(Frame::data)))
     }
 }
 
@@ -185,7 +220,7 @@ fn whole(
     slot: Option<Slot>,
 ) -> Response<SimBody> {
     let (tx, rx) = mpsc::channel(1);
-    let _ = tx.try_send(Bytes::from(body));
+    let _ = tx.try_send(Ok(Bytes::from(body)));
     let mut response = Response::builder().status(status).header("content-type", content_type);
     if let Some((name, value)) = extra {
         response = response.header(name, value);
@@ -211,8 +246,35 @@ async fn answer(sim: Arc<Sim>, request: Request<Incoming>) -> Response<SimBody> 
         return whole(200, "application/json", body.to_string(), None, None);
     }
     let key = request.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let continuation = request.uri().path().starts_with("/beta/");
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let stream = serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| v["stream"] == true);
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+    let stream = parsed["stream"] == true;
+    // A continuation goes on from the chunk its assistant prefix ends at.
+    let from = parsed["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .filter(|m| m["prefix"] == true)
+        .map_or(0, |m| m["content"].as_str().unwrap_or("").split_whitespace().count());
+    let fault = if continuation { Fault::None } else { sim.options.fault };
+    match (fault, sim.options.fault) {
+        (Fault::Silent, _) => std::future::pending::<()>().await,
+        (Fault::Down(until), _) if sim.started.elapsed() < until => {
+            sim.arrivals.fetch_add(1, Ordering::Relaxed);
+            sim.failed_503.fetch_add(1, Ordering::Relaxed);
+            return whole(503, "application/json", r#"{"error":{"message":"Server overloaded"}}"#.into(), None, None);
+        }
+        (_, Fault::CutRefuse(_)) if continuation => {
+            return whole(
+                400,
+                "application/json",
+                r#"{"error":{"message":"prefix is not supported"}}"#.into(),
+                None,
+                None,
+            );
+        }
+        _ => {}
+    }
     sim.arrivals.fetch_add(1, Ordering::Relaxed);
     sim.second(|s| s.arrivals += 1);
     if sim.options.fail_503 > 0.0 && fastrand::f64() < sim.options.fail_503 {
@@ -272,17 +334,32 @@ async fn answer(sim: Arc<Sim>, request: Request<Incoming>) -> Response<SimBody> 
     let (chunks, delay) = (sim.options.chunks, sim.options.chunk_delay);
     tokio::spawn(async move {
         tokio::time::sleep(latency).await;
-        for i in 0..chunks {
+        let role = "data: {\"id\":\"sim\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+        if tx.send(Ok(Bytes::from_static(role.as_bytes()))).await.is_err() {
+            return;
+        }
+        if let Fault::SlowFirst(late) = fault {
+            tokio::time::sleep(late).await;
+        }
+        for i in from..chunks {
+            match fault {
+                Fault::CutAfter(n) | Fault::CutRefuse(n) if i >= n => {
+                    let _ = tx.send(Err(std::io::Error::other("cut"))).await;
+                    return;
+                }
+                Fault::StallAfter(n) if i >= n => return tx.closed().await,
+                _ => {}
+            }
             let event = format!(
                 "data: {{\"id\":\"sim\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i} \"}}}}]}}\n\n"
             );
-            if tx.send(Bytes::from(event)).await.is_err() {
+            if tx.send(Ok(Bytes::from(event))).await.is_err() {
                 return;
             }
             tokio::time::sleep(delay).await;
         }
         let usage = format!("data: {{\"id\":\"sim\",\"choices\":[],\"usage\":{USAGE}}}\n\ndata: [DONE]\n\n");
-        let _ = tx.send(Bytes::from(usage)).await;
+        let _ = tx.send(Ok(Bytes::from(usage))).await;
     });
     Response::builder().header("content-type", "text/event-stream").body(SimBody { rx, _slot: Some(slot) }).unwrap()
 }

@@ -7,7 +7,6 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use sluice::config::Config;
 use support::*;
@@ -153,7 +152,9 @@ async fn a_stream_is_stored_as_its_events_and_replayed_whole() {
 #[tokio::test]
 async fn a_cut_stream_or_an_error_is_never_stored() {
     let mock = Mock::start(reasoning_stream(Ending::Cut)).await;
-    let sluice = Sluice::start(cached(&mock)).await;
+    let mut config = cached(&mock);
+    config.fallback.resume = false; // nothing rescues the stream
+    let sluice = Sluice::start(config).await;
     for _ in 0..2 {
         let answer = post(&sluice, &streamed(DETERMINISTIC), &[]).await;
         assert_eq!(answer.header("x-sluice-cache"), "miss");
@@ -313,14 +314,23 @@ async fn with_the_queue_full_a_hit_is_still_served() {
 async fn a_json_body_is_shared_too() {
     let gate = Arc::new(Notify::new());
     let mock = Mock::start(gated_first(gate.clone())).await;
-    let sluice = Sluice::start(cached(&mock)).await;
-    let url = sluice.url("/v1/chat/completions");
-    let json = [("content-type", "application/json")];
-    let first = send("POST", &url, &json, DETERMINISTIC).await;
-    let second = send("POST", &url, &json, DETERMINISTIC).await;
-    assert_eq!(second.headers()["x-sluice-cache"], "coalesced");
+    let sluice = Arc::new(Sluice::start(cached(&mock)).await);
+    let requests: Vec<_> = (0..2)
+        .map(|_| {
+            let sluice = sluice.clone();
+            tokio::spawn(async move { post(&sluice, DETERMINISTIC, &[]).await })
+        })
+        .collect();
+    let cache = sluice.proxy.metrics().cache.clone();
+    wait_for("both to join", || cache.totals().0.iter().map(|(_, n)| n).sum::<u64>() == 2).await;
     gate.notify_one();
-    let (a, b) = (first.into_body().collect().await.unwrap(), second.into_body().collect().await.unwrap());
-    assert_eq!((a.to_bytes(), b.to_bytes()), (Bytes::from_static(b"{}"), Bytes::from_static(b"{}")));
+    let mut results = Vec::new();
+    for request in requests {
+        let answer = request.await.unwrap();
+        assert_eq!((answer.status, answer.text().as_str()), (200, "{}"));
+        results.push(answer.header("x-sluice-cache").to_string());
+    }
+    results.sort();
+    assert_eq!(results, ["coalesced", "miss"]);
     assert_eq!(mock.arrivals(), 1);
 }

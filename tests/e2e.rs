@@ -66,7 +66,7 @@ async fn sdk_streamed_chat_completion() {
 #[tokio::test]
 async fn sdk_raises_on_a_stream_cut_mid_way() {
     let mock = Mock::start(hello_stream(Ending::Cut)).await;
-    let sluice = Sluice::start(config_for(&mock)).await;
+    let sluice = Sluice::start(without_resume(&mock)).await;
     run_sdk(&sluice, "stream_error").await;
 }
 
@@ -85,9 +85,31 @@ async fn sdk_raises_sluices_error_wherever_the_stream_is_cut() {
             Reply::sse(vec![data(": keep-alive\n\n"), chunk_event("Hello"), Chunk::Data(partial.clone())], Ending::Cut)
         })
         .await;
-        let sluice = Sluice::start(config_for(&mock)).await;
+        let sluice = Sluice::start(without_resume(&mock)).await;
         run_sdk(&sluice, "stream_error").await;
     }
+}
+
+/// The cut scenarios where nothing can rescue the stream (resume is off): the SDK must raise.
+fn without_resume(mock: &Mock) -> sluice::config::Config {
+    let mut config = config_for(mock);
+    config.fallback.resume = false;
+    config
+}
+
+#[tokio::test]
+async fn sdk_receives_the_whole_answer_when_a_stream_cut_after_40_of_60_chunks_is_resumed() {
+    let mock = Mock::start(|request: &Recorded, _| {
+        if request.path.starts_with("/beta/") {
+            canonical_stream(60, prefix_words(request), None, Ending::Complete, "cont")
+        } else {
+            canonical_stream(60, 0, Some(40), Ending::Cut, "orig")
+        }
+    })
+    .await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    run_sdk(&sluice, "resumed").await;
+    assert_eq!(mock.arrivals(), 2, "the original and one continuation");
 }
 
 #[tokio::test]

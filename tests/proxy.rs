@@ -248,26 +248,93 @@ async fn a_stalled_stream_ends_with_an_error_event() {
 }
 
 #[tokio::test]
-async fn a_cut_json_body_is_aborted_not_shortened() {
-    let mock = Mock::start(|_, _| Reply::Stream {
-        status: 200,
-        content_type: "application/json",
-        chunks: vec![data("{\"choices\": [")],
-        ending: Ending::Cut,
+async fn a_cut_json_body_is_retried_never_delivered_short() {
+    let mock = Mock::start(|_, index| {
+        if index == 0 {
+            Reply::Stream {
+                status: 200,
+                content_type: "application/json",
+                chunks: vec![data("{\"choices\": [")],
+                ending: Ending::Cut,
+            }
+        } else {
+            Reply::json(200, completion("whole"))
+        }
+    })
+    .await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m"}"#).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["choices"][0]["message"]["content"], "whole", "{}", answer.text());
+    assert_eq!(mock.arrivals(), 2, "the cut body was retried");
+    assert_eq!(answer.header("x-sluice-attempts"), "2");
+}
+
+#[tokio::test]
+async fn a_committed_json_response_cut_later_is_redone_and_its_answer_becomes_the_body() {
+    let mock = Mock::start(|_, index| match index {
+        0 => Reply::Stream {
+            status: 200,
+            content_type: "application/json",
+            chunks: vec![data("\n"), data("{\"choices\": [")],
+            ending: Ending::Cut,
+        },
+        1 => Reply::json(200, completion("redone")),
+        _ => Reply::json(500, "{}"),
+    })
+    .await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m"}"#).await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.text().starts_with('\n'), "the keep-alive went out first");
+    assert_eq!(answer.json()["choices"][0]["message"]["content"], "redone", "{}", answer.text());
+    assert_eq!(mock.arrivals(), 2);
+
+    let failing = Mock::start(|_, index| match index {
+        0 => Reply::Stream {
+            status: 200,
+            content_type: "application/json",
+            chunks: vec![data("\n"), data("{\"choices\": [")],
+            ending: Ending::Cut,
+        },
+        _ => Reply::json(400, r#"{"error":{"message":"bad"}}"#),
+    })
+    .await;
+    let sluice = Sluice::start(config_for(&failing)).await;
+    let answer = call("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m"}"#).await;
+    assert_eq!(answer.status, 200, "the status was committed");
+    assert!(
+        answer.json()["error"]["message"].as_str().unwrap_or("").contains("cut"),
+        "sluice's error as the body: {}",
+        answer.text()
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_blank_lines_commit_a_json_response_and_flow_at_once() {
+    let gate = Arc::new(Notify::new());
+    let mock = Mock::start({
+        let gate = gate.clone();
+        move |_, _| Reply::Stream {
+            status: 200,
+            content_type: "application/json",
+            chunks: vec![data("\n"), Chunk::Gate(gate.clone()), data("{\"ok\":true}")],
+            ending: Ending::Complete,
+        }
     })
     .await;
     let sluice = Sluice::start(config_for(&mock)).await;
     let response = send("POST", &sluice.url("/v1/chat/completions"), &[], r#"{"model":"m"}"#).await;
-    assert_eq!(response.status(), 200);
+    assert_eq!(response.status(), 200, "the head came with the first blank line");
     let mut body = response.into_body();
-    let mut outcome = Ok(());
+    let first = next_chunk(&mut body).await.unwrap().unwrap();
+    assert_eq!(&first[..], b"\n", "the keep-alive reached the client as it came");
+    gate.notify_one();
+    let mut rest = Vec::new();
     while let Some(chunk) = next_chunk(&mut body).await {
-        if let Err(err) = chunk {
-            outcome = Err(err);
-            break;
-        }
+        rest.extend_from_slice(&chunk.unwrap());
     }
-    assert!(outcome.is_err(), "the client must see a broken body");
+    assert_eq!(rest, b"{\"ok\":true}");
 }
 
 #[tokio::test]

@@ -31,12 +31,14 @@ pub struct AccountLimits {
     pub weight: u32,
     /// Per-model caps of this account (over `[limits.models]`).
     pub caps: HashMap<String, usize>,
+    /// A fallback's own account (another upstream): it serves only requests sent to that fallback.
+    pub fallback_only: bool,
 }
 
 impl AccountLimits {
     /// The one account of a single-key setup.
     pub fn default_account() -> Self {
-        Self { name: Arc::from(DEFAULT_ACCOUNT), weight: 1, caps: HashMap::new() }
+        Self { name: Arc::from(DEFAULT_ACCOUNT), weight: 1, caps: HashMap::new(), fallback_only: false }
     }
 }
 

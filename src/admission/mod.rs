@@ -42,6 +42,8 @@ use state::{Full, Granted, State};
 pub struct Ticket<'a> {
     /// The request's `model`, if it could be read.
     pub model: Option<&'a str>,
+    /// Sent to a fallback: the one account whose lane serves it (None: the primary's accounts).
+    pub pool: Option<&'a str>,
     pub client: ClientId,
     pub priority: Priority,
     /// When the request stops waiting (arrival + `queue.max_wait`, kept across retries).
@@ -176,7 +178,7 @@ impl Admission {
             if state.closed {
                 return Err(Rejected::ShuttingDown);
             }
-            let route = state.route_key(ticket.model);
+            let route = state.route_key(ticket.model, ticket.pool);
             if !state.serves(&route) {
                 return Err(Rejected::NoAccount);
             }
@@ -218,6 +220,13 @@ impl Admission {
         let state = self.shared.lock();
         let queued = state.queued();
         (queued >= state.limits.max_depth()).then_some(queued)
+    }
+
+    /// Whether the lanes serving `model` (on `pool`, or the primary's) are throttled: probing or paused.
+    pub fn throttled(&self, model: Option<&str>, pool: Option<&str>) -> bool {
+        let mut state = self.shared.lock();
+        let route = state.route_key(model, pool);
+        state.throttled(&route)
     }
 
     /// Turns away everyone waiting for an upstream that cannot be reached (after `unreachable_wait`).

@@ -158,7 +158,7 @@ impl FairQueue {
             if class == chosen {
                 self.skips[class] = 0;
             } else if self.classes[class].len > 0 {
-                self.skips[class] += 1;
+                self.skips[class] = self.skips[class].saturating_add(1);
             }
         }
         self.classes[chosen].pop()
@@ -180,7 +180,7 @@ impl FairQueue {
             if class == pick.class {
                 self.skips[class] = 0;
             } else if self.classes[class].len > 0 {
-                self.skips[class] += 1;
+                self.skips[class] = self.skips[class].saturating_add(1);
             }
         }
         self.classes[pick.class].take(pick.client)

@@ -72,8 +72,12 @@ impl Quotas {
                 inflight: 0,
                 removed: false,
             });
-            if quota.gcra.is_none() || quota.limits.rate != limits.rate {
-                quota.gcra = limits.rate.map(|(interval, burst)| Gcra::new(interval, burst));
+            match (&mut quota.gcra, limits.rate) {
+                // A new rate applies to what is owed, without a fresh burst.
+                (Some(gcra), Some((interval, burst))) if quota.limits.rate.map(|r| r.1) == Some(burst) => {
+                    gcra.set_interval(interval, Instant::now());
+                }
+                (gcra, rate) => *gcra = rate.map(|(interval, burst)| Gcra::new(interval, burst)),
             }
             quota.limits = limits;
             quota.removed = false;
@@ -95,13 +99,15 @@ impl Quotas {
         }
     }
 
-    pub fn queued(&mut self, client: ClientId) {
-        if let Some(quota) = self.clients.get_mut(&client) {
-            quota.queued += 1;
-        }
+    /// Counts a queued request of `client`; returns whether it was counted (only then is it uncounted).
+    pub fn queued(&mut self, client: ClientId) -> bool {
+        self.clients.get_mut(&client).map(|quota| quota.queued += 1).is_some()
     }
 
-    pub fn unqueued(&mut self, client: ClientId) {
+    pub fn unqueued(&mut self, client: ClientId, counted: bool) {
+        if !counted {
+            return;
+        }
         if let Some(quota) = self.clients.get_mut(&client) {
             quota.queued = quota.queued.saturating_sub(1);
         }
@@ -132,18 +138,22 @@ impl Quotas {
             .min()
     }
 
-    /// `client` took a slot (and a token of its rate).
-    pub fn took(&mut self, client: ClientId, now: Instant) {
-        if let Some(quota) = self.clients.get_mut(&client) {
-            quota.inflight += 1;
-            if let Some(gcra) = &mut quota.gcra {
-                let _ = gcra.take(now);
-            }
+    /// `client` took a slot (and a token of its rate); returns whether it was counted.
+    pub fn took(&mut self, client: ClientId, now: Instant) -> bool {
+        let Some(quota) = self.clients.get_mut(&client) else { return false };
+        quota.inflight += 1;
+        if let Some(gcra) = &mut quota.gcra {
+            let _ = gcra.take(now);
         }
+        true
     }
 
-    /// `client` gave a slot back.
-    pub fn released(&mut self, client: ClientId) {
+    /// `client` gave back a slot (counted when it was taken: a client removed and added again by reloads
+    /// in between is not short of one).
+    pub fn released(&mut self, client: ClientId, counted: bool) {
+        if !counted {
+            return;
+        }
         if let Some(quota) = self.clients.get_mut(&client) {
             quota.inflight = quota.inflight.saturating_sub(1);
         }
@@ -184,17 +194,17 @@ mod tests {
         let now = Instant::now();
         assert_eq!(quotas.turn(99, now), Turn::Now, "callers without a quota are never held");
         assert_eq!(quotas.turn(7, now), Turn::Now);
-        quotas.took(7, now);
+        assert!(quotas.took(7, now));
         assert_eq!(quotas.turn(7, now), Turn::At(now + Duration::from_secs(1)), "its rate");
         tokio::time::advance(Duration::from_secs(1)).await;
         let now = Instant::now();
         quotas.took(7, now);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(quotas.turn(7, Instant::now()), Turn::AfterRelease, "both slots held");
-        quotas.released(7);
+        quotas.released(7, true);
         assert_eq!(quotas.turn(7, Instant::now()), Turn::Now);
         assert_eq!(quotas.may_queue(7), Ok(()));
-        quotas.queued(7);
+        assert!(quotas.queued(7));
         assert_eq!(quotas.may_queue(7), Err(1), "its share of the queue");
         assert_eq!(quotas.views()[0], ClientView { name: Arc::from("batch"), queued: 1, inflight: 1 });
     }
@@ -203,13 +213,20 @@ mod tests {
     fn a_reload_keeps_counts_and_a_removed_client_finishes_unlimited() {
         let mut quotas = Quotas::default();
         quotas.reconfigure(vec![(7, limits(Some(1), None, None))]);
-        quotas.took(7, Instant::now());
+        let counted = quotas.took(7, Instant::now());
         quotas.reconfigure(vec![(7, limits(Some(3), None, None))]);
         assert_eq!(quotas.views()[0].inflight, 1, "what it holds is kept");
         quotas.reconfigure(vec![]);
         assert!(quotas.views().is_empty());
         assert_eq!(quotas.turn(7, Instant::now()), Turn::Now);
-        quotas.released(7);
+        quotas.released(7, counted);
         assert!(quotas.clients.is_empty(), "forgotten once its last request ended");
+        // Removed while idle, a request taken uncounted, added again: its release takes nothing away.
+        let uncounted = quotas.took(7, Instant::now());
+        assert!(!uncounted);
+        quotas.reconfigure(vec![(7, limits(Some(1), None, None))]);
+        assert!(quotas.took(7, Instant::now()));
+        quotas.released(7, uncounted);
+        assert_eq!(quotas.turn(7, Instant::now()), Turn::AfterRelease, "the counted one still holds its slot");
     }
 }

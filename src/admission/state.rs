@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::controller::Change;
 use super::lane::{Dispatch, Lane, LaneKey, Signal};
-use super::limits::{LaneView, Limits};
+use super::limits::{AccountLimits, LaneView, Limits};
 use super::pacing::Window;
 use super::probe::Readiness;
 use super::queue::{ClientId, FairQueue, Pick, Priority};
@@ -37,18 +37,26 @@ pub struct Waiter {
     route: Arc<str>,
     priority: Priority,
     client: ClientId,
+    /// Counted in its client's quota (see `Quotas::queued`).
+    counted: bool,
     tx: Sender,
 }
 
 /// What the dispatcher must deliver after unlocking: a slot (to wrap in a permit) or a rejection.
 pub type Delivery = (Sender, Result<Granted, Rejected>);
 
-/// One model's waiting requests and the lanes (one per account) that serve them.
+/// One model's waiting requests and the lanes (one per account) that serve them. A fallback's route
+/// (`model@account`) is served by that one account's lane of the model — the lane the primary's route of
+/// the model shares, when the account is one of the primary's.
 struct Route {
     queue: FairQueue,
     waiting: usize,
     in_ring: bool,
     lanes: Vec<LaneKey>,
+    /// The model its lanes serve.
+    model: Arc<str>,
+    /// Set for a fallback's route: the one account that serves it.
+    pool: Option<Arc<str>>,
     /// Configured models are never forgotten.
     configured: bool,
 }
@@ -69,6 +77,8 @@ pub struct Granted {
     pub lane: LaneKey,
     pub dispatch: Dispatch,
     pub client: ClientId,
+    /// Counted in its client's quota (see `Quotas::took`).
+    pub counted: bool,
 }
 
 pub struct State {
@@ -125,15 +135,17 @@ impl State {
             lane.enabled = true;
         }
         let accounts = self.limits.accounts.clone();
-        for (model, route) in &mut self.routes {
-            route.lanes = accounts.iter().map(|a| LaneKey { account: a.name.clone(), model: model.clone() }).collect();
-            route.configured = self.limits.configured(model) || &**model == UNKNOWN_MODEL;
-            for account in &accounts {
+        for route in self.routes.values_mut() {
+            let model = route.model.clone();
+            let serving: Vec<&AccountLimits> = serving(&accounts, route.pool.as_deref());
+            route.lanes = serving.iter().map(|a| LaneKey { account: a.name.clone(), model: model.clone() }).collect();
+            route.configured = route.pool.is_none() && (self.limits.configured(&model) || &*model == UNKNOWN_MODEL);
+            for account in serving {
                 let key = LaneKey { account: account.name.clone(), model: model.clone() };
                 match self.lanes.get_mut(&key) {
-                    Some(lane) => self.limits.refit(account, model, lane, now),
+                    Some(lane) => self.limits.refit(account, &model, lane, now),
                     None => {
-                        let mut lane = self.limits.lane(account, model, now);
+                        let mut lane = self.limits.lane(account, &model, now);
                         lane.enabled = !self.disabled.contains(&account.name);
                         self.lanes.insert(key, lane);
                     }
@@ -145,12 +157,16 @@ impl State {
     }
 
     /// The route a model's requests use: aliases resolved, unreadable or overlong names in `unknown`.
-    pub fn route_key(&mut self, model: Option<&str>) -> Arc<str> {
+    /// With a `pool` (a fallback's account), the route that only that account's lane serves.
+    pub fn route_key(&mut self, model: Option<&str>, pool: Option<&str>) -> Arc<str> {
         let name = match model {
             Some(name) if name.len() <= MAX_MODEL_NAME => name,
             _ => UNKNOWN_MODEL,
         };
         let name = self.limits.alias(name);
+        if let Some(pool) = pool {
+            return self.pool_route(name.to_string(), pool);
+        }
         if let Some((key, _)) = self.routes.get_key_value(name) {
             return key.clone();
         }
@@ -167,7 +183,7 @@ impl State {
         };
         let now = Instant::now();
         let mut lanes = Vec::new();
-        for account in &self.limits.accounts {
+        for account in serving(&self.limits.accounts, None) {
             let lane = LaneKey { account: account.name.clone(), model: key.clone() };
             let enabled = !self.disabled.contains(&account.name);
             self.lanes.entry(lane.clone()).or_insert_with(|| {
@@ -177,7 +193,39 @@ impl State {
             });
             lanes.push(lane);
         }
-        let route = Route { queue: FairQueue::default(), waiting: 0, in_ring: false, lanes, configured };
+        let model = key.clone();
+        let route =
+            Route { queue: FairQueue::default(), waiting: 0, in_ring: false, lanes, model, pool: None, configured };
+        self.routes.insert(key.clone(), route);
+        key
+    }
+
+    /// The route of `model` served by `pool` alone (a fallback's account): `model@pool`.
+    fn pool_route(&mut self, model: String, pool: &str) -> Arc<str> {
+        let name = format!("{model}@{pool}");
+        if let Some((key, _)) = self.routes.get_key_value(name.as_str()) {
+            return key.clone();
+        }
+        if self.routes.len() >= MAX_ROUTES {
+            self.forget_an_idle_route();
+        }
+        let key: Arc<str> = Arc::from(name);
+        let model: Arc<str> = Arc::from(model);
+        let now = Instant::now();
+        let mut lanes = Vec::new();
+        if let Some(account) = self.limits.accounts.iter().find(|a| &*a.name == pool) {
+            let lane = LaneKey { account: account.name.clone(), model: model.clone() };
+            let enabled = !self.disabled.contains(&account.name);
+            self.lanes.entry(lane.clone()).or_insert_with(|| {
+                let mut lane = self.limits.lane(account, &model, now);
+                lane.enabled = enabled;
+                lane
+            });
+            lanes.push(lane);
+        }
+        let pool = Some(Arc::from(pool));
+        let route =
+            Route { queue: FairQueue::default(), waiting: 0, in_ring: false, lanes, model, pool, configured: false };
         self.routes.insert(key.clone(), route);
         key
     }
@@ -196,8 +244,11 @@ impl State {
             self.routes.iter().filter(|(_, r)| idle(r)).min_by_key(|(_, r)| last_used(r)).map(|(k, _)| k.clone());
         let Some(key) = oldest else { return false };
         if let Some(route) = self.routes.remove(&key) {
+            // A lane may serve several routes (a fallback's and the primary's): kept while one uses it.
             for lane in route.lanes {
-                self.lanes.remove(&lane);
+                if !self.routes.values().any(|r| r.lanes.contains(&lane)) {
+                    self.lanes.remove(&lane);
+                }
             }
         }
         true
@@ -245,9 +296,9 @@ impl State {
             self.ring.push_back(route.clone());
         }
         self.deadlines.push(Reverse((deadline, id)));
-        self.waiters.insert(id, Waiter { route, priority, client, tx });
+        let counted = self.quotas.queued(client);
+        self.waiters.insert(id, Waiter { route, priority, client, counted, tx });
         self.depth[priority as usize] += 1;
-        self.quotas.queued(client);
         Ok(id)
     }
 
@@ -256,14 +307,20 @@ impl State {
         let Some(waiter) = self.remove_waiter(id) else {
             return false;
         };
-        if let Some(route) = self.routes.get_mut(&waiter.route) {
+        self.compact_route(&waiter.route);
+        self.compact_deadlines();
+        true
+    }
+
+    /// Drops a route's abandoned queue entries once they outnumber its waiters (cancelled or expired
+    /// entries of a client held by its quota are not reached by dispatch).
+    fn compact_route(&mut self, route: &str) {
+        if let Some(route) = self.routes.get_mut(route) {
             if route.queue.len() > 2 * route.waiting + 64 {
                 let waiters = &self.waiters;
                 route.queue.retain(|id| waiters.contains_key(&id));
             }
         }
-        self.compact_deadlines();
-        true
     }
 
     /// Drops the deadlines of entries no longer waiting once they outnumber the waiters (bounded memory).
@@ -301,7 +358,7 @@ impl State {
     pub fn release(&mut self, granted: &Granted, hold: Option<Duration>, reported: bool) -> bool {
         let (lane, dispatch) = (&granted.lane, granted.dispatch);
         self.inflight = self.inflight.saturating_sub(1);
-        self.quotas.released(granted.client);
+        self.quotas.released(granted.client, granted.counted);
         if let Some(entry) = self.lanes.get_mut(lane) {
             entry.release(Instant::now(), dispatch, hold, reported);
             let gone = !self.limits.accounts.iter().any(|a| a.name == lane.account);
@@ -328,6 +385,7 @@ impl State {
             self.deadlines.pop();
             if let Some(waiter) = self.remove_waiter(id) {
                 let retry_after = self.retry_after_secs(&waiter.route, now);
+                self.compact_route(&waiter.route);
                 out.push((waiter.tx, Err(Rejected::DeadlineExceeded { retry_after })));
             }
         }
@@ -384,6 +442,13 @@ impl State {
     /// Whether some account can serve `route` (a lane of it is enabled).
     pub fn serves(&self, route: &str) -> bool {
         self.routes.get(route).is_some_and(|r| r.lanes.iter().any(|k| self.lanes.get(k).is_some_and(|l| l.enabled)))
+    }
+
+    /// Whether a lane of `route` is throttled (its gate probing).
+    pub fn throttled(&self, route: &str) -> bool {
+        self.routes
+            .get(route)
+            .is_some_and(|r| r.lanes.iter().any(|k| self.lanes.get(k).is_some_and(|l| l.gate.probing())))
     }
 
     /// Marks every lane of `account` as serving or not.
@@ -448,12 +513,12 @@ impl State {
 
     fn occupy(&mut self, lane: LaneKey, client: ClientId, now: Instant) -> Granted {
         self.inflight += 1;
-        self.quotas.took(client, now);
+        let counted = self.quotas.took(client, now);
         let dispatch = match self.lanes.get_mut(&lane) {
             Some(entry) => entry.dispatch(now).0,
             None => Dispatch { seq: 0, level: 1, probe: false, throttles_before: 0 }, // never: lanes outlive routes
         };
-        Granted { lane, dispatch, client }
+        Granted { lane, dispatch, client, counted }
     }
 
     /// The lane of `route` to dispatch to now: the one with the most headroom among those ready
@@ -528,10 +593,18 @@ impl State {
     fn remove_waiter(&mut self, id: u64) -> Option<Waiter> {
         let waiter = self.waiters.remove(&id)?;
         self.depth[waiter.priority as usize] -= 1;
-        self.quotas.unqueued(waiter.client);
+        self.quotas.unqueued(waiter.client, waiter.counted);
         if let Some(route) = self.routes.get_mut(&waiter.route) {
             route.waiting = route.waiting.saturating_sub(1);
         }
         Some(waiter)
+    }
+}
+
+/// The accounts that serve a route: the primary's (not a fallback's own) or the pool's one account.
+fn serving<'a>(accounts: &'a [AccountLimits], pool: Option<&str>) -> Vec<&'a AccountLimits> {
+    match pool {
+        None => accounts.iter().filter(|a| !a.fallback_only).collect(),
+        Some(pool) => accounts.iter().filter(|a| &*a.name == pool).collect(),
     }
 }

@@ -26,6 +26,7 @@ fn admission(global: u32, models: &[(&str, u32)], max_depth: usize) -> Admission
 fn ticket(model: &str, client: ClientId) -> Ticket<'_> {
     Ticket {
         model: Some(model),
+        pool: None,
         client,
         priority: Priority::Normal,
         deadline: Instant::now() + Duration::from_secs(60),

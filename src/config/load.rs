@@ -56,6 +56,7 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
         }
     }
     clients::load_tokens(&mut config.clients)?;
+    super::fallback::load_keys(&mut config.fallbacks, env)?;
     if config.server.state_dir.is_none() {
         config.server.state_dir = env.get("STATE_DIRECTORY").filter(|d| !d.is_empty()).map(|d| {
             // systemd may list several directories, separated by colons: the first is sluice's.

@@ -3,6 +3,7 @@
 
 mod cache;
 mod clients;
+mod fallback;
 mod load;
 mod rate;
 mod secret;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cache::{ByteSize, CacheBackend, CacheConfig};
 pub use clients::{token_sha256, validate as validate_clients, ClientConfig, PriorityName, ANONYMOUS};
+pub use fallback::{FallbackConfig, FallbackSettings};
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
 pub use secret::{ApiKey, Secret};
@@ -36,6 +38,11 @@ pub struct Config {
     /// The local callers sluice knows by token (`[[clients]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clients: Vec<ClientConfig>,
+    /// When fallbacks take over, and stream resume.
+    pub fallback: FallbackSettings,
+    /// Where requests go when the primary cannot answer, in order (`[[fallbacks]]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<FallbackConfig>,
 }
 
 /// `[server]`: the listener that applications talk to.
@@ -313,6 +320,22 @@ impl Config {
         }
         self.upstream.validate_accounts()?;
         clients::validate(&self.clients)?;
+        let account_names: Vec<String> = self.upstream.accounts.iter().map(|a| a.name.clone()).collect();
+        fallback::validate(&self.fallbacks, &account_names)?;
+        if self.fallback.after.is_zero() || self.fallback.after > MAX_DURATION {
+            return Err(invalid(
+                "fallback.after",
+                humantime::format_duration(self.fallback.after),
+                "from 1s to 7 days",
+            ));
+        }
+        if self.fallback.first_token_timeout.is_zero() || self.fallback.first_token_timeout > MAX_DURATION {
+            return Err(invalid(
+                "fallback.first_token_timeout",
+                humantime::format_duration(self.fallback.first_token_timeout),
+                "from 1s to 7 days",
+            ));
+        }
         if self.server.require_client_token && self.clients.is_empty() {
             return Err(invalid(
                 "server.require_client_token",

@@ -192,6 +192,11 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "completion_tokens": load(&totals.completion_tokens),
         },
         "accounts": accounts,
+        "upstreams": {
+            "fallbacks": config.fallbacks.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            "circuit_open": proxy.circuit_open(),
+            "resume": config.fallback.resume,
+        },
         "cache": cache_status(generation, &metrics.cache),
         "clients": clients_status(proxy, generation, &snapshot),
         "recent": recent,

@@ -57,6 +57,13 @@ struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    from: String,
+    to: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     model: String,
     kind: &'static str,
@@ -95,6 +102,8 @@ pub struct Metrics {
     absorbed_429: Counter,
     retries: Family<ReasonLabels, Counter>,
     stream_errors: Counter,
+    fallbacks: Family<FallbackLabels, Counter>,
+    resumes: Family<ReasonLabels, Counter>,
     panics: Counter,
     queue_wait: Histogram,
     ttfb: Histogram,
@@ -123,6 +132,8 @@ impl Metrics {
             absorbed_429: Counter::default(),
             retries: Family::default(),
             stream_errors: Counter::default(),
+            fallbacks: Family::default(),
+            resumes: Family::default(),
             panics: Counter::default(),
             queue_wait: Histogram::new(WAIT_BUCKETS),
             ttfb: Histogram::new(LATENCY_BUCKETS),
@@ -147,6 +158,16 @@ impl Metrics {
             "stream_errors",
             "Responses whose upstream broke or stalled mid-way",
             metrics.stream_errors.clone(),
+        );
+        registry.register(
+            "fallbacks",
+            "Requests moved from one upstream to the next, by reason",
+            metrics.fallbacks.clone(),
+        );
+        registry.register(
+            "stream_resumes",
+            "Broken streams continued by chat prefix completion, by result (resumed, refused)",
+            metrics.resumes.clone(),
         );
         registry.register(
             "panics",
@@ -234,6 +255,16 @@ impl Metrics {
         for reason in reasons {
             drop(self.retries.get_or_create(&ReasonLabels { reason }));
         }
+    }
+
+    /// A request moved from upstream `from` to `to` (target names: bounded).
+    pub fn fallback(&self, from: &str, to: &str, reason: &'static str) {
+        self.fallbacks.get_or_create(&FallbackLabels { from: from.to_string(), to: to.to_string(), reason }).inc();
+    }
+
+    /// A broken stream was continued (`resumed`) or could not be (`refused`).
+    pub fn resume(&self, reason: &'static str) {
+        self.resumes.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// A request panicked and was rescued into a 500.

@@ -19,4 +19,4 @@ pub use log::init_logging;
 pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;
 pub use request_log::{Charge, End, RequestLog};
-pub use usage::{Usage, UsageTail};
+pub use usage::{count_events, estimate_tokens, Usage, UsageTail};

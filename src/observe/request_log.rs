@@ -8,7 +8,7 @@ use http::Method;
 use tokio::time::Instant;
 
 use super::metrics::Metrics;
-use super::usage::UsageTail;
+use super::usage::{count_events, estimate_tokens, UsageTail};
 
 /// How a response ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,10 @@ pub struct RequestLog {
     charge: Option<Charge>,
     /// False when another place counts this response's tokens (a call shared by identical requests).
     count_tokens: bool,
+    /// The request body's size (for a token estimate when the response reports no usage).
+    pub request_bytes: u64,
+    /// Stream events sent (likewise).
+    events: u64,
 }
 
 /// Where a response's tokens (prompt + completion) are charged.
@@ -104,6 +108,8 @@ impl RequestLog {
             metrics: None,
             charge: None,
             count_tokens: true,
+            request_bytes: 0,
+            events: 0,
         }
     }
 
@@ -154,6 +160,9 @@ impl RequestLog {
         self.bytes += chunk.len() as u64;
         if let Some(tail) = &mut self.usage {
             tail.observe(chunk);
+            if self.stream {
+                self.events += count_events(chunk);
+            }
         }
     }
 
@@ -179,8 +188,13 @@ impl Drop for RequestLog {
             let counted = usage.filter(|_| self.count_tokens);
             metrics.response_finished(duration, model, (account, client), counted, self.end == End::UpstreamBroken);
         }
-        if let (Some(charge), Some(usage)) = (self.charge.take(), usage) {
-            (charge.0)(usage.prompt_tokens.saturating_add(usage.completion_tokens));
+        // A quota is charged the usage; without one (left out, or cut short), an estimate — never nothing.
+        if let (Some(charge), true) = (self.charge.take(), self.usage.is_some()) {
+            let tokens = usage.map_or_else(
+                || estimate_tokens(self.request_bytes, self.bytes, self.events, self.stream),
+                |u| u.prompt_tokens.saturating_add(u.completion_tokens),
+            );
+            (charge.0)(tokens);
         }
         let end = match self.end {
             End::Complete => "complete",

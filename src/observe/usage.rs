@@ -33,6 +33,28 @@ impl Usage {
     }
 }
 
+/// Tokens a response used when it reported no usage (a stream sent without
+/// `stream_options.include_usage`, or one cut short): about four bytes of prompt per token, and one token
+/// per stream event (DeepSeek sends about one token per chunk) or four bytes of a JSON answer per token.
+/// Only for quotas, which must not be dodged by leaving usage out.
+pub fn estimate_tokens(request_bytes: u64, response_bytes: u64, events: u64, stream: bool) -> u64 {
+    let completion = if stream { events } else { response_bytes / 4 };
+    request_bytes / 4 + completion
+}
+
+/// Counts stream events (`data:` at the start of a line) in a chunk.
+pub fn count_events(chunk: &[u8]) -> u64 {
+    let mut count = 0;
+    let mut line_start = true;
+    for (i, byte) in chunk.iter().enumerate() {
+        if line_start && chunk.get(i..i + 5) == Some(b"data:") {
+            count += 1;
+        }
+        line_start = *byte == b'\n' || *byte == b'\r';
+    }
+    count
+}
+
 /// `completion_tokens_details.reasoning_tokens`, or 0.
 fn reasoning_tokens<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     #[derive(Deserialize, Default)]
@@ -122,6 +144,13 @@ mod tests {
         assert_eq!(usage_of(&["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"]), None);
         assert_eq!(usage_of(&[]), None);
         assert_eq!(usage_of(&["{\"usage\": {\"prompt_tokens\": 5"]), None, "cut off");
+    }
+
+    #[test]
+    fn estimates_when_usage_is_missing() {
+        assert_eq!(count_events(b"data: {}\n\n: keep-alive\n\ndata: {\"x\":\"data:\"}\n\ndata: [DONE]\n\n"), 3);
+        assert_eq!(estimate_tokens(400, 9000, 30, true), 130);
+        assert_eq!(estimate_tokens(400, 800, 0, false), 300);
     }
 
     #[test]

@@ -3,16 +3,21 @@
 //! back to the queue, back off, or give up. Every wait is bounded by the request's deadline and by the
 //! end of a shutdown drain.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Response;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::circuit::Start;
 use super::policy::{self, GiveUp, Outcome, Situation, Verdict};
 use super::request::{Inspection, Outgoing};
 use super::retry::RetryReason;
+use super::{deliver, fallback};
 use super::{Generation, Proxy};
 use crate::admission::{Permit, Rejected, Ticket, Window};
 use crate::error::ProxyError;
@@ -36,6 +41,12 @@ pub struct Progress {
     pub unreachable_since: Option<Instant>,
     /// The account that answered (the delivered attempt's).
     pub account: Option<std::sync::Arc<str>>,
+    /// The model that answered (a fallback's may differ from the one asked for).
+    pub model: Option<std::sync::Arc<str>>,
+    /// The upstream that answered (`primary` or a fallback's name).
+    pub upstream: Option<std::sync::Arc<str>>,
+    /// Times the request moved on to a fallback.
+    pub fallbacks: u32,
     /// Set while the request waits (in the queue or backing off): since when. A request abandoned then
     /// counts this wait too.
     pub waiting_since: Option<Instant>,
@@ -65,9 +76,37 @@ impl Progress {
 const DRAIN_LIMIT: usize = 64 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
+/// A deliverable response: the slot it holds, what of its body was read already (`deliver.rs`), and
+/// the target that answered.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    pub permit: Permit,
+    /// Body bytes already read, to come before the rest.
+    pub prefix: Vec<Bytes>,
+    /// The prefix is the whole body.
+    pub complete: bool,
+    /// Which of the generation's targets answered.
+    pub target: usize,
+}
+
+/// Where a request stands on its current target (the primary, or a fallback).
+struct Leg<'a> {
+    index: usize,
+    outgoing: Cow<'a, Outgoing>,
+    /// The model asked for there.
+    model: Option<String>,
+    since: Instant,
+    /// Attempts in a row that failed on it.
+    failures: u32,
+    /// Keeps waiting past `fallback.after`: its lane was busy, not throttled.
+    patient: bool,
+}
+
 impl Proxy {
-    /// Sends `outgoing` until the upstream gives a deliverable response (returned with the slot it holds)
-    /// or the request must end with sluice's own error.
+    /// Sends `outgoing` until an upstream gives a deliverable response (returned with the slot it holds)
+    /// or the request must end with sluice's own error. It starts on the primary (or, while the primary's
+    /// circuit is open, the first fallback) and moves on to the next target as `fallback.rs` says. With
+    /// `only`, it stays on that one target.
     pub(super) async fn send_with_retries(
         &self,
         generation: &Generation,
@@ -75,21 +114,45 @@ impl Proxy {
         seen: &Inspection,
         deadline: Instant,
         progress: &mut Progress,
-    ) -> Result<(Response<Incoming>, Permit), ProxyError> {
+        only: Option<usize>,
+    ) -> Result<Sent, ProxyError> {
         let config = &generation.config;
         let accounts = &generation.accounts;
         let keyed = accounts.keyed();
+        let targets = &generation.targets;
+        let fallbacks = only.is_none() && targets.len() > 1;
+        let first = match only {
+            Some(index) => index,
+            None if fallbacks => match self.circuit().start(Instant::now()) {
+                Start::Fallback => 1,
+                Start::Primary | Start::Probe => 0,
+            },
+            None => 0,
+        };
+        let mut leg = leg(generation, outgoing, seen, first)?;
         let mut last_error: Option<SendError> = None;
         loop {
+            let target = &targets[leg.index];
+            let has_next = only.is_none() && leg.index + 1 < targets.len();
+            let on_primary = fallbacks && leg.index == 0;
             // 1. Admission: a retry keeps its place ahead of its client's newer requests. While the upstream
-            //    cannot be reached, no request waits longer than `unreachable_wait` for it.
-            let unreachable = generation.upstream.unreachable_since().is_some();
-            let wait_bound = Instant::now().checked_add(config.upstream.unreachable_wait).unwrap_or(deadline);
+            //    cannot be reached, no request waits longer than `unreachable_wait` for it; with a fallback
+            //    to go to, none waits longer than `fallback.after` for a throttled lane.
+            let now = Instant::now();
+            let unreachable = target.upstream.unreachable_since().is_some();
+            let wait_bound = now.checked_add(config.upstream.unreachable_wait).unwrap_or(deadline);
+            let after = leg.since.checked_add(config.fallback.after).unwrap_or(deadline);
+            let mut ticket_deadline = if unreachable { deadline.min(wait_bound) } else { deadline };
+            if has_next && !leg.patient {
+                ticket_deadline = ticket_deadline.min(after);
+            }
+            let model = leg.model.as_deref().or(seen.model.as_deref());
             let ticket = Ticket {
-                model: seen.model.as_deref(),
+                model,
+                pool: target.pool.as_deref(),
                 client: seen.client,
                 priority: seen.priority,
-                deadline: if unreachable { deadline.min(wait_bound) } else { deadline },
+                deadline: ticket_deadline,
                 retry: progress.attempts > 0,
             };
             progress.wait();
@@ -98,8 +161,24 @@ impl Proxy {
                 () = self.stop.wait() => Err(Rejected::ShuttingDown),
             };
             progress.waited();
+            let now = Instant::now();
             let admitted = match admitted {
-                Err(Rejected::DeadlineExceeded { .. }) if generation.upstream.unreachable_since().is_some() => {
+                Err(Rejected::DeadlineExceeded { .. })
+                    if has_next && !leg.patient && now >= after && now < deadline =>
+                {
+                    if progress.throttled > 0 || self.admission.throttled(model, target.pool.as_deref()) {
+                        leg = self.next_leg(generation, outgoing, seen, &leg, "throttled", progress)?;
+                    } else {
+                        leg.patient = true;
+                    }
+                    continue;
+                }
+                Err(Rejected::DeadlineExceeded { .. } | Rejected::NoAccount) if has_next => {
+                    let why = if unreachable { "unreachable" } else { "no_account" };
+                    leg = self.next_leg(generation, outgoing, seen, &leg, why, progress)?;
+                    continue;
+                }
+                Err(Rejected::DeadlineExceeded { .. }) if target.upstream.unreachable_since().is_some() => {
                     // Everyone else waiting for this upstream has waited long enough too.
                     self.admission.fail_waiting();
                     Err(Rejected::Unreachable)
@@ -110,7 +189,7 @@ impl Proxy {
             // The account's key for this attempt (none: the client's own passes through). An account whose
             // last key went meanwhile serves no more.
             let key = accounts.key(permit.account());
-            if keyed && key.is_none() {
+            if key.is_none() && accounts.keyed_account(permit.account()) {
                 self.admission.set_account_enabled(permit.account(), false);
                 continue;
             }
@@ -121,19 +200,19 @@ impl Proxy {
             let sent = Instant::now();
             let result = tokio::select! {
                 // Boxed: a queued request then carries no room for the (larger) send state.
-                result = Box::pin(generation.upstream.send(outgoing.attempt(key.as_ref()))) => result,
+                result = Box::pin(target.upstream.send(leg.outgoing.attempt(key.as_ref()))) => result,
                 () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
             };
             let rtt = sent.elapsed();
 
-            // 3. Its outcome, told to the lane and the metrics.
+            // 3. Its outcome, told to the lane, the circuit and the metrics.
             let outcome = match &result {
                 Ok(response) => {
                     let status = response.status();
                     progress.last_status = Some(status.as_u16());
                     progress.throttled += u32::from(status == http::StatusCode::TOO_MANY_REQUESTS);
                     progress.unreachable_since = None;
-                    generation.upstream.reached();
+                    target.upstream.reached();
                     self.metrics.attempt(status.as_str(), permit.account(), Some(rtt));
                     if let Some(window) = Window::from_headers(response.headers()) {
                         permit.paced(window);
@@ -144,7 +223,7 @@ impl Proxy {
                     self.metrics.attempt(err.label(), permit.account(), None);
                     if matches!(err, SendError::Connect(_)) {
                         progress.unreachable_since.get_or_insert(sent);
-                        generation.upstream.unreachable(err);
+                        target.upstream.unreachable(err);
                     }
                     Outcome::of_error(err)
                 }
@@ -153,8 +232,15 @@ impl Proxy {
             if let Some(signal) = policy::signal(outcome, on_status) {
                 permit.report(signal);
             }
+            if on_primary {
+                match policy::circuit_failure(outcome, on_status) {
+                    Some(true) => self.circuit().failure(Instant::now()),
+                    Some(false) => self.circuit().success(),
+                    None => {}
+                }
+            }
 
-            // 4. The verdict.
+            // 4. The verdict; a deliverable response's start is read first (`deliver.rs`).
             let situation = Situation {
                 on_status,
                 keyed,
@@ -166,12 +252,42 @@ impl Proxy {
                 base_delay: config.retry.base_delay,
                 max_delay: config.retry.max_delay,
             };
-            let verdict = policy::decide(outcome, &situation);
-            let response = match (verdict, result) {
+            let (verdict, result) = match (policy::decide(outcome, &situation), result) {
                 (Verdict::Deliver, Ok(response)) => {
-                    progress.ttfb = Some(rtt);
-                    progress.account = Some(std::sync::Arc::from(permit.account()));
-                    return Ok((response, permit));
+                    let first_token = (has_next && seen.stream).then_some(config.fallback.first_token_timeout);
+                    match deliver::start(response, first_token, config.upstream.idle_timeout).await {
+                        deliver::Start::Deliver { response, prefix, complete } => {
+                            progress.ttfb = Some(rtt);
+                            progress.account = Some(Arc::from(permit.account()));
+                            progress.model = Some(Arc::from(permit.model()));
+                            progress.upstream = Some(target.name.clone());
+                            return Ok(Sent { response, permit, prefix, complete, target: leg.index });
+                        }
+                        deliver::Start::Redo(why) => {
+                            if on_primary {
+                                self.circuit().failure(Instant::now());
+                            }
+                            if why == deliver::Redo::FirstToken && has_next {
+                                drop(permit);
+                                leg = self.next_leg(generation, outgoing, seen, &leg, "first_token", progress)?;
+                                continue;
+                            }
+                            (policy::decide(Outcome::Reset, &situation), Err(SendError::BodyCut))
+                        }
+                    }
+                }
+                (verdict, result) => (verdict, result),
+            };
+            let response = match (verdict, result) {
+                (Verdict::GiveUp(GiveUp::HeaderTimeout), _) if has_next && config.fallback.on_header_timeout => {
+                    drop(permit);
+                    leg = self.next_leg(generation, outgoing, seen, &leg, "header_timeout", progress)?;
+                    continue;
+                }
+                (Verdict::GiveUp(GiveUp::Unreachable), _) if has_next => {
+                    drop(permit);
+                    leg = self.next_leg(generation, outgoing, seen, &leg, "unreachable", progress)?;
+                    continue;
                 }
                 (Verdict::GiveUp(why), result) => {
                     drop(permit);
@@ -187,7 +303,7 @@ impl Proxy {
                     None
                 }
             };
-            let account: std::sync::Arc<str> = std::sync::Arc::from(permit.account());
+            let account: Arc<str> = Arc::from(permit.account());
             drop(permit); // the failed attempt's slot goes back before anyone waits
             if let Some(response) = response {
                 last_error = None;
@@ -212,6 +328,11 @@ impl Proxy {
                 }
                 Verdict::Backoff(reason, delay) => {
                     self.metrics.retry(reason.as_str());
+                    leg.failures += 1;
+                    if leg.failures >= fallback::PERSISTENT && has_next {
+                        leg = self.next_leg(generation, outgoing, seen, &leg, "failing", progress)?;
+                        continue;
+                    }
                     Some(delay)
                 }
                 Verdict::Deliver | Verdict::GiveUp(_) => None,
@@ -232,6 +353,51 @@ impl Proxy {
             }
         }
     }
+
+    /// Moves a request from its leg's target to the next one, saying so.
+    fn next_leg<'a>(
+        &self,
+        generation: &Generation,
+        outgoing: &'a Outgoing,
+        seen: &Inspection,
+        from: &Leg<'_>,
+        why: &'static str,
+        progress: &mut Progress,
+    ) -> Result<Leg<'a>, ProxyError> {
+        let next = leg(generation, outgoing, seen, from.index + 1)?;
+        let (from_name, to_name) = (&generation.targets[from.index].name, &generation.targets[next.index].name);
+        tracing::info!(from = %from_name, to = %to_name, why, "falling back to the next upstream");
+        self.metrics.fallback(from_name, to_name, why);
+        progress.fallbacks += 1;
+        Ok(next)
+    }
+}
+
+/// The request as target `index` gets it.
+pub(super) fn retargeted(
+    generation: &Generation,
+    outgoing: &Outgoing,
+    seen: &Inspection,
+    index: usize,
+) -> Result<Outgoing, ProxyError> {
+    Ok(leg(generation, outgoing, seen, index)?.outgoing.into_owned())
+}
+
+/// A request's leg on target `index`: the request retargeted there (the primary's is the original).
+fn leg<'a>(
+    generation: &Generation,
+    outgoing: &'a Outgoing,
+    seen: &Inspection,
+    index: usize,
+) -> Result<Leg<'a>, ProxyError> {
+    let target = &generation.targets[index];
+    let model = seen.model.as_deref().and_then(|m| target.model_for(m)).map(str::to_string);
+    let outgoing = if index == 0 {
+        Cow::Borrowed(outgoing)
+    } else {
+        Cow::Owned(outgoing.retarget(&target.upstream, model.as_deref())?)
+    };
+    Ok(Leg { index, outgoing, model, since: Instant::now(), failures: 0, patient: false })
 }
 
 /// Turns an admission rejection into the client's error. At the deadline, a request whose last attempt

@@ -55,6 +55,8 @@ pub enum Relay {
 
 /// The upstream's body in flight, with the stall detector and what the SSE error rule needs.
 struct UpstreamStream {
+    /// Bytes read before the response was delivered (`deliver.rs`), sent first.
+    prefix: std::collections::VecDeque<Bytes>,
     incoming: Incoming,
     idle_timeout: Duration,
     /// Fires when no frame came for `idle_timeout`; re-armed lazily from `last_frame`.
@@ -68,6 +70,8 @@ struct UpstreamStream {
     ended: bool,
     /// Set when the stream ended through a failure rather than the upstream's own end.
     broke: bool,
+    /// A break is reported as the body's error (for the resume relay to decide), never an error event.
+    report_cuts: bool,
 }
 
 impl ResponseBody {
@@ -84,10 +88,18 @@ impl ResponseBody {
         response
     }
 
-    /// The upstream's body, forwarded as it arrives. `sse` turns on event alignment and the error event.
-    pub fn upstream(incoming: Incoming, idle_timeout: Duration, sse: bool, stop: StopWatch) -> Self {
+    /// The upstream's body, forwarded as it arrives (after `prefix`, what was read of it already). `sse`
+    /// turns on event alignment and the error event.
+    pub fn upstream(
+        prefix: Vec<Bytes>,
+        incoming: Incoming,
+        idle_timeout: Duration,
+        sse: bool,
+        stop: StopWatch,
+    ) -> Self {
         let now = Instant::now();
         let stream = UpstreamStream {
+            prefix: prefix.into(),
             incoming,
             idle_timeout,
             idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
@@ -96,8 +108,18 @@ impl ResponseBody {
             stop,
             ended: false,
             broke: false,
+            report_cuts: false,
         };
         Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None, attached: None }
+    }
+
+    /// A break of this stream is the body's error (a `StreamBroke`), not an error event: whoever reads it
+    /// decides what the client gets (`resume.rs`).
+    pub fn report_cuts(mut self) -> Self {
+        if let Kind::Upstream(stream) = &mut self.kind {
+            stream.report_cuts = true;
+        }
+        self
     }
 
     /// A body fed by a relay task (HTTP/2: the task can notice a client that grants no window).
@@ -238,7 +260,7 @@ impl Body for ResponseBody {
 
 /// Why a forwarded body broke.
 #[derive(Debug, thiserror::Error)]
-enum StreamBroke {
+pub enum StreamBroke {
     #[error("the upstream stream broke: {0}")]
     Upstream(hyper::Error),
     #[error("the upstream stream stalled: no data for {}", humantime::format_duration(*.0))]
@@ -256,7 +278,11 @@ impl UpstreamStream {
             return Poll::Ready(self.broken(StreamBroke::ShuttingDown));
         }
         loop {
-            match Pin::new(&mut self.incoming).poll_frame(cx) {
+            let polled = match self.prefix.pop_front() {
+                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                None => Pin::new(&mut self.incoming).poll_frame(cx),
+            };
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     self.last_frame = Instant::now();
                     let frame = match (&mut self.sse, frame.into_data()) {
@@ -267,7 +293,7 @@ impl UpstreamStream {
                         (None, Ok(data)) => Frame::data(data),
                         (_, Err(frame)) => frame,
                     };
-                    if self.incoming.is_end_stream() && self.sse.is_none() {
+                    if self.prefix.is_empty() && self.incoming.is_end_stream() && self.sse.is_none() {
                         self.ended = true;
                     }
                     return Poll::Ready(Some(Ok(frame)));
@@ -304,6 +330,10 @@ impl UpstreamStream {
         self.broke = true;
         match &mut self.sse {
             Some(aligner) if aligner.done() => None, // everything the client needed has arrived
+            Some(aligner) if self.report_cuts => {
+                aligner.abandon();
+                Some(Err(Box::new(why)))
+            }
             Some(aligner) => {
                 tracing::warn!(error = %why, "ending the client's stream with an error event");
                 let kind = match why {

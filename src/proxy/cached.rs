@@ -13,10 +13,10 @@ use tokio::time::Instant;
 
 use super::attempts::Progress;
 use super::request::{BudgetHold, Inspection, Outgoing};
-use super::{stream_back, Generation, Proxy, ResponseBody, Track};
+use super::{Generation, Proxy, ResponseBody, Track};
 use crate::cache::{self, Ask, Call, Ending, Joined, Key, Member, Plan, Store};
 use crate::error::ProxyError;
-use crate::observe::{Charge, UsageTail};
+use crate::observe::{count_events, estimate_tokens, Charge, UsageTail};
 
 /// What every member of a call gets: the response head (with how the call fared), or the same error.
 pub type Outcome = Result<Arc<Head>, Failed>;
@@ -59,10 +59,11 @@ pub(super) struct Work {
     pub seen: Inspection,
     pub deadline: Instant,
     /// The request body's share of the budget, held until the call no longer needs the body.
-    #[expect(dead_code, reason = "held, never read: dropping it gives the share back")]
     pub hold: BudgetHold,
     /// Who pays for the call's tokens: the first member's model label, client, and daily count.
     pub payer: (String, Arc<str>, Option<Charge>),
+    /// Whether it streams (for a token estimate when no usage comes).
+    pub stream: bool,
 }
 
 impl Proxy {
@@ -136,9 +137,14 @@ impl Proxy {
     ) {
         let Some(call) = unfinished.0.clone() else { return };
         let mut progress = Progress::default();
-        let sent = self.send_with_retries(&generation, &work.outgoing, &work.seen, work.deadline, &mut progress).await;
-        let Work { payer: (model, client, charge), .. } = work; // the body's budget share goes back here
-        let (response, permit) = match sent {
+        let sent =
+            self.send_with_retries(&generation, &work.outgoing, &work.seen, work.deadline, &mut progress, None).await;
+        // The request and its body's budget share are needed no more.
+        let request_bytes = work.outgoing.body().len() as u64;
+        let Work { outgoing, seen, hold, payer: (model, client, charge), stream, deadline } = work;
+        drop(hold);
+        let request = Some((outgoing, seen, deadline));
+        let sent = match sent {
             Ok(sent) => sent,
             Err(error) => {
                 call.publish(Err(Failed { error, progress }), false);
@@ -147,22 +153,34 @@ impl Proxy {
                 return;
             }
         };
-        let account = permit.account().to_string();
+        let account = sent.permit.account().to_string();
         let config = &generation.config;
-        let (parts, mut body) = stream_back(response, permit, config.upstream.idle_timeout, &self.stop).into_parts();
+        let response = match self.respond(sent, &generation, request) {
+            Ok(response) => response,
+            Err(error) => {
+                call.publish(Err(Failed { error, progress: Progress::default() }), false);
+                call.end(Ending::Aborted);
+                unfinished.0 = None;
+                return;
+            }
+        };
+        let (parts, mut body) = response.into_parts();
         let content_type = parts.headers.get(header::CONTENT_TYPE).cloned();
         let status = parts.status;
         let head = Head { status, headers: parts.headers, progress };
         call.publish(Ok(Arc::new(head)), status == StatusCode::OK);
-        let mut tail = UsageTail::default();
-        let ending = pump(&call, &mut body, &mut tail).await;
-        drop(body); // the slot goes back with the upstream body
-                    // The call's tokens, counted here once (its first client may have left), and what the followers saved.
-        if let Some(usage) = tail.usage().filter(|_| status == StatusCode::OK) {
+        let mut read = Read::default();
+        let ending = pump(&call, &mut body, &mut read).await;
+        // The slot goes back with the upstream body.
+        drop(body);
+        // The call's tokens, counted here once (its first client may have left), and what the followers saved.
+        let usage = read.tail.usage().filter(|_| status == StatusCode::OK);
+        if let Some(charge) = charge {
+            let estimate = || estimate_tokens(request_bytes, read.bytes, read.events, stream);
+            (charge.0)(usage.map_or_else(estimate, |u| u.prompt_tokens.saturating_add(u.completion_tokens)));
+        }
+        if let Some(usage) = usage {
             self.metrics.tokens_used(model, &account, &client, &usage);
-            if let Some(charge) = charge {
-                (charge.0)(usage.prompt_tokens.saturating_add(usage.completion_tokens));
-            }
             self.metrics.cache.saved(usage, call.followers() as u64);
         }
         if ending == Ending::Complete && status == StatusCode::OK {
@@ -176,14 +194,24 @@ impl Proxy {
     }
 }
 
+/// What the call read of its body: the tail for `usage`, bytes and stream events (for an estimate).
+#[derive(Default)]
+struct Read {
+    tail: UsageTail,
+    bytes: u64,
+    events: u64,
+}
+
 /// Moves the upstream body into the call, chunk by chunk, as fast as its slowest member allows.
-async fn pump(call: &Call<Outcome>, body: &mut ResponseBody, tail: &mut UsageTail) -> Ending {
+async fn pump(call: &Call<Outcome>, body: &mut ResponseBody, read: &mut Read) -> Ending {
     loop {
         poll_fn(|cx| call.poll_room(cx)).await;
         match body.frame().await {
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    tail.observe(&data);
+                    read.tail.observe(&data);
+                    read.bytes += data.len() as u64;
+                    read.events += count_events(&data);
                     call.push(data);
                 }
             }

@@ -53,15 +53,12 @@ impl Clients {
                 hash,
             }));
             let rate = client.rate.map(|rate| (rate.interval(), (rate.per_second().floor() as u32).max(1)));
-            limits.push((
-                id,
-                ClientLimits {
-                    name,
-                    max_concurrency: client.max_concurrency.map(|n| n as usize),
-                    rate,
-                    max_queued: client.max_queued,
-                },
-            ));
+            // A client that waits for its slots or its rate must not fill the whole queue meanwhile: unless
+            // told otherwise, it may hold half of it.
+            let held = client.max_concurrency.is_some() || client.rate.is_some();
+            let max_queued = client.max_queued.or(held.then_some((config.queue.max_depth / 2).max(1)));
+            let max_concurrency = client.max_concurrency.map(|n| n as usize);
+            limits.push((id, ClientLimits { name, max_concurrency, rate, max_queued }));
         }
         Self { known, required: config.server.require_client_token, limits }
     }

@@ -31,6 +31,8 @@ struct Day {
 pub struct Ledger {
     day: Mutex<(Day, bool)>,
     path: Option<PathBuf>,
+    /// One save at a time (the periodic one and the one at shutdown write the same files).
+    saving: Mutex<()>,
     /// (wall-clock seconds, the monotonic instant they were read at).
     anchor: Mutex<(u64, Instant)>,
 }
@@ -55,7 +57,7 @@ impl Ledger {
                 Err(err) => tracing::warn!(path = %path.display(), error = %err, "cannot read the token ledger"),
             }
         }
-        Self { day: Mutex::new((day, false)), path, anchor: Mutex::new(anchor) }
+        Self { day: Mutex::new((day, false)), path, saving: Mutex::new(()), anchor: Mutex::new(anchor) }
     }
 
     /// Seconds since the Unix epoch, as the ledger counts them.
@@ -107,9 +109,11 @@ impl Ledger {
         Err(ProxyError::QuotaExceeded { client: client.to_string(), used, quota, retry_after })
     }
 
-    /// Writes the day to the state file if it changed (atomically: a temporary file renamed over it).
+    /// Writes the day to the state file if it changed: atomically (a temporary file, flushed to disk,
+    /// renamed over it), one save at a time; a failed save is tried again at the next.
     pub fn save(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
+        let _one_at_a_time = self.saving.lock().unwrap_or_else(PoisonError::into_inner);
         let bytes = {
             let mut day = self.today();
             if !std::mem::replace(&mut day.1, false) {
@@ -117,10 +121,26 @@ impl Ledger {
             }
             serde_json::to_vec_pretty(&day.0).map_err(std::io::Error::other)?
         };
-        let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, &bytes)?;
-        std::fs::rename(&temporary, path)
+        let written = write_atomically(path, &bytes);
+        if written.is_err() {
+            self.today().1 = true;
+        }
+        written
     }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    if let Some(dir) = path.parent() {
+        // The rename itself survives a power loss once the directory is flushed too.
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn wall_clock() -> u64 {

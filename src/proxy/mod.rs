@@ -1,21 +1,32 @@
-//! The request path, top to bottom: refuse what is never forwarded → check the queue has room → read
-//! the bounded body → see who asks for which model → build the upstream request → admission, upstream,
-//! retries (`attempts.rs`, `policy.rs`) → stream the response back frame by frame. Errors become
-//! responses in one place (`ProxyError::into_response`); a request whose client leaves before its answer
-//! is counted as `cancelled`.
+//! The request path, top to bottom: refuse what is never forwarded → who calls (`clients.rs`, the day's
+//! tokens in `ledger.rs`) → check the queue has room → read the bounded body → see which model, how
+//! urgently → the cache (`cached.rs`: a hit, or a call shared by identical requests) → build the upstream
+//! request → admission, upstream, retries and fallbacks (`attempts.rs`, `policy.rs`, `fallback.rs`,
+//! `circuit.rs`), the start of the response read first (`deliver.rs`) → the client's response
+//! (`respond.rs`: streamed back as it arrives, resumed when a stream breaks, redone when a committed JSON
+//! body is cut). Errors become responses in one place (`ProxyError::into_response`); a request whose
+//! client leaves before its answer is counted as `cancelled` (`track.rs`).
 
 mod attempts;
 mod balance;
 mod body;
 mod cached;
+mod circuit;
 mod clients;
+mod committed;
+mod deliver;
+mod events;
+mod fallback;
 mod headers;
 mod ledger;
 mod policy;
 mod request;
+mod respond;
+mod resume;
 mod retry;
 mod sse;
 mod stop;
+mod track;
 
 use std::hash::RandomState;
 use std::net::SocketAddr;
@@ -24,15 +35,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, Version};
-use hyper::body::Incoming;
+use http::{Request, Response};
 use tokio::time::Instant;
 
 pub use body::{BoxError, Relay, ResponseBody};
 pub use request::{BodyBudget, CLIENT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER};
 pub use stop::Stop;
 
-use crate::admission::{Admission, Permit};
+use crate::admission::Admission;
 use crate::cache::{Coalescer, Store, CACHE_HEADER};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -44,11 +54,14 @@ use cached::{Outcome, Step, Work};
 use clients::Clients;
 use ledger::Ledger;
 use request::{Inspection, Outgoing};
+use track::Track;
 
 /// Response header: upstream attempts this request took.
 pub const ATTEMPTS_HEADER: &str = "x-sluice-attempts";
 /// Response header: milliseconds the request spent waiting (queue and backoff).
 pub const QUEUE_MS_HEADER: &str = "x-sluice-queue-ms";
+/// Response header: the upstream that answered (`primary`, a fallback's name, or `cache`).
+pub const UPSTREAM_HEADER: &str = "x-sluice-upstream";
 
 /// Everything a request needs on its way: the config and upstream client in force, and admission.
 pub struct Proxy {
@@ -68,6 +81,8 @@ pub struct Proxy {
     calls: Coalescer<Outcome>,
     /// The configured clients' tokens of the day (kept across reloads and, in `server.state_dir`, restarts).
     ledger: Arc<Ledger>,
+    /// The primary's circuit, when fallbacks are configured (kept across reloads).
+    circuit: std::sync::Mutex<circuit::Circuit>,
 }
 
 /// One generation of the config, the upstream client and the accounts built from it.
@@ -80,19 +95,34 @@ pub struct Generation {
     pub cache: Option<Arc<Store>>,
     /// The configured clients.
     pub clients: Clients,
+    /// Where requests may go: the primary, then the fallbacks in order.
+    targets: Vec<fallback::Target>,
 }
 
 impl Generation {
-    fn new(config: Config, upstream: Upstream, cache: Option<Arc<Store>>, hasher: &RandomState) -> Self {
-        let accounts = Arc::new(Accounts::new(&config.upstream));
+    fn new(
+        config: Config,
+        upstream: Upstream,
+        cache: Option<Arc<Store>>,
+        hasher: &RandomState,
+    ) -> Result<Self, BuildError> {
+        let accounts = Arc::new(Accounts::new(&config.upstream).with_fallbacks(&config.fallbacks));
         let clients = Clients::new(&config, hasher);
-        Self { config, upstream, accounts, cache, clients }
+        let targets = fallback::targets(&config, &upstream, &accounts)?;
+        Ok(Self { config, upstream, accounts, cache, clients, targets })
     }
 }
 
-/// Config keys a reload cannot apply to a running process (they shape the listener or the logger).
-const RESTART_KEYS: [&str; 5] =
-    ["server.listen", "server.max_header_bytes", "server.header_read_timeout", "log.format", "log.level"];
+/// Config keys a reload cannot apply to a running process (they shape the listener, the logger, or
+/// where state is kept).
+const RESTART_KEYS: [&str; 6] = [
+    "server.listen",
+    "server.max_header_bytes",
+    "server.header_read_timeout",
+    "log.format",
+    "log.level",
+    "server.state_dir",
+];
 
 impl Proxy {
     /// Builds the proxy and starts admission's dispatcher (needs a tokio runtime).
@@ -105,7 +135,7 @@ impl Proxy {
         let hasher = RandomState::new();
         let ledger = Arc::new(Ledger::open(config.server.state_dir.as_deref()));
         warn_clients_without_key(&config);
-        let generation = Generation::new(config, upstream, cache, &hasher);
+        let generation = Generation::new(config, upstream, cache, &hasher)?;
         let config = &generation.config;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         admission.set_clients(generation.clients.limits());
@@ -117,7 +147,8 @@ impl Proxy {
         tokio::spawn(balance::watch(Arc::downgrade(&current), admission.clone(), read_balances.clone()));
         tokio::spawn(ledger::keep_saved(Arc::downgrade(&ledger)));
         let calls = Coalescer::default();
-        Ok(Self { current, admission, metrics, hasher, budget, stop, read_balances, calls, ledger })
+        let circuit = std::sync::Mutex::default();
+        Ok(Self { current, admission, metrics, hasher, budget, stop, read_balances, calls, ledger, circuit })
     }
 
     /// Ends the drain: every request still on its way answers now (see `stop.rs`).
@@ -150,6 +181,7 @@ impl Proxy {
             new_server.header_read_timeout != old_server.header_read_timeout,
             config.log.format != old.config.log.format,
             config.log.level != old.config.log.level,
+            new_server.state_dir != old_server.state_dir,
         ];
         let needs_restart = RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c).map(|(key, _)| *key).collect();
         let cache = if Store::serves(&old.config.cache, &config.cache) {
@@ -158,7 +190,7 @@ impl Proxy {
             Store::new(&config.cache, &self.metrics.cache)
         };
         warn_clients_without_key(&config);
-        let generation = Generation::new(config, upstream, cache, &self.hasher);
+        let generation = Generation::new(config, upstream, cache, &self.hasher)?;
         let config = &generation.config;
         self.admission.set_clients(generation.clients.limits());
         self.admission.reconfigure(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
@@ -178,6 +210,16 @@ impl Proxy {
     /// Tokens `client` used today.
     pub fn tokens_today(&self, client: &str) -> u64 {
         self.ledger.used(client)
+    }
+
+    /// Whether the primary's circuit is open (requests start on a fallback).
+    pub fn circuit_open(&self) -> bool {
+        self.circuit().is_open()
+    }
+
+    /// The primary's circuit (a panic elsewhere while it was held leaves a state still worth using).
+    fn circuit(&self) -> std::sync::MutexGuard<'_, circuit::Circuit> {
+        self.circuit.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn admission(&self) -> &Admission {
@@ -301,6 +343,7 @@ impl Proxy {
         .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time".into()))??;
         // 5. Who asks, for which model, how urgently.
         let seen = Inspection::new(&parts.headers, &body, peer, &self.hasher, caller.as_deref());
+        track.log.request_bytes = body.len() as u64;
         if caller.is_some() {
             // A client's sluice token is sluice's business: it never travels upstream.
             parts.headers.remove(header::AUTHORIZATION);
@@ -335,15 +378,15 @@ impl Proxy {
         if let Step::Lead(call, member, key, store) = step {
             // The call runs in its own task, for every member: this client may leave without ending it.
             let payer = (track.log.model_label.clone(), track.log.client_name.clone(), track.log.take_charge());
-            let work = Work { outgoing, seen, deadline, hold: budget, payer };
+            let stream = seen.stream;
+            let work = Work { outgoing, seen, deadline, hold: budget, payer, stream };
             self.start_call(call, generation.clone(), work, (key, store));
             return cached::member_response(member, true, track).await;
         }
         // 8. Admission, the upstream, retries — until a deliverable response or a final error.
-        let (response, permit) =
-            self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress).await?;
+        let sent = self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress, None).await?;
         // 9. Stream the response back frame by frame; the body holds the slot until it ends.
-        Ok(stream_back(response, permit, config.upstream.idle_timeout, &self.stop))
+        self.respond(sent, generation, Some((outgoing, seen, deadline)))
     }
 }
 
@@ -361,6 +404,15 @@ fn warn_clients_without_key(config: &Config) {
             "[[clients]] are configured but sluice holds no API key: their requests reach the upstream without one"
         );
     }
+    let limited = config
+        .clients
+        .iter()
+        .any(|c| c.max_concurrency.is_some() || c.rate.is_some() || c.max_queued.is_some() || c.daily_tokens.is_some());
+    if limited && !config.server.require_client_token {
+        tracing::warn!(
+            "[[clients]] have quotas but server.require_client_token is false: a client that leaves out its token is served as anonymous, without them"
+        );
+    }
 }
 
 /// Says so at startup and reload when the key would travel in clear text.
@@ -369,77 +421,4 @@ fn warn_cleartext(upstream: &Upstream, config: &Config) {
     if let Some(warning) = upstream.cleartext_warning(keyed) {
         tracing::warn!("{warning}");
     }
-}
-
-/// What is tracked about one request along its path. Dropped before it was answered — the client went
-/// away while the request waited or backed off — it records the outcome `cancelled`.
-struct Track {
-    request_id: HeaderValue,
-    log: RequestLog,
-    progress: Progress,
-    /// Set until the request is answered.
-    metrics: Option<Arc<Metrics>>,
-    /// What the cache did with it (`x-sluice-cache`), when the cache is on.
-    cache: Option<&'static str>,
-}
-
-impl Track {
-    /// Counts the request's outcome once it has its response.
-    fn answered(&mut self, outcome: &'static str) {
-        self.log.outcome = outcome;
-        if let Some(metrics) = self.metrics.take() {
-            let progress = &self.progress;
-            let (model, client) = (self.log.model_label.clone(), &*self.log.client_name);
-            metrics.request_answered(outcome, model, client, progress.waited, progress.throttled);
-        }
-    }
-
-    fn into_parts(mut self) -> (HeaderValue, RequestLog, Progress) {
-        self.metrics = None;
-        let log = std::mem::replace(&mut self.log, RequestLog::detached());
-        (self.request_id.clone(), log, std::mem::take(&mut self.progress))
-    }
-}
-
-impl Drop for Track {
-    fn drop(&mut self) {
-        if self.metrics.is_some() {
-            // Dropped while unwinding: a bug inside sluice (the server answers 500), not the client.
-            let outcome = if std::thread::panicking() { "internal_error" } else { "cancelled" };
-            self.progress.waited = self.progress.waited_so_far();
-            self.progress.waiting_since = None;
-            self.answered(outcome);
-            self.log.cancelled(outcome, millis(self.progress.waited), self.progress.attempts);
-        }
-    }
-}
-
-/// The client's response from the upstream's: hop-by-hop headers dropped, the body forwarded as it
-/// arrives, the admission slot held until the body ends.
-fn stream_back(
-    response: Response<Incoming>,
-    permit: Permit,
-    idle_timeout: Duration,
-    stop: &Arc<Stop>,
-) -> Response<ResponseBody> {
-    let (mut parts, incoming) = response.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    let sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-    // An upstream that compressed anyway (sluice asks for identity) is passed through untouched: its
-    // bytes cannot be read for usage, nor gain an error event.
-    let encoded =
-        parts.headers.get(header::CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let readable = sse && !encoded;
-    if readable {
-        // A broken stream gains an error event, so it must not promise a length.
-        parts.headers.remove(header::CONTENT_LENGTH);
-    }
-    let mut body = ResponseBody::upstream(incoming, idle_timeout, readable, stop.watch());
-    body.hold(permit);
-    Response::from_parts(parts, body)
 }

@@ -45,7 +45,7 @@ impl Outcome {
     pub fn of_error(err: &SendError) -> Self {
         match err {
             SendError::Connect(_) => Self::Connect,
-            SendError::Reset(_) => Self::Reset,
+            SendError::Reset(_) | SendError::BodyCut => Self::Reset,
             SendError::HeaderTimeout(_) => Self::HeaderTimeout,
         }
     }
@@ -102,6 +102,16 @@ pub fn signal(outcome: Outcome, on_status: &[u16]) -> Option<Signal> {
         }),
         Outcome::Connect | Outcome::Reset => Some(Signal::Failed { retry_after: None }),
         Outcome::HeaderTimeout => None,
+    }
+}
+
+/// What an attempt on the primary tells its circuit (`circuit.rs`): `Some(true)` a failure (a 5xx, no
+/// connection, no headers in time), `Some(false)` an answer, None nothing (a 429 is its lane's business).
+pub fn circuit_failure(outcome: Outcome, on_status: &[u16]) -> Option<bool> {
+    match outcome {
+        Outcome::Response { status, .. } if status == StatusCode::TOO_MANY_REQUESTS => None,
+        Outcome::Response { status, .. } => Some(status.is_server_error() && on_status.contains(&status.as_u16())),
+        Outcome::Connect | Outcome::Reset | Outcome::HeaderTimeout => Some(true),
     }
 }
 

@@ -199,8 +199,11 @@ impl Inspection {
 }
 
 /// The upstream request, built once and cloned for each attempt.
+#[derive(Clone)]
 pub struct Outgoing {
     method: Method,
+    /// The client's path and query, as forwarded.
+    path: Arc<str>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -228,7 +231,37 @@ impl Outgoing {
             headers.append(name.clone(), owned(value));
         }
         headers.insert(REQUEST_ID_HEADER, request_id.clone());
-        Ok(Self { method: parts.method.clone(), uri, headers, body })
+        Ok(Self { method: parts.method.clone(), path: Arc::from(path), uri, headers, body })
+    }
+
+    /// The same request for another upstream (a fallback), asking for `model` instead when given.
+    pub fn retarget(&self, upstream: &Upstream, model: Option<&str>) -> Result<Self, ProxyError> {
+        let uri = upstream
+            .target(&self.path)
+            .ok_or_else(|| ProxyError::BadRequest(format!("request target {:?} cannot be forwarded", self.path)))?;
+        let body = match model {
+            Some(model) => {
+                with_field(&self.body, "model", serde_json::Value::from(model)).unwrap_or_else(|| self.body.clone())
+            }
+            None => self.body.clone(),
+        };
+        Ok(Self { uri, body, ..self.clone() })
+    }
+
+    /// Another request with the same headers: POST `path` on `upstream` with `body` (a continuation).
+    pub fn sibling(&self, upstream: &Upstream, path: &str, body: Bytes) -> Option<Self> {
+        let uri = upstream.target(path)?;
+        Some(Self { method: Method::POST, path: Arc::from(path), uri, body, ..self.clone() })
+    }
+
+    /// The client's path and query, as forwarded.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The body as sent.
+    pub fn body(&self) -> &Bytes {
+        &self.body
     }
 
     /// A fresh request for one attempt, with the account's `key` in place of the client's (none: the
@@ -243,6 +276,13 @@ impl Outgoing {
         }
         request
     }
+}
+
+/// A JSON object body with `field` set to `value` (None: not a JSON object).
+pub fn with_field(body: &[u8], field: &str, value: serde_json::Value) -> Option<Bytes> {
+    let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+    object.insert(field.to_string(), value);
+    serde_json::to_vec(&object).ok().map(Bytes::from)
 }
 
 /// A header value in its own allocation (see `Outgoing::new`).

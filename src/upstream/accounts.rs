@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
 use crate::admission::{AccountLimits, DEFAULT_ACCOUNT};
-use crate::config::{ApiKey, UpstreamConfig};
+use crate::config::{ApiKey, FallbackConfig, UpstreamConfig};
 
 /// The upstream's own refusal (a 401 or 402 response), kept to answer with when no account can serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +52,8 @@ struct Account {
     paused: AtomicBool,
     refusal: Mutex<Option<Refusal>>,
     balance: Mutex<Option<Balance>>,
+    /// A fallback's own account (another upstream, its own key).
+    fallback_only: bool,
 }
 
 #[derive(Debug)]
@@ -100,6 +102,16 @@ impl Accounts {
         Self { accounts }
     }
 
+    /// Adds each fallback that brings its own key as an account of its own (named after it).
+    pub fn with_fallbacks(mut self, fallbacks: &[FallbackConfig]) -> Self {
+        for fallback in fallbacks.iter().filter(|f| f.own_key()) {
+            let mut account = Account::new(&fallback.name, 1, Vec::new(), fallback.key.iter());
+            account.fallback_only = true;
+            self.accounts.push(account);
+        }
+        self
+    }
+
     fn get(&self, name: &str) -> Option<&Account> {
         self.accounts.iter().find(|a| &*a.name == name)
     }
@@ -108,18 +120,34 @@ impl Accounts {
     pub fn limits(&self) -> Vec<AccountLimits> {
         self.accounts
             .iter()
-            .map(|a| AccountLimits { name: a.name.clone(), weight: a.weight, caps: a.caps.iter().cloned().collect() })
+            .map(|a| AccountLimits {
+                name: a.name.clone(),
+                weight: a.weight,
+                caps: a.caps.iter().cloned().collect(),
+                fallback_only: a.fallback_only,
+            })
             .collect()
     }
 
-    /// The account names (bounded metric labels).
+    /// The primary's account names (bounded metric labels; the balance watch).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.accounts.iter().map(|a| &*a.name)
+        self.accounts.iter().filter(|a| !a.fallback_only).map(|a| &*a.name)
     }
 
-    /// Whether sluice holds keys (else clients' own keys pass through).
+    /// The primary's first account (a fallback without an account or key of its own uses it).
+    pub fn first(&self) -> &str {
+        self.names().next().unwrap_or(DEFAULT_ACCOUNT)
+    }
+
+    /// Whether sluice holds keys for the primary (else clients' own keys pass through).
     pub fn keyed(&self) -> bool {
-        self.accounts.iter().any(|a| !a.keys.is_empty())
+        self.accounts.iter().any(|a| !a.fallback_only && !a.keys.is_empty())
+    }
+
+    /// Whether `account` has keys of its own (then running out of them stops it; else the client's own
+    /// key passes through).
+    pub fn keyed_account(&self, account: &str) -> bool {
+        self.get(account).is_some_and(|a| !a.keys.is_empty())
     }
 
     /// The key for the next attempt on `account`: (its index, its header value), round-robin over the
@@ -210,6 +238,7 @@ impl Account {
             paused: AtomicBool::new(false),
             refusal: Mutex::new(None),
             balance: Mutex::new(None),
+            fallback_only: false,
         }
     }
 

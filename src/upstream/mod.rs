@@ -34,6 +34,9 @@ pub enum SendError {
     /// No response headers within `upstream.header_timeout`; the upstream may still be working on it.
     #[error("no response headers within {}", humantime::format_duration(*.0))]
     HeaderTimeout(Duration),
+    /// The response's body broke or stalled before it was complete, and nothing of it reached the client.
+    #[error("the upstream response was cut before it was complete")]
+    BodyCut,
 }
 
 impl SendError {
@@ -43,6 +46,7 @@ impl SendError {
             Self::Connect(_) => "connect_error",
             Self::Reset(_) => "reset",
             Self::HeaderTimeout(_) => "timeout",
+            Self::BodyCut => "body_cut",
         }
     }
 }

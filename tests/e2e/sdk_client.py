@@ -79,5 +79,22 @@ def cache_replay():
     assert first[3]["completion_tokens"] == 9, first
 
 
-{"cache_replay": cache_replay, "chat": chat, "stream": stream, "stream_error": stream_error, "absorbed_429": absorbed_429}[scenario]()
+def resumed():
+    """A stream cut after 40 of 60 chunks, resumed by sluice: the SDK sees one whole, canonical answer."""
+    canonical = "".join(f"w{i} " for i in range(60))
+    pieces, ids, usage = [], set(), None
+    for chunk in client.chat.completions.create(
+        model="deepseek-v4-flash", messages=messages, stream=True, stream_options={"include_usage": True}
+    ):
+        ids.add(chunk.id)
+        if chunk.usage:
+            usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) == canonical, pieces
+    assert ids == {"orig"}, ids
+    assert usage is not None and usage.completion_tokens == 60, usage
+
+
+{"cache_replay": cache_replay, "chat": chat, "resumed": resumed, "stream": stream, "stream_error": stream_error, "absorbed_429": absorbed_429}[scenario]()
 print("ok")

@@ -454,3 +454,44 @@ pub fn gated_first(gate: Arc<Notify>) -> impl Fn(&Recorded, usize) -> Reply + Se
         }
     }
 }
+
+/// The canonical answer of the resume scenarios: `words` words, one per chunk.
+pub fn canonical_text(words: usize) -> String {
+    (0..words).map(|i| format!("w{i} ")).collect()
+}
+
+/// A DeepSeek-like stream of the canonical answer from word `from` on: a role chunk first (unless
+/// `from > 0`: a continuation has one too, which sluice drops), one content chunk per word, then the
+/// finish, usage and `[DONE]` — unless `cut_after` words have gone out (then `ending`).
+pub fn canonical_stream(words: usize, from: usize, cut_after: Option<usize>, ending: Ending, id: &str) -> Reply {
+    let event = |delta: serde_json::Value, finish: Option<&str>| {
+        let event = serde_json::json!({
+            "id": id, "object": "chat.completion.chunk", "created": 7, "model": "deepseek-v4-flash",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+        });
+        Chunk::Data(Bytes::from(format!("data: {event}\n\n")))
+    };
+    let mut chunks =
+        vec![data(": keep-alive\n\n"), event(serde_json::json!({"role": "assistant", "content": ""}), None)];
+    for i in from..words {
+        if cut_after.is_some_and(|n| i >= n) {
+            return Reply::sse(chunks, ending);
+        }
+        chunks.push(event(serde_json::json!({"content": format!("w{i} ")}), None));
+    }
+    chunks.push(event(serde_json::json!({"content": ""}), Some("stop")));
+    let usage = serde_json::json!({"id": id, "object": "chat.completion.chunk", "choices": [],
+        "usage": {"prompt_tokens": 10 + from, "completion_tokens": words - from, "total_tokens": 10 + words}});
+    chunks.push(Chunk::Data(Bytes::from(format!("data: {usage}\n\n"))));
+    chunks.push(data("data: [DONE]\n\n"));
+    Reply::sse(chunks, Ending::Complete)
+}
+
+/// Where a continuation request starts: the words already in its assistant prefix (0: not one).
+pub fn prefix_words(request: &Recorded) -> usize {
+    let messages = request.json()["messages"].as_array().cloned().unwrap_or_default();
+    match messages.last() {
+        Some(last) if last["prefix"] == true => last["content"].as_str().unwrap_or("").split_whitespace().count(),
+        _ => 0,
+    }
+}

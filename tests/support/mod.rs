@@ -25,7 +25,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use accounts::MockAccount;
-pub use mock::{chunk_event, completion, data, gated_first, Chunk, Ending, Mock, Recorded, Reply};
+pub use mock::{
+    canonical_stream, canonical_text, chunk_event, completion, data, gated_first, prefix_words, Chunk, Ending, Mock,
+    Recorded, Reply,
+};
 
 /// The key tests configure; the mock checks it arrives instead of the client's.
 pub const TEST_KEY: &str = "sk-test-configured-key";
