@@ -12,7 +12,7 @@ queued requests), limiter precision, persistent throttling (attempts per second 
 against the openai SDK's own retries), deep-queue cold start, absorption of a hidden concurrency cap
 (with the openai SDK's own retries as the baseline), adaptive vs static limits under a changing capacity,
 streaming time to first byte, the cache (hit against miss latency, memory and Redis; coalescing), faults
-with and without a fallback. Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
+with and without a fallback, 1 against 3 instances (alone and as one cluster). Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
 """
 
 import argparse
@@ -514,6 +514,65 @@ def faults(quick):
     return rows
 
 
+def cluster(quick):
+    """1 instance against 3 (alone, and sharing their limits through Redis), 48 closed-loop workers in
+    all, in front of one hidden cap C = 8 × 200 ms."""
+    seconds, cap, latency_ms, workers = (5 if quick else 30), 8, 200, 48
+    capacity = cap / (latency_ms / 1000)
+    rows = {}
+    for name, count, shared in [("1 instance", 1, False), ("3 instances, each alone", 3, False),
+                                ("3 instances, one cluster", 3, True)]:
+        sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms")
+        redis_proc, redis_port = redis_server()
+        with sim_proc, redis_proc:
+            extra = {"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"}
+            if shared:
+                extra.update({"SLUICE_CLUSTER__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SLUICE_CLUSTER__NAME": "bench"})
+            instances = [sluice(sim_port, extra=extra) for _ in range(count)]
+            for proc, _ in instances:
+                proc.__enter__()
+            try:
+                if shared:
+                    for _, port in instances:
+                        wait_cache_connected_cluster(port)
+                each = workers // count
+                url = lambda port: f"http://127.0.0.1:{port}/v1/chat/completions"
+                runs = [subprocess.Popen([LOADGEN, "--url", url(port), "--duration", f"{seconds}s", "--clients", str(each)],
+                                         stdout=subprocess.PIPE, text=True) for _, port in instances]
+                results = [json.loads(run.communicate()[0]) for run in runs]
+                trips = 0
+                if shared:
+                    for _, port in instances:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+                            trips += json.load(response)["cluster"]["redis_round_trips"]
+            finally:
+                for proc, _ in instances:
+                    proc.__exit__(None, None, None)
+            counters = sim_counters(sim_port)
+        completed = sum(r["completed"] for r in results)
+        errors = sum(n for r in results for status, n in r["statuses"].items() if status != "200")
+        rows[name] = {
+            "errors": errors,
+            "goodput": sum(r["throughput_rps"] for r in results) / capacity,
+            "share_429": counters["throttled"] / max(counters["arrivals"], 1),
+            "p50": statistics.median(r["total_ms"]["p50"] for r in results),
+            "p99": max(r["total_ms"]["p99"] for r in results),
+            "round_trips": trips / max(completed, 1),
+        }
+        log(f"cluster {name}: {rows[name]}")
+    return {"seconds": seconds, "cap": cap, "latency_ms": latency_ms, "workers": workers, "rows": rows}
+
+
+def wait_cache_connected_cluster(port, limit=20):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+            if (json.load(response).get("cluster") or {}).get("connected"):
+                return
+        time.sleep(0.05)
+    raise RuntimeError("the instance never joined the cluster")
+
+
 def streaming(quick):
     """Time to first byte of streamed responses: direct against through sluice."""
     seconds = 2 if quick else 10
@@ -635,6 +694,19 @@ def report(results, quick, command):
     ]
     for name, r in k["coalescing"].items():
         lines.append(f"| {name} | {r['upstream']} | {r['throttled']} | {r['elapsed']:.2f} s | {r['p50']:.0f} ms | {r['p99']:.0f} ms | {r['errors']} |")
+    cl = results["cluster"]
+    lines += ["",
+        "## Several instances: 1 against 3, alone and as one cluster", "",
+        f"Hidden cap C = {cl['cap']} × {cl['latency_ms']} ms (capacity {cl['cap'] / (cl['latency_ms'] / 1000):.0f} req/s), "
+        f"{cl['workers']} closed-loop workers in all, spread evenly over the instances, {cl['seconds']} s. The cluster",
+        "shares each lane's limit and slots through Redis (Debian's redis-server on 127.0.0.1).", "",
+        "| | client errors | goodput ÷ capacity | upstream 429 share | p50 | p99 | Redis round trips / request |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in cl["rows"].items():
+        trips = f"{r['round_trips']:.2f}" if "cluster" in name else "–"
+        lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} % | {100 * r['share_429']:.1f} % "
+                     f"| {r['p50']:.0f} ms | {r['p99']:.0f} ms | {trips} |")
     lines += ["",
         "## Faults: without and with a fallback", "",
         "One request into each fault (a simulator misbehaving on purpose, `--fault`), through sluice on its defaults",
@@ -665,7 +737,7 @@ def main():
     results = {}
     for name, scenario in [("overhead", overhead), ("memory", memory), ("limiter", limiter), ("persistent", persistent),
                            ("coldstart", coldstart), ("absorption", absorption), ("changing", changing_capacity),
-                           ("streaming", streaming), ("cache", cache), ("faults", faults)]:
+                           ("streaming", streaming), ("cache", cache), ("faults", faults), ("cluster", cluster)]:
         if args.only and name not in args.only.split(","):
             continue
         log(f"bench: {name}")

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod cache;
 pub mod catch_unwind;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod observe;

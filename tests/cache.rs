@@ -43,6 +43,7 @@ async fn a_repeated_request_is_answered_from_the_cache_whatever_its_key_order_an
     assert_eq!((second.status, second.header("x-sluice-cache")), (200, "hit"));
     assert_eq!(second.body, first.body, "the same answer, byte for byte");
     assert!(second.header("age").parse::<u64>().is_ok(), "a hit says how old it is");
+    assert_eq!((first.header("x-sluice-upstream"), second.header("x-sluice-upstream")), ("primary", "cache"));
     assert!(second.header("x-sluice-attempts").is_empty(), "a hit makes no upstream attempt");
     assert_eq!(mock.arrivals(), 1, "the upstream was called once");
     let other = post(&sluice, &DETERMINISTIC.replace("hi", "ho"), &[]).await;

@@ -59,6 +59,7 @@ fn the_shipped_file_mentions_every_key() {
     every.observe.admin_token_file = Some("/x".into());
     every.server.state_dir = Some("/x".into());
     every.cache.redis_url = Some("redis://x".into());
+    every.cluster.redis_url = Some("redis://x".into());
     let all: toml::Value = toml::Value::try_from(&every).unwrap();
     let mut all_keys = Vec::new();
     key_paths(&all, "", &mut all_keys);

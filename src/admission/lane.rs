@@ -75,6 +75,9 @@ pub struct Lane {
     pub enabled: bool,
     /// The last time the lane was used: idle unconfigured lanes are the first forgotten.
     pub last_used: Instant,
+    /// In a cluster: the slots this instance holds leases for (`cluster/`); they bound it, not the local
+    /// learned limit (the lane's learned limit is the cluster's, in Redis).
+    pub allowance: Option<usize>,
 }
 
 impl Lane {
@@ -88,6 +91,7 @@ impl Lane {
             next_seq: 0,
             enabled: true,
             last_used: now,
+            allowance: None,
         }
     }
 
@@ -96,9 +100,14 @@ impl Lane {
         self.controller.as_ref().map(Controller::limit).or(self.cap)
     }
 
-    /// Free slots under the limit in force (`usize::MAX` minus in flight when only the global cap holds).
+    /// Free slots under the limit in force (`usize::MAX` minus in flight when only the global cap holds);
+    /// in a cluster, under this instance's leases.
     pub fn headroom(&self) -> usize {
-        self.limit().unwrap_or(usize::MAX).saturating_sub(self.inflight)
+        let bound = match self.allowance {
+            Some(leased) => leased,
+            None => self.limit().unwrap_or(usize::MAX),
+        };
+        bound.saturating_sub(self.inflight)
     }
 
     /// Whether the lane can take a dispatch at `now`: enabled, under its limit, gate open, pacing allows.

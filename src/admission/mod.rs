@@ -30,7 +30,7 @@ pub use pacing::{parse_go_duration, Window};
 pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
 pub use quota::{ClientLimits, ClientView};
-pub use state::{OTHER_MODEL, UNKNOWN_MODEL};
+pub use state::{LaneDemand, OTHER_MODEL, UNKNOWN_MODEL};
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
@@ -125,9 +125,31 @@ pub struct Shared {
     wake: Notify,
     wakeups: AtomicU64,
     restarts: AtomicU64,
+    /// Set in a cluster: told of lanes' signals, and woken when demand changes.
+    cluster: Mutex<Option<ClusterHook>>,
+}
+
+/// How admission tells the cluster (`cluster/`) what happens on its lanes.
+#[derive(Clone)]
+pub struct ClusterHook {
+    /// Each attempt's signal, by lane (dropped when the cluster falls behind).
+    pub signals: tokio::sync::mpsc::Sender<(LaneKey, Signal)>,
+    /// Demand changed: a request queued, or a slot came back.
+    pub changed: Arc<Notify>,
 }
 
 impl Shared {
+    fn hook(&self) -> Option<ClusterHook> {
+        self.cluster.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Tells the cluster (if any) that demand changed.
+    fn demand_changed(&self) {
+        if let Some(hook) = self.hook() {
+            hook.changed.notify_one();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while the lock was held leaves counts that are still the best we have.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -163,6 +185,7 @@ impl Admission {
             wake: Notify::new(),
             wakeups: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            cluster: Mutex::new(None),
         });
         tokio::spawn(run_dispatcher(shared.clone()));
         Self { _owner: Arc::new(Owner(shared.clone())), shared }
@@ -201,6 +224,7 @@ impl Admission {
         };
         tracing::debug!(entry = id, model = ticket.model.unwrap_or(UNKNOWN_MODEL), retry = ticket.retry, "queued");
         self.shared.wake.notify_one();
+        self.shared.demand_changed();
         let mut entry = QueueEntry { shared: &self.shared, id, settled: false };
         let give_up = ticket.deadline.checked_add(DEADLINE_SLACK).unwrap_or(ticket.deadline);
         let outcome = tokio::time::timeout_at(give_up, rx).await;
@@ -251,6 +275,22 @@ impl Admission {
             let next = Limits::new(limits, queue, retry, accounts, Some(previous));
             state.reconfigure(next);
         }
+        self.shared.wake.notify_one();
+    }
+
+    /// Joins a cluster: its hook hears of every lane's signals and demand.
+    pub fn join_cluster(&self, hook: ClusterHook) {
+        *self.shared.cluster.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
+    }
+
+    /// What every lane in use wants of the cluster.
+    pub fn lane_demand(&self) -> Vec<LaneDemand> {
+        self.shared.lock().lane_demand()
+    }
+
+    /// Sets a lane's cluster allowance (the slots this instance holds leases for; None: its own limits).
+    pub fn set_allowance(&self, key: &LaneKey, allowance: Option<usize>) {
+        self.shared.lock().set_allowance(key, allowance);
         self.shared.wake.notify_one();
     }
 
@@ -348,6 +388,9 @@ impl Permit {
             return;
         }
         self.accepted = matches!(signal, Signal::Accepted { .. });
+        if let Some(hook) = self.shared.hook() {
+            let _ = hook.signals.try_send((self.grant.lane.clone(), signal));
+        }
         let (change, began_probing) = self.shared.lock().report(&self.grant.lane, self.grant.dispatch, signal);
         let (account, model) = (&*self.grant.lane.account, &*self.grant.lane.model);
         match change {
@@ -385,6 +428,7 @@ impl Drop for Permit {
         if anyone_waiting {
             self.shared.wake.notify_one();
         }
+        self.shared.demand_changed();
     }
 }
 

@@ -72,6 +72,17 @@ pub enum Full {
     Client(usize),
 }
 
+/// What a lane wants of the cluster (`Admission::lane_demand`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneDemand {
+    pub key: LaneKey,
+    pub inflight: usize,
+    /// In flight plus the waiting requests it could serve, at most its cap.
+    pub wanted: usize,
+    pub cap: Option<usize>,
+    pub allowance: Option<usize>,
+}
+
 /// A dispatch the dispatcher (or the uncontended path) made.
 pub struct Granted {
     pub lane: LaneKey,
@@ -449,6 +460,38 @@ impl State {
         self.routes
             .get(route)
             .is_some_and(|r| r.lanes.iter().any(|k| self.lanes.get(k).is_some_and(|l| l.gate.probing())))
+    }
+
+    /// What every lane in use wants of a cluster: in flight, and in flight plus the waiting requests of
+    /// the routes it serves (bounded by its cap).
+    pub fn lane_demand(&self) -> Vec<LaneDemand> {
+        let mut waiting: HashMap<&LaneKey, usize> = HashMap::new();
+        for route in self.routes.values() {
+            for key in &route.lanes {
+                *waiting.entry(key).or_default() += route.waiting;
+            }
+        }
+        self.lanes
+            .iter()
+            .filter(|(_, lane)| lane.enabled)
+            .map(|(key, lane)| {
+                let wanted = lane.inflight.saturating_add(waiting.get(key).copied().unwrap_or(0));
+                LaneDemand {
+                    key: key.clone(),
+                    inflight: lane.inflight,
+                    wanted: lane.cap.map_or(wanted, |cap| wanted.min(cap)),
+                    cap: lane.cap,
+                    allowance: lane.allowance,
+                }
+            })
+            .collect()
+    }
+
+    /// Sets a lane's cluster allowance (None: the lane is bound by its own limits again).
+    pub fn set_allowance(&mut self, key: &LaneKey, allowance: Option<usize>) {
+        if let Some(lane) = self.lanes.get_mut(key) {
+            lane.allowance = allowance;
+        }
     }
 
     /// Marks every lane of `account` as serving or not.

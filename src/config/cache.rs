@@ -111,6 +111,20 @@ impl fmt::Display for ByteSize {
     }
 }
 
+/// Checks a Redis URL (never echoing it: it may carry a password).
+pub fn check_redis_url(key: &str, url: &str) -> Result<(), super::ConfigError> {
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://");
+    if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(url).is_err() {
+        let shown = url.split("://").next().unwrap_or("?");
+        return Err(super::invalid(
+            key,
+            format!("a {shown}:// URL"),
+            "a redis:// URL such as \"redis://127.0.0.1:6379/0\" or a socket as \"redis+unix:///run/redis.sock\" (TLS is not built in)",
+        ));
+    }
+    Ok(())
+}
+
 /// A URL with the password in its authority (`redis://user:secret@host`) replaced by `[redacted]`, and
 /// its query (where `?pass=` may be) too.
 pub fn without_password(url: &str) -> String {

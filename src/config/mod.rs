@@ -3,6 +3,7 @@
 
 mod cache;
 mod clients;
+mod cluster;
 mod fallback;
 mod load;
 mod rate;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use cache::{ByteSize, CacheBackend, CacheConfig};
 pub use clients::{token_sha256, validate as validate_clients, ClientConfig, PriorityName, ANONYMOUS};
+pub use cluster::ClusterConfig;
 pub use fallback::{FallbackConfig, FallbackSettings};
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
@@ -40,6 +42,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// When fallbacks take over, and stream resume.
     pub fallback: FallbackSettings,
+    /// Several instances sharing limits through Redis.
+    pub cluster: ClusterConfig,
     /// Where requests go when the primary cannot answer, in order (`[[fallbacks]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<FallbackConfig>,
@@ -351,18 +355,9 @@ impl Config {
             ));
         }
         if let Some(url) = self.cache.redis_url.as_deref() {
-            let scheme_ok =
-                url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://");
-            if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(url).is_err() {
-                // Never echo the URL: it may carry a password.
-                let shown = url.split("://").next().unwrap_or("?");
-                return Err(invalid(
-                    "cache.redis_url",
-                    format!("a {shown}:// URL"),
-                    "a redis:// URL such as \"redis://127.0.0.1:6379/0\" or a socket as \"redis+unix:///run/redis.sock\" (TLS is not built in)",
-                ));
-            }
+            cache::check_redis_url("cache.redis_url", url)?;
         }
+        self.cluster.validate()?;
         if self.cache.ttl.is_zero() || self.cache.ttl > MAX_DURATION {
             return Err(invalid(
                 "cache.ttl",
@@ -452,6 +447,7 @@ impl Config {
     pub fn to_redacted_toml(&self) -> Result<String, toml::ser::Error> {
         let mut shown = self.clone();
         shown.cache.redis_url = shown.cache.redis_url.as_deref().map(cache::without_password);
+        shown.cluster.redis_url = shown.cluster.redis_url.as_deref().map(cache::without_password);
         toml::to_string_pretty(&shown)
     }
 }

@@ -6,16 +6,26 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
+use std::sync::Arc;
+
 use crate::admission::{Admission, Priority};
+use crate::cluster::Cluster;
 use crate::upstream::accounts::AccountView;
 
 /// Where the accounts come from at scrape time: their views, and the low-balance mark in force.
 pub type AccountsSource = Box<dyn Fn() -> (Vec<AccountView>, f64) + Send + Sync>;
 
-/// Reads admission and the accounts at scrape time.
+/// What is read at scrape time besides admission: the accounts, and the cluster (if any).
+pub struct Sources {
+    pub accounts: AccountsSource,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+/// Reads admission, the accounts and the cluster at scrape time.
 pub struct StateCollector {
     admission: Admission,
     accounts: AccountsSource,
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -25,8 +35,8 @@ impl std::fmt::Debug for StateCollector {
 }
 
 impl StateCollector {
-    pub fn new(admission: Admission, accounts: AccountsSource) -> Self {
-        Self { admission, accounts }
+    pub fn new(admission: Admission, sources: Sources) -> Self {
+        Self { admission, accounts: sources.accounts, cluster: sources.cluster }
     }
 }
 
@@ -160,8 +170,34 @@ impl prometheus_client::collector::Collector for StateCollector {
             ConstCounter::new(row.probing_seconds).encode(probing_seconds.encode_family(&row.labels)?)?;
         }
         encode_clients(&snapshot, &mut encoder)?;
+        if let Some(cluster) = &self.cluster {
+            encode_cluster(&cluster.view(), &mut encoder)?;
+        }
         self.encode_accounts(&mut encoder)
     }
+}
+
+/// Whether this instance reaches the cluster's Redis, how many instances are alive, the round trips.
+fn encode_cluster(view: &crate::cluster::View, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(i64::from(view.connected)).encode(encoder.encode_descriptor(
+        "cluster_connected",
+        "1 while this instance reaches the cluster's Redis (0: local limits, its share of the last known)",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    ConstGauge::new(view.members as i64).encode(encoder.encode_descriptor(
+        "cluster_members",
+        "Instances of the cluster alive (heartbeats), as last read",
+        None,
+        MetricType::Gauge,
+    )?)?;
+    ConstCounter::new(view.round_trips).encode(encoder.encode_descriptor(
+        "cluster_redis_round_trips",
+        "Calls this instance made to the cluster's Redis",
+        None,
+        MetricType::Counter,
+    )?)?;
+    Ok(())
 }
 
 /// Queued and in-flight requests per configured client, the rest as `anonymous`.

@@ -198,6 +198,15 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "resume": config.fallback.resume,
         },
         "cache": cache_status(generation, &metrics.cache),
+        "cluster": proxy.cluster().map(|cluster| {
+            let view = cluster.view();
+            let lanes: Vec<Value> = view.lanes.iter().map(|l| json!({
+                "account": l.account, "model": l.model, "limit": l.limit,
+                "leased_all": l.held_by_all, "leased_here": l.held_here, "probing": l.probing,
+            })).collect();
+            json!({ "instance": view.instance, "connected": view.connected, "members": view.members,
+                    "redis_round_trips": view.round_trips, "lanes": lanes })
+        }),
         "clients": clients_status(proxy, generation, &snapshot),
         "recent": recent,
     })

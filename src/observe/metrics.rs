@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use super::cache_metrics::CacheMetrics;
 use super::client_metrics::ClientMetrics;
-use super::collector::{AccountsSource, StateCollector};
+use super::collector::{Sources, StateCollector};
 use super::recent::{Recent, RecentSummary};
 use super::usage::Usage;
 use crate::admission::{Admission, UNKNOWN_MODEL};
@@ -123,8 +123,8 @@ const WAIT_BUCKETS: [f64; 15] =
 const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 impl Metrics {
-    /// Registers every metric (the cache's among them); `admission` and `accounts` are read at scrape time.
-    pub fn new(admission: Admission, accounts: AccountsSource, cache: Arc<CacheMetrics>) -> Self {
+    /// Registers every metric (the cache's among them); `admission` and `sources` are read at scrape time.
+    pub fn new(admission: Admission, sources: Sources, cache: Arc<CacheMetrics>) -> Self {
         let mut registry = Registry::with_prefix("sluice");
         let metrics = Self {
             requests: Family::default(),
@@ -192,7 +192,7 @@ impl Metrics {
         registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.clone());
         metrics.cache.register(&mut registry);
         metrics.clients.register(&mut registry);
-        registry.register_collector(Box::new(StateCollector::new(admission, accounts)));
+        registry.register_collector(Box::new(StateCollector::new(admission, sources)));
         Self { registry, ..metrics }
     }
 

@@ -14,7 +14,7 @@ mod usage;
 pub use crate::config::ANONYMOUS;
 pub use cache_metrics::{CacheMetrics, CACHE_RESULTS};
 pub use client_metrics::{ClientMetrics, ClientTotals};
-pub use collector::AccountsSource;
+pub use collector::{AccountsSource, Sources};
 pub use log::init_logging;
 pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;

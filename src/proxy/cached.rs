@@ -90,7 +90,9 @@ impl Proxy {
             if let Some(entry) = store.get(&key).await {
                 self.metrics.cache.request("hit", entry.usage);
                 track.cache = Some("hit");
-                return Step::Hit(Box::new(cache::hit_response(&entry)));
+                let mut response = cache::hit_response(&entry);
+                response.headers_mut().insert(super::UPSTREAM_HEADER, http::HeaderValue::from_static("cache"));
+                return Step::Hit(Box::new(response));
             }
         }
         let joined = if config.coalesce && ask != Ask::Refresh {

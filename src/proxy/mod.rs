@@ -44,6 +44,7 @@ pub use stop::Stop;
 
 use crate::admission::Admission;
 use crate::cache::{Coalescer, Store, CACHE_HEADER};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::observe::{self, CacheMetrics, Charge, Metrics, RequestLog};
@@ -83,6 +84,8 @@ pub struct Proxy {
     ledger: Arc<Ledger>,
     /// The primary's circuit, when fallbacks are configured (kept across reloads).
     circuit: std::sync::Mutex<circuit::Circuit>,
+    /// The cluster this instance shares its lanes' limits with (`[cluster]`; a restart changes it).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// One generation of the config, the upstream client and the accounts built from it.
@@ -113,15 +116,16 @@ impl Generation {
     }
 }
 
-/// Config keys a reload cannot apply to a running process (they shape the listener, the logger, or
-/// where state is kept).
-const RESTART_KEYS: [&str; 6] = [
+/// Config keys a reload cannot apply to a running process (they shape the listener, the logger, where
+/// state is kept, or the cluster joined).
+const RESTART_KEYS: [&str; 7] = [
     "server.listen",
     "server.max_header_bytes",
     "server.header_read_timeout",
     "log.format",
     "log.level",
     "server.state_dir",
+    "cluster",
 ];
 
 impl Proxy {
@@ -139,8 +143,10 @@ impl Proxy {
         let config = &generation.config;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         admission.set_clients(generation.clients.limits());
+        let cluster = Cluster::start(&generation.config, admission.clone());
         let current = Arc::new(RwLock::new(Arc::new(generation)));
-        let metrics = Arc::new(Metrics::new(admission.clone(), balance::accounts_source(&current), cache_metrics));
+        let sources = observe::Sources { accounts: balance::accounts_source(&current), cluster: cluster.clone() };
+        let metrics = Arc::new(Metrics::new(admission.clone(), sources, cache_metrics));
         metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));
         let stop = Arc::new(Stop::default());
         let read_balances = Arc::new(tokio::sync::Notify::new());
@@ -148,7 +154,7 @@ impl Proxy {
         tokio::spawn(ledger::keep_saved(Arc::downgrade(&ledger)));
         let calls = Coalescer::default();
         let circuit = std::sync::Mutex::default();
-        Ok(Self { current, admission, metrics, hasher, budget, stop, read_balances, calls, ledger, circuit })
+        Ok(Self { current, admission, metrics, hasher, budget, stop, read_balances, calls, ledger, circuit, cluster })
     }
 
     /// Ends the drain: every request still on its way answers now (see `stop.rs`).
@@ -182,6 +188,7 @@ impl Proxy {
             config.log.format != old.config.log.format,
             config.log.level != old.config.log.level,
             new_server.state_dir != old_server.state_dir,
+            config.cluster != old.config.cluster,
         ];
         let needs_restart = RESTART_KEYS.iter().zip(changed).filter(|(_, c)| *c).map(|(key, _)| *key).collect();
         let cache = if Store::serves(&old.config.cache, &config.cache) {
@@ -210,6 +217,11 @@ impl Proxy {
     /// Tokens `client` used today.
     pub fn tokens_today(&self, client: &str) -> u64 {
         self.ledger.used(client)
+    }
+
+    /// The cluster joined, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// Whether the primary's circuit is open (requests start on a fallback).

@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod daemon;
 pub mod mock;
+pub mod redis_server;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,140 @@
+//! The Lua scripts that keep a lane's shared state in Redis — each runs atomically, on Redis's clock.
+//! A lane's keys: `…:state` (hash: `limit`, `probe_at`, `gap`, `streak`, `throttles`, `acks`, `last_dec`),
+//! `…:held` (hash: instance → slots leased) and `…:expiry` (sorted set: instance → when its leases lapse).
+
+use redis::Script;
+
+/// CLAIM: this instance wants `desired` slots of the lane (never fewer than `floor`, its requests in
+/// flight). Lapsed instances' leases come back first. Grants up to the lane's learned limit minus what
+/// the others hold; while the lane probes, nothing new but one probe at a time, cluster-wide, once its gap
+/// has passed. Returns {held by this instance, limit, held by all, probing (0/1)}.
+///
+/// KEYS: state, held, expiry. ARGV: instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel.
+pub const CLAIM: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local instance, desired, floor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local cap, initial, ttl, keep = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('HDEL', KEYS[2], gone)
+  redis.call('ZREM', KEYS[3], gone)
+end
+local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or '0')
+if limit == 0 or limit > cap then
+  limit = limit == 0 and math.min(cap, initial) or cap
+  redis.call('HSET', KEYS[1], 'limit', limit)
+end
+local mine = tonumber(redis.call('HGET', KEYS[2], instance) or '0')
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do total = total + tonumber(v) end
+local others = total - mine
+local room = limit - others
+local probe_at = tonumber(redis.call('HGET', KEYS[1], 'probe_at') or '0')
+if probe_at > 0 then
+  room = 0
+  if now >= probe_at and total == 0 and desired > 0 then
+    room = 1
+    local gap = tonumber(redis.call('HGET', KEYS[1], 'gap') or '1000')
+    redis.call('HSET', KEYS[1], 'probe_at', now + gap)
+  end
+end
+local held = math.max(floor, math.min(desired, math.max(room, 0)))
+if held > 0 then
+  redis.call('HSET', KEYS[2], instance, held)
+  redis.call('ZADD', KEYS[3], now + ttl, instance)
+else
+  redis.call('HDEL', KEYS[2], instance)
+  redis.call('ZREM', KEYS[3], instance)
+end
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
+if held < mine then redis.call('PUBLISH', ARGV[8], 'released') end
+local probing = 0
+if probe_at > 0 then probing = 1 end
+return {held, limit, others + held, probing}
+"#;
+
+/// SIGNAL: what attempts on the lane came to, `accepted` of them taken and `throttled` refused (429,
+/// 503 overloaded; `retry_ms` the longest Retry-After). A throttle lowers the learned limit to what all
+/// instances hold, minus one (at most every 200 ms: one burst of 429s is one decrease); three in a row, a
+/// Retry-After, or the floor reached start probing with a gap doubling from `base_ms` to `max_ms`.
+/// Acceptances end probing; at the limit they raise it — by one each before the first throttle (slow
+/// start), by one a second after, and only every ten seconds at and past the level that was throttled
+/// last (the ceiling). Returns the limit.
+///
+/// KEYS: state, held. ARGV: accepted, throttled, retry_ms, min, cap, base_ms, max_ms, keep_ms, channel.
+pub const SIGNAL: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local accepted, throttled, retry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local min, cap, base, max, keep = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or tostring(cap))
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[2])) do total = total + tonumber(v) end
+local changed = false
+if throttled > 0 then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'last_dec') or '0')
+  if now - last >= 200 then
+    redis.call('HSET', KEYS[1], 'ceiling', limit)
+    limit = math.max(min, math.min(limit - 1, total - 1))
+    redis.call('HSET', KEYS[1], 'limit', limit, 'last_dec', now, 'acks', 0)
+    redis.call('HINCRBY', KEYS[1], 'throttles', 1)
+  end
+  local streak = redis.call('HINCRBY', KEYS[1], 'streak', throttled)
+  if streak >= 3 or retry > 0 or limit <= min then
+    local gap = tonumber(redis.call('HGET', KEYS[1], 'gap') or '0')
+    if gap == 0 then gap = base else gap = math.min(max, gap * 2) end
+    redis.call('HSET', KEYS[1], 'gap', gap, 'probe_at', now + math.max(gap, math.min(retry, max)))
+  end
+  changed = true
+elseif accepted > 0 then
+  redis.call('HSET', KEYS[1], 'streak', 0)
+  if redis.call('HEXISTS', KEYS[1], 'probe_at') == 1 then
+    redis.call('HDEL', KEYS[1], 'probe_at', 'gap')
+    changed = true
+  elseif total >= limit and limit < cap then
+    if tonumber(redis.call('HGET', KEYS[1], 'throttles') or '0') == 0 then
+      limit = math.min(cap, limit + accepted)
+      redis.call('HSET', KEYS[1], 'limit', limit)
+      changed = true
+    else
+      local ceiling = tonumber(redis.call('HGET', KEYS[1], 'ceiling') or '0')
+      local calm = 1000
+      if limit + 1 >= ceiling then calm = 10000 end
+      if now - tonumber(redis.call('HGET', KEYS[1], 'last_inc') or '0') >= calm
+          and now - tonumber(redis.call('HGET', KEYS[1], 'last_dec') or '0') >= calm then
+        limit = limit + 1
+        redis.call('HSET', KEYS[1], 'limit', limit, 'last_inc', now)
+        changed = true
+      end
+    end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], keep)
+if changed then redis.call('PUBLISH', ARGV[9], 'changed') end
+return limit
+"#;
+
+/// MEMBER: this instance is alive until `ttl_ms` from now; returns how many instances are.
+///
+/// KEYS: members. ARGV: instance, ttl_ms, keep_ms.
+pub const MEMBER: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// The scripts, loaded once (redis-rs sends EVALSHA, and the source when Redis does not know it yet).
+pub struct Scripts {
+    pub claim: Script,
+    pub signal: Script,
+    pub member: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self { claim: Script::new(CLAIM), signal: Script::new(SIGNAL), member: Script::new(MEMBER) }
+    }
+}

@@ -1,0 +1,212 @@
+//! Several sluice instances sharing one account's limits through a real `redis-server` (started on a
+//! free port): the lease script's atomicity, instances in front of one hidden cap, an instance killed
+//! mid-stream (its leases come back), Redis stopped and restarted mid-run (no client error).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::config::Config;
+use support::daemon::Daemon;
+use support::redis_server::Redis;
+use support::*;
+use tokio::sync::Notify;
+
+fn clustered(mock: &Mock, redis: &Redis, name: &str) -> Config {
+    let mut config = config_for(mock);
+    config.cluster.redis_url = Some(redis.url());
+    config.cluster.name = name.into();
+    config.cluster.lease_ttl = Duration::from_secs(2);
+    config
+}
+
+async fn status(url: &str) -> serde_json::Value {
+    call("GET", url, &[], "").await.json()
+}
+
+/// Waits until every instance's `/status` says it is connected and sees `members` instances.
+async fn joined(urls: &[String], members: u64) {
+    for _ in 0..500 {
+        let mut all = true;
+        for url in urls {
+            let cluster = &status(url).await["cluster"];
+            all &= cluster["connected"] == true && cluster["members"].as_u64() == Some(members);
+        }
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the instances never all joined");
+}
+
+/// The leases every instance holds on a lane, summed, and the lane's limit (from Redis itself).
+async fn leases(redis: &Redis, name: &str, model: &str) -> (i64, i64) {
+    let base = format!("sluice:{name}:lane:default:{model}");
+    let held = redis.command(&["HVALS", &format!("{base}:held")]).await.unwrap();
+    let sum = match held {
+        redis::Value::Array(values) => values
+            .iter()
+            .map(|v| match v {
+                redis::Value::BulkString(bytes) => String::from_utf8_lossy(bytes).parse::<i64>().unwrap_or(0),
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    };
+    let limit = match redis.command(&["HGET", &format!("{base}:state"), "limit"]).await.unwrap() {
+        redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).parse().unwrap_or(0),
+        _ => 0,
+    };
+    (sum, limit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_never_lease_more_than_the_limit() {
+    let redis = Redis::start().await;
+    let script = redis::Script::new(sluice::cluster::CLAIM_SCRIPT);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let claims: Vec<_> = (0..40)
+        .map(|n| {
+            let (script, client) = (script.clone(), client.clone());
+            tokio::spawn(async move {
+                let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+                let mut invocation = script.key("t:state");
+                invocation.key("t:held").key("t:expiry");
+                // instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel
+                invocation.arg(format!("i{n}")).arg(3).arg(0).arg(10).arg(10).arg(60_000).arg(60_000).arg("t:events");
+                let (held, _, _, _): (i64, i64, i64, i64) = invocation.invoke_async(&mut connection).await.unwrap();
+                held
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for claim in claims {
+        granted += claim.await.unwrap();
+    }
+    assert_eq!(granted, 10, "40 instances asking for 3 each share exactly the limit of 10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_in_front_of_one_hidden_cap_share_it() {
+    const CAP: usize = 4;
+    let redis = Redis::start().await;
+    let mock = Mock::start_capped(Some(CAP), |_, _| Reply::Stream {
+        status: 200,
+        content_type: "application/json",
+        chunks: vec![Chunk::Pause(Duration::from_millis(20)), data(completion_static())],
+        ending: Ending::Complete,
+    })
+    .await;
+    let instances: Vec<Arc<Sluice>> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(Arc::new(Sluice::start(clustered(&mock, &redis, "shared")).await));
+        }
+        v
+    };
+    let urls: Vec<String> = instances.iter().map(|s| s.url("/status")).collect();
+    joined(&urls, 3).await;
+    let workers: Vec<_> = (0..6 * CAP)
+        .map(|n| {
+            let sluice = instances[n % 3].clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                for _ in 0..8 {
+                    statuses.push(chat(&sluice, "deepseek-v4-flash", &[]).await.status);
+                }
+                statuses
+            })
+        })
+        .collect();
+    for worker in workers {
+        assert!(worker.await.unwrap().iter().all(|s| *s == 200), "no client error");
+    }
+    let (leased, limit) = leases(&redis, "shared", "deepseek-v4-flash").await;
+    assert!(limit as usize <= CAP + 1, "the shared limit was learned near the cap: {limit}");
+    assert!(leased <= limit, "leases {leased} within the limit {limit}");
+    let share = mock.over_cap() as f64 / mock.arrivals() as f64;
+    assert!(share < 0.25, "the cap was shared, not hammered: {share:.2} of attempts throttled");
+    let lanes = &status(&urls[0]).await["cluster"]["lanes"];
+    assert!(lanes.as_array().is_some_and(|l| !l.is_empty()), "{lanes}");
+}
+
+/// A completion body for the static scripted replies.
+fn completion_static() -> &'static str {
+    Box::leak(completion("shared").into_boxed_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_leases_come_back_within_the_lease_ttl() {
+    let redis = Redis::start().await;
+    let gate = Arc::new(Notify::new());
+    let mock = Mock::start(gated_first(gate.clone())).await;
+    let config = format!(
+        "[cluster]\nredis_url = \"{}\"\nname = \"kill\"\nlease_ttl = \"2s\"\n[limits]\nadaptive = false\n",
+        redis.url()
+    );
+    let doomed = Daemon::start(&config, &mock.url()).await;
+    let survivor = Sluice::start({
+        let mut config = clustered(&mock, &redis, "kill");
+        config.limits.adaptive = false;
+        config
+    })
+    .await;
+    joined(&[doomed.url("/status"), survivor.url("/status")], 2).await;
+    let held = tokio::spawn({
+        let url = doomed.url("/v1/chat/completions");
+        async move { call("POST", &url, &[], r#"{"model":"deepseek-v4-flash","messages":[]}"#.to_string()).await }
+    });
+    assert!(eventually(Duration::from_secs(10), || mock.arrivals() == 1).await);
+    for _ in 0..100 {
+        if leases(&redis, "kill", "deepseek-v4-flash").await.0 >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(leases(&redis, "kill", "deepseek-v4-flash").await.0 >= 1, "the stream holds a lease");
+    drop(doomed); // SIGKILL: no goodbye, no release
+    let killed = tokio::time::Instant::now();
+    held.abort(); // its client's connection went with the instance
+    let mut back = None;
+    for _ in 0..300 {
+        // The survivor's claims purge lapsed leases; ask it to claim by sending a request.
+        assert_eq!(chat(&survivor, "deepseek-v4-flash", &[]).await.status, 200);
+        if leases(&redis, "kill", "deepseek-v4-flash").await.0 <= 1 {
+            back = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = back.expect("the killed instance's lease came back");
+    assert!(back <= Duration::from_secs(4), "within the lease TTL (2 s) and a renewal: {back:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_mid_run_costs_no_client_an_error_and_the_instances_rejoin() {
+    let mut redis = Redis::start().await;
+    let port = redis.port;
+    let mock = Mock::start(|_, _| Reply::json(200, completion("ok"))).await;
+    let a = Sluice::start(clustered(&mock, &redis, "outage")).await;
+    let b = Sluice::start(clustered(&mock, &redis, "outage")).await;
+    let urls = [a.url("/status"), b.url("/status")];
+    joined(&urls, 2).await;
+    for sluice in [&a, &b] {
+        assert_eq!(chat(sluice, "deepseek-v4-flash", &[]).await.status, 200);
+    }
+    redis.stop();
+    for n in 0..20 {
+        let sluice = if n % 2 == 0 { &a } else { &b };
+        let answer = tokio::time::timeout(Duration::from_secs(10), chat(sluice, "deepseek-v4-flash", &[])).await;
+        assert_eq!(answer.expect("answered while Redis is down").status, 200, "request {n}");
+    }
+    assert!(eventually(Duration::from_secs(10), || true).await);
+    let down = status(&urls[0]).await;
+    assert_eq!(down["cluster"]["connected"], false, "{down}");
+    let metrics = call("GET", &a.url("/metrics"), &[], "").await.text();
+    assert!(metrics.contains("sluice_cluster_connected 0"), "{metrics}");
+    let _redis = Redis::start_on(port).await;
+    joined(&urls, 2).await;
+    assert_eq!(chat(&a, "deepseek-v4-flash", &[]).await.status, 200);
+}
