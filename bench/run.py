@@ -446,6 +446,7 @@ FALLBACK = """
 [[fallbacks]]
 name = "flash"
 base_url = "http://127.0.0.1:{port}"
+api_key_env = "BENCH_FALLBACK_KEY"
 [fallbacks.models]
 "*" = "deepseek-v4-flash"
 """
@@ -505,7 +506,7 @@ def faults(quick):
             backup_proc, backup_port = sim("--latency", "50ms", "--chunks", str(chunks), "--chunk-delay", "5ms")
             with primary_proc, backup_proc:
                 config = FALLBACK.format(port=backup_port) if variant == "with" else None
-                s_proc, s_port = sluice(primary_port, extra=extra, config=config)
+                s_proc, s_port = sluice(primary_port, extra=dict(extra, BENCH_FALLBACK_KEY="sk-bench-fallback"), config=config)
                 with s_proc:
                     status, upstream, text, seconds = one_request(s_port, stream)
             row[variant] = {"outcome": outcome(status, upstream, text, stream, chunks), "seconds": seconds}

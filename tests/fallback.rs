@@ -253,3 +253,35 @@ async fn no_resume_in_reasoning_or_when_turned_off() {
     assert!(answer.text().contains("sluice_upstream_stream_error"));
     assert_eq!(primary.arrivals(), 2, "resume = false: no continuation");
 }
+
+#[tokio::test(start_paused = true)]
+async fn three_failures_in_a_row_go_to_the_fallback() {
+    let primary = Mock::start(|_, _| Reply::json(500, r#"{"error":{"message":"internal"}}"#)).await;
+    let fallback = Mock::start(answered_by_fallback).await;
+    let sluice = Sluice::start(with_fallback(&primary, &fallback)).await;
+    let answer = ask(&sluice, pro(false)).await;
+    assert_eq!((answer.status, answer.header("x-sluice-upstream")), (200, "flash"));
+    assert_eq!(primary.arrivals(), 3, "three attempts on the primary, then the fallback");
+    let metrics = call("GET", &sluice.url("/metrics"), &[], "").await.text();
+    assert!(metrics.contains("reason=\"failing\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_tokens_total{model=\"deepseek-v4-flash\",kind=\"prompt\",account=\"flash\"} 1"),
+        "tokens are the answering model's and account's: {metrics}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_primary_is_bridged_and_only_completions_fall_back() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fallback = Mock::start(answered_by_fallback).await;
+    let mut config = with_fallback(&fallback, &fallback);
+    config.upstream.base_url = format!("http://127.0.0.1:{closed}");
+    let sluice = Sluice::start(config).await;
+    let answer = ask(&sluice, pro(false)).await;
+    assert_eq!((answer.status, answer.header("x-sluice-upstream")), (200, "flash"), "{}", answer.text());
+    let balance = call("GET", &sluice.url("/user/balance"), &[], "").await;
+    assert_eq!(balance.status, 502, "the balance is the primary's own: {}", balance.text());
+    assert_eq!(balance.header("x-sluice-upstream"), "primary", "the upstream tried, also on sluice's own error");
+    let refused = call("GET", &sluice.url("/not-an-api-path"), &[], "").await;
+    assert_eq!(refused.header("x-sluice-upstream"), "sluice", "answered before any upstream");
+}

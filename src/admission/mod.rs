@@ -254,8 +254,9 @@ impl Admission {
     }
 
     /// Turns away everyone waiting for an upstream that cannot be reached (after `unreachable_wait`).
-    pub fn fail_waiting(&self) {
-        let waiting = self.shared.lock().drain();
+    /// Only the requests waiting for that upstream: those of `pool` (None: the primary's accounts).
+    pub fn fail_waiting(&self, pool: Option<&str>) {
+        let waiting = self.shared.lock().drain_pool(pool);
         reject(waiting, &Rejected::Unreachable);
     }
 

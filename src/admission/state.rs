@@ -28,6 +28,9 @@ pub const OTHER_MODEL: &str = "other";
 const MAX_MODEL_NAME: usize = 128;
 /// Distinct models kept with their own queue and lanes; idle unconfigured ones are forgotten first.
 const MAX_ROUTES: usize = 256;
+/// Separates a fallback route's model from its pool (`model␟account`): a client's model name cannot
+/// contain it (such a name goes to the unknown route), so the two kinds of route never meet.
+const POOL_SEPARATOR: char = '\u{1f}';
 
 /// How a waiter is told its outcome.
 pub type Sender = oneshot::Sender<Result<super::Permit, Rejected>>;
@@ -171,7 +174,7 @@ impl State {
     /// With a `pool` (a fallback's account), the route that only that account's lane serves.
     pub fn route_key(&mut self, model: Option<&str>, pool: Option<&str>) -> Arc<str> {
         let name = match model {
-            Some(name) if name.len() <= MAX_MODEL_NAME => name,
+            Some(name) if name.len() <= MAX_MODEL_NAME && !name.contains(POOL_SEPARATOR) => name,
             _ => UNKNOWN_MODEL,
         };
         let name = self.limits.alias(name);
@@ -213,12 +216,14 @@ impl State {
 
     /// The route of `model` served by `pool` alone (a fallback's account): `model@pool`.
     fn pool_route(&mut self, model: String, pool: &str) -> Arc<str> {
-        let name = format!("{model}@{pool}");
+        let name = format!("{model}{POOL_SEPARATOR}{pool}");
         if let Some((key, _)) = self.routes.get_key_value(name.as_str()) {
             return key.clone();
         }
-        if self.routes.len() >= MAX_ROUTES {
-            self.forget_an_idle_route();
+        let configured = self.limits.configured(&model);
+        if self.routes.len() >= MAX_ROUTES && !self.forget_an_idle_route() && !configured && model != OTHER_MODEL {
+            // Past the bound, an unconfigured model shares the pool's `other` route.
+            return self.pool_route(OTHER_MODEL.to_string(), pool);
         }
         let key: Arc<str> = Arc::from(name);
         let model: Arc<str> = Arc::from(model);
@@ -442,6 +447,14 @@ impl State {
             (a, b) => a.or(b),
         };
         (out, wake)
+    }
+
+    /// Takes everyone waiting on routes of `pool` (None: the primary's) out of the queue, to be answered.
+    pub fn drain_pool(&mut self, pool: Option<&str>) -> Vec<Sender> {
+        let routes = &self.routes;
+        let of_pool = |route: &Arc<str>| routes.get(route).is_some_and(|r| r.pool.as_deref() == pool);
+        let ids: Vec<u64> = self.waiters.iter().filter(|(_, w)| of_pool(&w.route)).map(|(id, _)| *id).collect();
+        ids.into_iter().filter_map(|id| self.remove_waiter(id)).map(|waiter| waiter.tx).collect()
     }
 
     /// Takes everyone still waiting out of the queue (shutdown, or a dispatcher failure), to be answered.

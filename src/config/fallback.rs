@@ -81,7 +81,7 @@ impl Default for FallbackSettings {
 }
 
 /// Checks the fallbacks: unique names that are not account names, usable URLs, known accounts.
-pub fn validate(fallbacks: &[FallbackConfig], accounts: &[String]) -> Result<(), ConfigError> {
+pub fn validate(fallbacks: &[FallbackConfig], accounts: &[String], primary_url: &str) -> Result<(), ConfigError> {
     let mut names: Vec<&str> = Vec::new();
     for fallback in fallbacks {
         let name = fallback.name.as_str();
@@ -103,6 +103,18 @@ pub fn validate(fallbacks: &[FallbackConfig], accounts: &[String]) -> Result<(),
             if !ok {
                 return Err(invalid(key("base_url"), format!("{url:?}"), "an http:// or https:// URL"));
             }
+        }
+        let elsewhere = fallback
+            .base_url
+            .as_deref()
+            .is_some_and(|url| url.trim_end_matches('/') != primary_url.trim_end_matches('/'));
+        if elsewhere && fallback.account.is_none() && !fallback.own_key() {
+            // The primary's key (or a client's own) must never go to another origin unasked.
+            return Err(invalid(
+                key("api_key_env"),
+                "none, with another base_url",
+                "a key of its own (api_key_file or api_key_env), or an account named on purpose",
+            ));
         }
         match (&fallback.account, fallback.own_key()) {
             (Some(_), true) => {
@@ -182,18 +194,24 @@ mod tests {
     #[test]
     fn fallbacks_are_checked() {
         let accounts = vec!["team-a".to_string()];
-        validate(&[fallback("flash")], &accounts).unwrap();
-        assert!(validate(&[fallback("flash"), fallback("flash")], &accounts).is_err(), "twice");
-        assert!(validate(&[fallback("team-a")], &accounts).is_err(), "an account's name");
+        let primary = "https://api.deepseek.com";
+        validate(&[fallback("flash")], &accounts, primary).unwrap();
+        let mut elsewhere = fallback("other");
+        elsewhere.base_url = Some("https://api.other.example".into());
+        assert!(validate(&[elsewhere.clone()], &accounts, primary).is_err(), "the primary's key would go elsewhere");
+        elsewhere.api_key_env = Some("OTHER_KEY".into());
+        validate(&[elsewhere], &accounts, primary).unwrap();
+        assert!(validate(&[fallback("flash"), fallback("flash")], &accounts, primary).is_err(), "twice");
+        assert!(validate(&[fallback("team-a")], &accounts, primary).is_err(), "an account's name");
         let mut bad = fallback("b");
         bad.base_url = Some("ftp://x".into());
-        assert!(validate(&[bad], &accounts).unwrap_err().to_string().contains("fallbacks (\"b\").base_url"));
+        assert!(validate(&[bad], &accounts, primary).unwrap_err().to_string().contains("fallbacks (\"b\").base_url"));
         let mut unknown = fallback("c");
         unknown.account = Some("team-z".into());
-        assert!(validate(&[unknown], &accounts).is_err());
+        assert!(validate(&[unknown], &accounts, primary).is_err());
         let mut both = fallback("d");
         both.account = Some("team-a".into());
         both.api_key_env = Some("K".into());
-        assert!(validate(&[both], &accounts).is_err());
+        assert!(validate(&[both], &accounts, primary).is_err());
     }
 }

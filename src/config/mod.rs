@@ -325,7 +325,7 @@ impl Config {
         self.upstream.validate_accounts()?;
         clients::validate(&self.clients)?;
         let account_names: Vec<String> = self.upstream.accounts.iter().map(|a| a.name.clone()).collect();
-        fallback::validate(&self.fallbacks, &account_names)?;
+        fallback::validate(&self.fallbacks, &account_names, &self.upstream.base_url)?;
         if self.fallback.after.is_zero() || self.fallback.after > MAX_DURATION {
             return Err(invalid(
                 "fallback.after",

@@ -35,6 +35,8 @@ pub struct RequestLog {
     pub model_label: String,
     /// The account that answered (a configured name).
     pub account: Option<Arc<str>>,
+    /// The upstream that answered (`primary` or a fallback's name).
+    pub upstream: Option<Arc<str>>,
     pub stream: bool,
     /// A hash of the client identity used for fair queueing (never the token itself).
     pub client: u64,
@@ -90,6 +92,7 @@ impl RequestLog {
             model: None,
             model_label: crate::admission::UNKNOWN_MODEL.to_string(),
             account: None,
+            upstream: None,
             stream: false,
             client: 0,
             client_name: std::sync::Arc::from(crate::config::ANONYMOUS),
@@ -213,6 +216,7 @@ impl Drop for RequestLog {
             cache = self.cache,
             model = self.model.as_deref().unwrap_or("-"),
             account = self.account.as_deref().unwrap_or("-"),
+            upstream = self.upstream.as_deref().unwrap_or("-"),
             stream = self.stream,
             client = format_args!("{:016x}", self.client),
             client_name = &*self.client_name,

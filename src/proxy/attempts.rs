@@ -120,12 +120,19 @@ impl Proxy {
         let accounts = &generation.accounts;
         let keyed = accounts.keyed();
         let targets = &generation.targets;
-        let fallbacks = only.is_none() && targets.len() > 1;
+        // Only completions fall back: the balance, the model list and other APIs are the primary's own.
+        let fallbacks = only.is_none() && targets.len() > 1 && fallback::completions(outgoing.path());
+        // While the primary's circuit is open, requests start on the first fallback; one probes it.
+        let mut probe = None;
         let first = match only {
             Some(index) => index,
             None if fallbacks => match self.circuit().start(Instant::now()) {
                 Start::Fallback => 1,
-                Start::Primary | Start::Probe => 0,
+                Start::Probe => {
+                    probe = Some(Probe { proxy: self, reported: false });
+                    0
+                }
+                Start::Primary => 0,
             },
             None => 0,
         };
@@ -133,8 +140,12 @@ impl Proxy {
         let mut last_error: Option<SendError> = None;
         loop {
             let target = &targets[leg.index];
-            let has_next = only.is_none() && leg.index + 1 < targets.len();
+            let has_next = fallbacks && leg.index + 1 < targets.len();
             let on_primary = fallbacks && leg.index == 0;
+            progress.upstream = Some(target.name.clone());
+            if leg.index > 0 {
+                probe = None; // it left the primary without an answer either way: another may probe
+            }
             // 1. Admission: a retry keeps its place ahead of its client's newer requests. While the upstream
             //    cannot be reached, no request waits longer than `unreachable_wait` for it; with a fallback
             //    to go to, none waits longer than `fallback.after` for a throttled lane.
@@ -162,25 +173,33 @@ impl Proxy {
             };
             progress.waited();
             let now = Instant::now();
+            let pool = target.pool.as_deref();
             let admitted = match admitted {
                 Err(Rejected::DeadlineExceeded { .. })
                     if has_next && !leg.patient && now >= after && now < deadline =>
                 {
-                    if progress.throttled > 0 || self.admission.throttled(model, target.pool.as_deref()) {
+                    if progress.throttled > 0 || self.admission.throttled(model, pool) {
                         leg = self.next_leg(generation, outgoing, seen, &leg, "throttled", progress)?;
                     } else {
-                        leg.patient = true;
+                        leg.patient = true; // a busy lane, not a throttled one: it waits on
                     }
                     continue;
                 }
-                Err(Rejected::DeadlineExceeded { .. } | Rejected::NoAccount) if has_next => {
-                    let why = if unreachable { "unreachable" } else { "no_account" };
-                    leg = self.next_leg(generation, outgoing, seen, &leg, why, progress)?;
+                Err(Rejected::DeadlineExceeded { .. }) if has_next && unreachable && now < deadline => {
+                    leg = self.next_leg(generation, outgoing, seen, &leg, "unreachable", progress)?;
+                    continue;
+                }
+                Err(Rejected::NoAccount) if has_next => {
+                    leg = self.next_leg(generation, outgoing, seen, &leg, "no_account", progress)?;
+                    continue;
+                }
+                Err(Rejected::Unreachable) if has_next && now < deadline => {
+                    leg = self.next_leg(generation, outgoing, seen, &leg, "unreachable", progress)?;
                     continue;
                 }
                 Err(Rejected::DeadlineExceeded { .. }) if target.upstream.unreachable_since().is_some() => {
                     // Everyone else waiting for this upstream has waited long enough too.
-                    self.admission.fail_waiting();
+                    self.admission.fail_waiting(pool);
                     Err(Rejected::Unreachable)
                 }
                 other => other,
@@ -232,13 +251,8 @@ impl Proxy {
             if let Some(signal) = policy::signal(outcome, on_status) {
                 permit.report(signal);
             }
-            if on_primary {
-                match policy::circuit_failure(outcome, on_status) {
-                    Some(true) => self.circuit().failure(Instant::now()),
-                    Some(false) => self.circuit().success(),
-                    None => {}
-                }
-            }
+            // The circuit hears of the primary's answer — a deliverable one once its start was read.
+            let circuit = policy::circuit_failure(outcome, on_status).filter(|_| on_primary);
 
             // 4. The verdict; a deliverable response's start is read first (`deliver.rs`).
             let situation = Situation {
@@ -252,21 +266,27 @@ impl Proxy {
                 base_delay: config.retry.base_delay,
                 max_delay: config.retry.max_delay,
             };
-            let (verdict, result) = match (policy::decide(outcome, &situation), result) {
+            let verdict = policy::decide(outcome, &situation);
+            if verdict != Verdict::Deliver {
+                self.tell_circuit(circuit, &mut probe);
+            }
+            let (verdict, result) = match (verdict, result) {
                 (Verdict::Deliver, Ok(response)) => {
                     let first_token = (has_next && seen.stream).then_some(config.fallback.first_token_timeout);
-                    match deliver::start(response, first_token, config.upstream.idle_timeout).await {
+                    let start = tokio::select! {
+                        start = deliver::start(response, first_token, config.upstream.idle_timeout) => start,
+                        () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
+                    };
+                    match start {
                         deliver::Start::Deliver { response, prefix, complete } => {
+                            self.tell_circuit(circuit, &mut probe);
                             progress.ttfb = Some(rtt);
                             progress.account = Some(Arc::from(permit.account()));
                             progress.model = Some(Arc::from(permit.model()));
-                            progress.upstream = Some(target.name.clone());
                             return Ok(Sent { response, permit, prefix, complete, target: leg.index });
                         }
                         deliver::Start::Redo(why) => {
-                            if on_primary {
-                                self.circuit().failure(Instant::now());
-                            }
+                            self.tell_circuit(circuit.map(|_| true), &mut probe);
                             if why == deliver::Redo::FirstToken && has_next {
                                 drop(permit);
                                 leg = self.next_leg(generation, outgoing, seen, &leg, "first_token", progress)?;
@@ -293,7 +313,7 @@ impl Proxy {
                     drop(permit);
                     if why == GiveUp::Unreachable {
                         // Everyone else waiting for this upstream has waited long enough too.
-                        self.admission.fail_waiting();
+                        self.admission.fail_waiting(target.pool.as_deref());
                     }
                     return Err(given_up(why, progress, result.err()));
                 }
@@ -324,6 +344,9 @@ impl Proxy {
             let delay = match verdict {
                 Verdict::Requeue(reason) => {
                     self.metrics.retry(reason.as_str());
+                    if matches!(reason, RetryReason::Throttled | RetryReason::Overloaded) {
+                        leg.patient = false; // throttled now: `fallback.after` counts again
+                    }
                     None
                 }
                 Verdict::Backoff(reason, delay) => {
@@ -354,6 +377,20 @@ impl Proxy {
         }
     }
 
+    /// Tells the primary's circuit what its attempt came to (`Some(true)`: a failure); a probe that
+    /// reported is done.
+    fn tell_circuit(&self, failure: Option<bool>, probe: &mut Option<Probe<'_>>) {
+        let Some(failure) = failure else { return };
+        if failure {
+            self.circuit().failure(Instant::now());
+        } else {
+            self.circuit().success();
+        }
+        if let Some(mut probe) = probe.take() {
+            probe.reported = true;
+        }
+    }
+
     /// Moves a request from its leg's target to the next one, saying so.
     fn next_leg<'a>(
         &self,
@@ -370,6 +407,21 @@ impl Proxy {
         self.metrics.fallback(from_name, to_name, why);
         progress.fallbacks += 1;
         Ok(next)
+    }
+}
+
+/// A request probing the primary's open circuit. Should it leave the primary without an answer either
+/// way (moved on, its client gone, a 429 only its lane hears of), the circuit may probe again at once.
+struct Probe<'a> {
+    proxy: &'a Proxy,
+    reported: bool,
+}
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.proxy.circuit().probe_lost(Instant::now());
+        }
     }
 }
 

@@ -35,6 +35,8 @@ pub struct ResponseBody {
     log: Option<RequestLog>,
     /// Dropped with the body (the connection's mark that a request is in progress).
     attached: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// A relayed body ended through a failure (its relay said `Broken`).
+    relay_broke: bool,
 }
 
 enum Kind {
@@ -51,6 +53,8 @@ pub enum Relay {
     Frame(Result<Frame<Bytes>, BoxError>),
     /// The body ended as it should.
     End,
+    /// The body ended through a failure (a stream's in-band error event went out first).
+    Broken,
 }
 
 /// The upstream's body in flight, with the stall detector and what the SSE error rule needs.
@@ -77,7 +81,7 @@ struct UpstreamStream {
 impl ResponseBody {
     /// A complete body held in memory (sluice's own answers).
     pub fn full(bytes: Bytes) -> Self {
-        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None, attached: None }
+        Self { kind: Kind::Full(Some(bytes)), permit: None, log: None, attached: None, relay_broke: false }
     }
 
     /// A whole response of sluice's own: status, content type and body.
@@ -110,7 +114,7 @@ impl ResponseBody {
             broke: false,
             report_cuts: false,
         };
-        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None, attached: None }
+        Self { kind: Kind::Upstream(Box::new(stream)), permit: None, log: None, attached: None, relay_broke: false }
     }
 
     /// A break of this stream is the body's error (a `StreamBroke`), not an error event: whoever reads it
@@ -124,12 +128,12 @@ impl ResponseBody {
 
     /// A body fed by a relay task (HTTP/2: the task can notice a client that grants no window).
     pub fn relayed(rx: tokio::sync::mpsc::Receiver<Relay>) -> Self {
-        Self { kind: Kind::Relayed(rx), permit: None, log: None, attached: None }
+        Self { kind: Kind::Relayed(rx), permit: None, log: None, attached: None, relay_broke: false }
     }
 
     /// A member's read of a shared call: every byte from the beginning, then live.
     pub fn shared(member: Member<Outcome>) -> Self {
-        Self { kind: Kind::Shared(Box::new(member)), permit: None, log: None, attached: None }
+        Self { kind: Kind::Shared(Box::new(member)), permit: None, log: None, attached: None, relay_broke: false }
     }
 
     /// Whether the body is sluice's own, already complete.
@@ -171,8 +175,9 @@ impl ResponseBody {
             Kind::Upstream(stream) => stream.poll_next(cx),
             Kind::Relayed(rx) => match rx.poll_recv(cx) {
                 Poll::Ready(Some(Relay::Frame(frame))) => Poll::Ready(Some(frame)),
-                Poll::Ready(Some(Relay::End)) => {
+                Poll::Ready(Some(end @ (Relay::End | Relay::Broken))) => {
                     self.kind = Kind::Full(None);
+                    self.relay_broke = matches!(end, Relay::Broken);
                     Poll::Ready(None)
                 }
                 // The relay gave up (the client accepted nothing for too long): not a clean end.
@@ -215,7 +220,7 @@ impl ResponseBody {
         match &self.kind {
             Kind::Upstream(stream) => stream.broke(),
             Kind::Shared(member) => member.broke(),
-            _ => false,
+            _ => self.relay_broke,
         }
     }
 }

@@ -144,8 +144,7 @@ impl Proxy {
         // The request and its body's budget share are needed no more.
         let request_bytes = work.outgoing.body().len() as u64;
         let Work { outgoing, seen, hold, payer: (model, client, charge), stream, deadline } = work;
-        drop(hold);
-        let request = Some((outgoing, seen, deadline));
+        let request = Some((outgoing, seen, deadline, Some(hold)));
         let sent = match sent {
             Ok(sent) => sent,
             Err(error) => {

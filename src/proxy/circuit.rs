@@ -1,8 +1,9 @@
 //! The primary's circuit, when fallbacks are configured. Closed, every request starts on the primary.
-//! `OPEN_AFTER` failures in a row (a retried 5xx, a failed connection, a header or first-token timeout —
-//! not a 429, which its lane handles) open it: for `OPEN_FOR`, requests start on the first fallback. Then
-//! one request at a time goes to the primary as a probe (the others still start on the fallback): an
-//! answer closes the circuit, a failure opens it for another `OPEN_FOR`. So a primary that recovers is
+//! `OPEN_AFTER` failures in a row (a retried 5xx, a failed connection, a header or first-token timeout,
+//! a body cut before it was complete — a 429 is an answer: its lane handles it) open it: for `OPEN_FOR`,
+//! requests start on the first fallback. Then one request at a time goes to the primary as a probe (the
+//! others still start on the fallback): an answer closes the circuit, a failure opens it for another
+//! `OPEN_FOR`, a probe lost either way lets the next request probe. So a primary that recovers is
 //! used again within `OPEN_FOR` plus one probe. A plain state machine fed with the time.
 
 use std::time::Duration;
@@ -79,6 +80,13 @@ impl Circuit {
         };
     }
 
+    /// A probe left without an answer either way: the next request may probe.
+    pub fn probe_lost(&mut self, now: Instant) {
+        if let State::Probing { .. } = self.state {
+            self.state = State::Open { until: now };
+        }
+    }
+
     pub fn is_open(&self) -> bool {
         !matches!(self.state, State::Closed { .. })
     }
@@ -123,5 +131,7 @@ mod tests {
         }
         assert_eq!(circuit.start(now + OPEN_FOR), Start::Probe);
         assert_eq!(circuit.start(now + OPEN_FOR + PROBE_LOST_AFTER), Start::Probe, "its client went away");
+        circuit.probe_lost(now + OPEN_FOR + PROBE_LOST_AFTER);
+        assert_eq!(circuit.start(now + OPEN_FOR + PROBE_LOST_AFTER), Start::Probe, "a lost probe: another at once");
     }
 }

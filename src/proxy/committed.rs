@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::Frame;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
 use super::attempts::Progress;
@@ -53,7 +53,11 @@ pub async fn relay(proxy: Arc<Proxy>, request: Continuation, mut body: ResponseB
     };
     drop(body); // the broken attempt's slot goes back before the redo waits for one
     tracing::warn!(error = %cut, "a committed response was cut; sending the request again");
-    let answer = match redo(&proxy, &request).await {
+    let redone = tokio::select! {
+        redone = redo(&proxy, &request) => redone,
+        () = tx.closed() => return, // the client went away while the redo waited
+    };
+    let answer = match redone {
         Ok(json) => json,
         Err(err) => error_json(&format!("{err} (after the response was cut: {cut})"), err.kind()),
     };
@@ -76,12 +80,23 @@ async fn redo(proxy: &Proxy, request: &Continuation) -> Result<Bytes, ProxyError
     }
     let mut whole = sent.prefix.concat();
     if !sent.complete {
+        // The rest, with the idle limit between frames (DeepSeek may send blank lines for a while).
         let idle = generation.config.upstream.idle_timeout;
-        let rest = Limited::new(sent.response.into_body(), MAX_HELD);
-        let collected = tokio::time::timeout(idle, rest.collect()).await;
-        match collected {
-            Ok(Ok(rest)) => whole.extend_from_slice(&rest.to_bytes()),
-            _ => return Err(ProxyError::UpstreamUnreachable("the redone request was cut too".into())),
+        let cut = || ProxyError::UpstreamUnreachable("the redone request was cut too".into());
+        let mut body = sent.response.into_body();
+        loop {
+            match tokio::time::timeout(idle, body.frame()).await.map_err(|_| cut())? {
+                None => break,
+                Some(Err(_)) => return Err(cut()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        whole.extend_from_slice(&data);
+                    }
+                    if whole.len() > 8 * MAX_HELD {
+                        return Err(ProxyError::UpstreamUnreachable("the redone answer is too large to hold".into()));
+                    }
+                }
+            }
         }
     }
     drop(sent.permit);

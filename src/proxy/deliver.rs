@@ -79,7 +79,14 @@ async fn hold_json(response: &mut Response<Incoming>, idle: Duration) -> Option<
     loop {
         let frame = tokio::time::timeout(idle, response.body_mut().frame()).await.ok()?;
         match frame {
-            None => return Some((held, true)),
+            // Ended: whole only if it is JSON (a connection closed mid-body without a length is a cut).
+            None => {
+                let body = held.concat();
+                if !body.iter().all(u8::is_ascii_whitespace) {
+                    serde_json::from_slice::<serde::de::IgnoredAny>(&body).ok()?;
+                }
+                return Some((held, true));
+            }
             Some(Err(_)) => return None,
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else { continue };
@@ -113,7 +120,7 @@ async fn first_content(mut response: Response<Incoming>, limit: Duration, idle: 
                 pending.extend_from_slice(&data);
                 held.push(data);
                 // Only whole events are judged; the rest waits for its end.
-                let whole = pending.windows(2).rposition(|w| w == b"\n\n").map_or(0, |at| at + 2);
+                let whole = events::complete_len(&pending);
                 if events::has_content(&pending[..whole]) {
                     return deliver(response, held, false);
                 }

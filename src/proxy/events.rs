@@ -27,6 +27,15 @@ pub fn split(chunk: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// How much of `bytes` is whole events (up to and with the last blank line, whatever the line ends).
+pub fn complete_len(bytes: &[u8]) -> usize {
+    let mut end = 0;
+    while let Some((at, len)) = find_boundary(&bytes[end..]) {
+        end += at + len;
+    }
+    end
+}
+
 /// Where the first blank line (an event's end) starts in `bytes`, and its length.
 fn find_boundary(bytes: &[u8]) -> Option<(usize, usize)> {
     [&b"\r\n\r\n"[..], b"\n\n", b"\r\r"]
@@ -53,8 +62,10 @@ pub fn data(event: &[u8]) -> Option<String> {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Chunk {
     pub done: bool,
-    /// `delta.content` of the first choice.
+    /// `delta.content` of the first choice (`text` for a text completion).
     pub content: Option<String>,
+    /// Another field of the delta with a value (anything beyond the role).
+    pub other_delta: bool,
     pub reasoning: Option<String>,
     pub tool_calls: bool,
     pub finish_reason: Option<String>,
@@ -75,9 +86,14 @@ impl Chunk {
         let choices = object.get("choices").and_then(Value::as_array);
         let first = choices.and_then(|c| c.first());
         let delta = first.and_then(|c| c.get("delta"));
+        let known = ["role", "content", "reasoning_content", "tool_calls"];
+        let other_delta = delta.and_then(Value::as_object).is_some_and(|d| {
+            d.iter().any(|(k, v)| !known.contains(&k.as_str()) && !v.is_null() && v.as_str() != Some(""))
+        });
         Some(Self {
             done: false,
-            content: delta.and_then(|d| d.get("content")).and_then(text),
+            other_delta,
+            content: delta.and_then(|d| d.get("content")).or_else(|| first.and_then(|c| c.get("text"))).and_then(text),
             reasoning: delta.and_then(|d| d.get("reasoning_content")).and_then(text),
             tool_calls: delta.and_then(|d| d.get("tool_calls")).is_some_and(|t| !t.is_null()),
             finish_reason: first.and_then(|c| c.get("finish_reason")).and_then(Value::as_str).map(str::to_string),
@@ -91,6 +107,7 @@ impl Chunk {
     pub fn is_content(&self) -> bool {
         self.done
             || self.content.is_some()
+            || self.other_delta
             || self.reasoning.is_some()
             || self.tool_calls
             || self.finish_reason.is_some()
@@ -138,7 +155,9 @@ impl Identity {
         if let Some(Value::Array(choices)) = object.get_mut("choices") {
             for choice in choices.iter_mut() {
                 if let Some(Value::Object(delta)) = choice.get_mut("delta") {
+                    // The client has had the role; and the answer's thinking is over (it was cut in content).
                     delta.remove("role");
+                    delta.remove("reasoning_content");
                 }
             }
         }
@@ -190,6 +209,8 @@ mod tests {
         assert!(has_content(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n"));
         assert!(has_content(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Hm\"}}]}\n\n"));
         assert!(has_content(b"data: [DONE]\n\n"));
+        assert!(has_content(b"data: {\"choices\":[{\"index\":0,\"text\":\"def\"}]}\r\n\r\n"), "a text completion");
+        assert_eq!(complete_len(b"data: 1\r\n\r\ndata: 2\n\ndata: 3"), 20, "CRLF and LF events, the last unfinished");
     }
 
     #[test]

@@ -21,6 +21,11 @@ pub const PERSISTENT: u32 = 3;
 /// The name of the primary in `x-sluice-upstream` and the log.
 pub const PRIMARY: &str = "primary";
 
+/// Whether a request path is one that falls back (chat and text completions).
+pub fn completions(path: &str) -> bool {
+    path.split('?').next().unwrap_or("").ends_with("/completions")
+}
+
 /// One upstream a request may be sent to.
 pub struct Target {
     pub name: Arc<str>,

@@ -261,7 +261,12 @@ impl Proxy {
             Track { request_id, log, progress: Progress::default(), metrics: Some(self.metrics.clone()), cache: None };
         track.log.client_name = Arc::from(observe::ANONYMOUS);
         let generation = self.current();
-        let mut response = match self.forward(&generation, request, peer, &mut track).await {
+        let forwarded = self.forward(&generation, request, peer, &mut track).await;
+        // Tokens and the log name the model that answered (a fallback's may not be the one asked for).
+        if let Some(model) = track.progress.model.clone() {
+            track.log.model_label = observe::model_label(Some(&model), &generation.config.limits);
+        }
+        let mut response = match forwarded {
             Ok(response) => {
                 let outcome = match response.status().as_u16() {
                     500.. => "upstream_error",
@@ -282,6 +287,12 @@ impl Proxy {
         let (request_id, mut log, progress) = track.into_parts();
         let headers = response.headers_mut();
         headers.insert(REQUEST_ID_HEADER, request_id);
+        if !headers.contains_key(UPSTREAM_HEADER) {
+            // Who answered: the upstream tried last, or sluice itself before any.
+            let upstream = progress.upstream.as_deref().unwrap_or("sluice");
+            headers
+                .insert(UPSTREAM_HEADER, HeaderValue::from_str(upstream).unwrap_or(HeaderValue::from_static("sluice")));
+        }
         if let Some(result) = cache {
             headers.insert(CACHE_HEADER, HeaderValue::from_static(result));
             log.cache = result;
@@ -296,6 +307,7 @@ impl Proxy {
         log.upstream_status = progress.last_status;
         log.ttfb_ms = progress.ttfb.map(millis);
         log.account = progress.account.clone();
+        log.upstream = progress.upstream.clone();
         // Usage is read from the body's plain bytes: not from an upstream's own error, nor a compressed one.
         let plain = !response.headers().contains_key(header::CONTENT_ENCODING);
         log.report_to(self.metrics.clone(), progress.ttfb.is_some() && plain);
@@ -398,7 +410,7 @@ impl Proxy {
         // 8. Admission, the upstream, retries — until a deliverable response or a final error.
         let sent = self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress, None).await?;
         // 9. Stream the response back frame by frame; the body holds the slot until it ends.
-        self.respond(sent, generation, Some((outgoing, seen, deadline)))
+        self.respond(sent, generation, Some((outgoing, seen, deadline, Some(budget))))
     }
 }
 

@@ -105,11 +105,11 @@ pub fn signal(outcome: Outcome, on_status: &[u16]) -> Option<Signal> {
     }
 }
 
-/// What an attempt on the primary tells its circuit (`circuit.rs`): `Some(true)` a failure (a 5xx, no
-/// connection, no headers in time), `Some(false)` an answer, None nothing (a 429 is its lane's business).
+/// What an attempt on the primary tells its circuit (`circuit.rs`): `Some(true)` a failure (a retried 5xx,
+/// no connection, no headers in time), `Some(false)` an answer (a 429 too: the primary is there, and its
+/// lane handles the throttling).
 pub fn circuit_failure(outcome: Outcome, on_status: &[u16]) -> Option<bool> {
     match outcome {
-        Outcome::Response { status, .. } if status == StatusCode::TOO_MANY_REQUESTS => None,
         Outcome::Response { status, .. } => Some(status.is_server_error() && on_status.contains(&status.as_u16())),
         Outcome::Connect | Outcome::Reset | Outcome::HeaderTimeout => Some(true),
     }

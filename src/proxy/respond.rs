@@ -11,7 +11,7 @@ use http::{Response, Version};
 use tokio::time::Instant;
 
 use super::attempts::{self, Sent};
-use super::request::{Inspection, Outgoing};
+use super::request::{BudgetHold, Inspection, Outgoing};
 use super::resume::{self, Resumable};
 use super::stop::Stop;
 use super::{committed, headers, Generation, Proxy, ResponseBody, UPSTREAM_HEADER};
@@ -25,12 +25,12 @@ impl Proxy {
         self: &Arc<Self>,
         sent: Sent,
         generation: &Arc<Generation>,
-        request: Option<(Outgoing, Inspection, Instant)>,
+        request: Option<(Outgoing, Inspection, Instant, Option<BudgetHold>)>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let target = sent.target;
         let committed = !sent.complete && sent.prefix.first().is_some_and(|c| c.iter().all(u8::is_ascii_whitespace));
         let response = stream_back(sent, generation, &self.stop);
-        let Some((outgoing, seen, deadline)) = request else { return Ok(response) };
+        let Some((outgoing, seen, deadline, hold)) = request else { return Ok(response) };
         let headers = response.headers();
         let media = |prefix: &[u8]| headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(prefix));
         let (sse, json) = (media(b"text/event-stream"), media(b"application/json"));
@@ -46,7 +46,8 @@ impl Proxy {
         let outgoing = if resumable { attempts::retargeted(generation, &outgoing, &seen, target)? } else { outgoing };
         let (parts, body) = response.into_parts();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
-        let request = resume::Continuation { generation: generation.clone(), outgoing, seen, deadline, target };
+        let request =
+            resume::Continuation { generation: generation.clone(), outgoing, seen, deadline, target, _hold: hold };
         if resumable {
             tokio::spawn(resume::relay(self.clone(), request, body.report_cuts(), tx));
         } else {

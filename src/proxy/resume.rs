@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use super::attempts::Progress;
 use super::body::StreamBroke;
 use super::events::{self, Chunk, Identity};
-use super::request::{Inspection, Outgoing};
+use super::request::{BudgetHold, Inspection, Outgoing};
 use super::{BoxError, Generation, Proxy, Relay, ResponseBody};
 use crate::error::error_event;
 use crate::observe::Usage;
@@ -53,11 +53,16 @@ impl Resumable {
     }
 
     /// The continuation's body: the request (as the answering upstream got it) with the content so far as
-    /// an assistant prefix.
-    fn continuation(sent: &[u8], content: &str) -> Option<Bytes> {
+    /// an assistant prefix, and its token budget less what was delivered (about one token an event).
+    fn continuation(sent: &[u8], content: &str, delivered: u64) -> Option<Bytes> {
         let mut request: Map<String, Value> = serde_json::from_slice(sent).ok()?;
         let messages = request.get_mut("messages")?.as_array_mut()?;
         messages.push(serde_json::json!({ "role": "assistant", "content": content, "prefix": true }));
+        for budget in ["max_tokens", "max_completion_tokens"] {
+            if let Some(left) = request.get(budget).and_then(Value::as_u64) {
+                request.insert(budget.to_string(), Value::from(left.saturating_sub(delivered).max(1)));
+            }
+        }
         serde_json::to_vec(&request).ok().map(Bytes::from)
     }
 }
@@ -71,6 +76,8 @@ pub struct Continuation {
     pub deadline: Instant,
     /// The target that answered (continuations go there).
     pub target: usize,
+    /// The request body's share of the budget, held while the body is (for a continuation or a redo).
+    pub _hold: Option<BudgetHold>,
 }
 
 /// Where the stream stands.
@@ -189,7 +196,11 @@ pub async fn relay(proxy: Arc<Proxy>, mut continuation: Continuation, first: Res
         drop(body); // the broken attempt's slot goes back before the continuation waits for one
         if !shutting_down && spliced.sound() && spliced.resumes < MAX_RESUMES {
             spliced.resume_events = spliced.events;
-            match next_part(&proxy, &mut continuation, &spliced.content).await {
+            let next = tokio::select! {
+                next = next_part(&proxy, &mut continuation, &spliced) => next,
+                () = tx.closed() => return, // the client went away while the continuation waited
+            };
+            match next {
                 Some(next) => {
                     tracing::info!(error = %why, "resuming the stream by prefix completion");
                     proxy.metrics.resume("resumed");
@@ -204,27 +215,23 @@ pub async fn relay(proxy: Arc<Proxy>, mut continuation: Continuation, first: Res
         tracing::warn!(error = %why, "ending the client's stream with an error event");
         let event = error_event(&why, kind);
         let _ = tx.send(Relay::Frame(Ok(http_body::Frame::data(event)))).await;
-        let _ = tx.send(Relay::End).await;
+        let _ = tx.send(Relay::Broken).await;
         return;
     }
 }
 
 /// The continuation's body, if the answering upstream takes the prefix completion (a 200 stream).
-async fn next_part(proxy: &Proxy, continuation: &mut Continuation, content: &str) -> Option<ResponseBody> {
+async fn next_part(proxy: &Proxy, continuation: &mut Continuation, spliced: &Spliced) -> Option<ResponseBody> {
     let generation = continuation.generation.clone();
     let target = &generation.targets[continuation.target];
-    let body = Resumable::continuation(continuation.outgoing.body(), content)?;
+    let body = Resumable::continuation(continuation.outgoing.body(), &spliced.content, spliced.events)?;
     let outgoing = continuation.outgoing.sibling(&target.upstream, CONTINUE_PATH, body)?;
-    let mut progress = Progress::default();
+    // A wait of its own (the request's may be nearly spent), at the front of its client's queue.
+    let deadline = Instant::now().checked_add(generation.config.queue.max_wait).unwrap_or(continuation.deadline);
+    let mut progress = Progress { attempts: 1, ..Progress::default() };
+    let only = Some(continuation.target);
     let sent = proxy
-        .send_with_retries(
-            &generation,
-            &outgoing,
-            &continuation.seen,
-            continuation.deadline,
-            &mut progress,
-            Some(continuation.target),
-        )
+        .send_with_retries(&generation, &outgoing, &continuation.seen, deadline, &mut progress, only)
         .await
         .ok()?;
     let sse = sent
@@ -241,4 +248,81 @@ async fn next_part(proxy: &Proxy, continuation: &mut Continuation, content: &str
     let mut body = ResponseBody::upstream(sent.prefix, incoming, idle, true, proxy.stop.watch()).report_cuts();
     body.hold(sent.permit);
     Some(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sound_requests_are_resumable() {
+        let body = |extra: &str| {
+            format!(r#"{{"model":"m","stream":true{extra},"messages":[{{"role":"user","content":"x"}}]}}"#)
+        };
+        assert!(Resumable::of("/v1/chat/completions", body("").as_bytes()).is_some());
+        assert!(Resumable::of("/v1/chat/completions", body(r#","n":1"#).as_bytes()).is_some());
+        assert!(Resumable::of("/v1/chat/completions", body(r#","n":2"#).as_bytes()).is_none(), "several choices");
+        assert!(Resumable::of("/v1/completions", body("").as_bytes()).is_none(), "not a chat completion");
+        let not_streaming = r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+        assert!(Resumable::of("/v1/chat/completions", not_streaming.as_bytes()).is_none());
+        let own_prefix =
+            r#"{"model":"m","stream":true,"messages":[{"role":"assistant","content":"Once","prefix":true}]}"#;
+        assert!(Resumable::of("/beta/chat/completions", own_prefix.as_bytes()).is_none(), "a prefix of its own");
+    }
+
+    #[test]
+    fn the_continuation_asks_for_the_rest_within_the_budget_left() {
+        let sent = br#"{"model":"m","stream":true,"max_tokens":100,"messages":[{"role":"user","content":"x"}]}"#;
+        let body = Resumable::continuation(sent, "Once upon", 40).unwrap();
+        let value: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["max_tokens"], 60);
+        let last = &value["messages"][1];
+        assert_eq!(
+            (last["role"].as_str(), last["content"].as_str(), last["prefix"].as_bool()),
+            (Some("assistant"), Some("Once upon"), Some(true))
+        );
+    }
+
+    fn chunk(data: &str) -> Bytes {
+        Bytes::from(format!("data: {data}\n\n"))
+    }
+
+    #[test]
+    fn a_cut_is_sound_only_in_content() {
+        let mut spliced = Spliced::default();
+        spliced.pass(chunk(r#"{"id":"a","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#));
+        assert!(!spliced.sound(), "nothing delivered yet");
+        spliced.pass(chunk(r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}"#));
+        assert!(!spliced.sound(), "cut while thinking");
+        spliced.pass(chunk(r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#));
+        assert!(spliced.sound());
+        let mut tools = Spliced::default();
+        tools.pass(chunk(r#"{"choices":[{"index":0,"delta":{"content":"Let me"}}]}"#));
+        tools.pass(chunk(r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#));
+        assert!(!tools.sound(), "a tool call");
+        let mut finished = Spliced::default();
+        finished.pass(chunk(r#"{"choices":[{"index":0,"delta":{"content":"Done"},"finish_reason":"stop"}]}"#));
+        assert!(!finished.sound(), "after the finish");
+    }
+
+    #[test]
+    fn a_continuation_reads_as_the_original() {
+        let mut spliced = Spliced::default();
+        let original =
+            chunk(r#"{"id":"orig","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hi"}}]}"#);
+        assert_eq!(spliced.pass(original.clone()), original, "the original passes untouched");
+        spliced.resume_events = spliced.events;
+        spliced.resumes = 1;
+        spliced.continuing = true;
+        let role = chunk(
+            r#"{"id":"cont","created":9,"model":"x","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+        );
+        assert_eq!(&spliced.pass(role)[..], b"", "no second role chunk");
+        let more = spliced.pass(chunk(
+            r#"{"id":"cont","created":9,"model":"x","choices":[{"index":0,"delta":{"content":" there"}}]}"#,
+        ));
+        let text = String::from_utf8_lossy(&more);
+        assert!(text.contains("\"id\":\"orig\"") && text.contains(" there") && !text.contains("\"cont\""), "{text}");
+        assert_eq!(spliced.content, "Hi there");
+    }
 }

@@ -19,9 +19,10 @@ pub fn relay(body: ResponseBody, stall: Duration) -> ResponseBody {
         loop {
             let next = match body.frame().await {
                 Some(frame) => Relay::Frame(frame),
+                None if body.broke() => Relay::Broken,
                 None => Relay::End,
             };
-            let end = matches!(next, Relay::End);
+            let end = matches!(next, Relay::End | Relay::Broken);
             match tokio::time::timeout(stall, tx.send(next)).await {
                 Ok(Ok(())) if !end => {}
                 Ok(Ok(())) => return,
