@@ -76,7 +76,8 @@ async fn concurrent_claims_never_lease_more_than_the_limit() {
                 invocation.key("t:held").key("t:expiry");
                 // instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel
                 invocation.arg(format!("i{n}")).arg(3).arg(0).arg(10).arg(10).arg(60_000).arg(60_000).arg("t:events");
-                let (held, _, _, _): (i64, i64, i64, i64) = invocation.invoke_async(&mut connection).await.unwrap();
+                let (held, _, _, _, _): (i64, i64, i64, i64, i64) =
+                    invocation.invoke_async(&mut connection).await.unwrap();
                 held
             })
         })
@@ -123,11 +124,19 @@ async fn instances_in_front_of_one_hidden_cap_share_it() {
     for worker in workers {
         assert!(worker.await.unwrap().iter().all(|s| *s == 200), "no client error");
     }
-    let (leased, limit) = leases(&redis, "shared", "deepseek-v4-flash").await;
+    let (_, limit) = leases(&redis, "shared", "deepseek-v4-flash").await;
     assert!(limit as usize <= CAP + 1, "the shared limit was learned near the cap: {limit}");
-    assert!(leased <= limit, "leases {leased} within the limit {limit}");
+    let mut leased = -1;
+    for _ in 0..100 {
+        leased = leases(&redis, "shared", "deepseek-v4-flash").await.0;
+        if leased == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(leased, 0, "once the work is done, the leases are given back");
     let share = mock.over_cap() as f64 / mock.arrivals() as f64;
-    assert!(share < 0.25, "the cap was shared, not hammered: {share:.2} of attempts throttled");
+    assert!(share < 0.15, "the cap was shared, not hammered: {share:.2} of attempts throttled");
     let lanes = &status(&urls[0]).await["cluster"]["lanes"];
     assert!(lanes.as_array().is_some_and(|l| !l.is_empty()), "{lanes}");
 }

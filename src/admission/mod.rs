@@ -29,12 +29,13 @@ pub use limits::{AccountLimits, LaneView, DEFAULT_ACCOUNT};
 pub use pacing::{parse_go_duration, Window};
 pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
-pub use quota::{ClientLimits, ClientView};
+pub use quota::{ClientLimits, ClientView, Waiting};
 pub use state::{LaneDemand, OTHER_MODEL, UNKNOWN_MODEL};
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
 use limits::Limits;
+use quota::Quotas;
 use state::{Full, Granted, State};
 
 /// What a request brings to admission.
@@ -50,6 +51,30 @@ pub struct Ticket<'a> {
     pub deadline: Instant,
     /// A retry goes to the front of its client's queue: it keeps its place ahead of newer requests.
     pub retry: bool,
+    /// Where its queue entry is told (for `position`), while it waits.
+    pub entry: Option<&'a Entry>,
+}
+
+/// A request's place in the queue, as `Admission::position` reads it (`NONE` when not waiting).
+#[derive(Debug)]
+pub struct Entry(std::sync::atomic::AtomicU64);
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self(AtomicU64::new(Entry::NONE))
+    }
+}
+
+impl Entry {
+    const NONE: u64 = u64::MAX;
+
+    fn set(&self, id: u64) {
+        self.0.store(id, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|id| *id != Self::NONE)
+    }
 }
 
 /// Why admission turned a request away.
@@ -85,6 +110,8 @@ pub struct Snapshot {
     pub effective_rate: Option<f64>,
     /// Each configured client's queued and in-flight requests.
     pub clients: Vec<ClientView>,
+    /// Who waits of the callers that are no configured client, together.
+    pub anonymous: Waiting,
     /// The global concurrency cap and the queue bound in force.
     pub max_concurrency: usize,
     pub max_depth: usize,
@@ -212,7 +239,12 @@ impl Admission {
                 return Err(Rejected::DeadlineExceeded { retry_after: state.retry_after_secs(&route, now) });
             }
             match state.enqueue(route.clone(), ticket.client, ticket.priority, ticket.deadline, ticket.retry, tx) {
-                Ok(id) => id,
+                Ok(id) => {
+                    if let Some(entry) = ticket.entry {
+                        entry.set(id);
+                    }
+                    id
+                }
                 Err(Full::Queue) => {
                     return Err(Rejected::QueueFull {
                         depth: state.queued(),
@@ -228,6 +260,9 @@ impl Admission {
         let mut entry = QueueEntry { shared: &self.shared, id, settled: false };
         let give_up = ticket.deadline.checked_add(DEADLINE_SLACK).unwrap_or(ticket.deadline);
         let outcome = tokio::time::timeout_at(give_up, rx).await;
+        if let Some(entry) = ticket.entry {
+            entry.set(Entry::NONE);
+        }
         match outcome {
             Ok(delivered) => {
                 entry.settled = true;
@@ -237,6 +272,11 @@ impl Admission {
             // The dispatcher did not answer in time: leave the queue (the entry's drop) and say so.
             Err(_) => Err(Rejected::DeadlineExceeded { retry_after: 1 }),
         }
+    }
+
+    /// How many requests wait ahead of `entry` for the same route (None: it is not waiting).
+    pub fn position(&self, entry: &Entry) -> Option<usize> {
+        self.shared.lock().position(entry.get()?)
     }
 
     /// The queue's depth when it is at its bound (checked before reading a request's body), else None.
@@ -289,6 +329,11 @@ impl Admission {
         self.shared.lock().lane_demand()
     }
 
+    /// Whether the cluster's Redis is reachable (new lanes then wait for their first lease).
+    pub fn set_cluster_reachable(&self, reachable: bool) {
+        self.shared.lock().set_cluster_reachable(reachable);
+    }
+
     /// Sets a lane's cluster allowance (the slots this instance holds leases for; None: its own limits).
     pub fn set_allowance(&self, key: &LaneKey, allowance: Option<usize>) {
         self.shared.lock().set_allowance(key, allowance);
@@ -315,12 +360,14 @@ impl Admission {
     pub fn snapshot(&self) -> Snapshot {
         let state = self.shared.lock();
         let now = Instant::now();
+        let waiting = state.queue_by_client(now);
         Snapshot {
             queued: state.queued(),
             queued_by_priority: state.queued_by_priority(),
             inflight: state.inflight(),
             lanes: state.lanes(now),
-            clients: state.quotas.views(),
+            clients: state.quotas.views_with(&waiting),
+            anonymous: anonymous(&state.quotas, &waiting),
             rate: state.limits.rate(),
             effective_rate: state.limits.effective_rate(),
             max_concurrency: state.limits.max_concurrency(),
@@ -495,3 +542,15 @@ fn reject(waiting: Vec<state::Sender>, why: &Rejected) {
 
 #[cfg(test)]
 mod tests;
+
+/// What the callers that are no configured client have waiting, together.
+fn anonymous(quotas: &Quotas, waiting: &std::collections::HashMap<ClientId, Waiting>) -> Waiting {
+    let mut all = Waiting::default();
+    for (_, one) in waiting.iter().filter(|(client, _)| !quotas.lists(**client)) {
+        for (sum, n) in all.by_priority.iter_mut().zip(one.by_priority) {
+            *sum += n;
+        }
+        all.oldest = all.oldest.max(one.oldest);
+    }
+    all
+}

@@ -30,6 +30,15 @@ pub struct ClientView {
     pub name: Arc<str>,
     pub queued: usize,
     pub inflight: usize,
+    /// Of its queued requests: how many by priority (low, normal, high), and the longest wait so far.
+    pub waiting: Waiting,
+}
+
+/// Who waits in the queue, for `/status`: by priority, and the longest wait so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Waiting {
+    pub by_priority: [usize; 3],
+    pub oldest: Option<std::time::Duration>,
 }
 
 struct Quota {
@@ -167,12 +176,23 @@ impl Quotas {
     }
 
     /// Every configured client's use, by name.
-    pub fn views(&self) -> Vec<ClientView> {
+    /// Whether `client` is a configured client (one `views_with` lists).
+    pub fn lists(&self, client: ClientId) -> bool {
+        self.clients.get(&client).is_some_and(|q| !q.removed)
+    }
+
+    /// Each configured client's view, with what `waiting` says of its queued requests.
+    pub fn views_with(&self, waiting: &HashMap<ClientId, Waiting>) -> Vec<ClientView> {
         let mut views: Vec<ClientView> = self
             .clients
-            .values()
-            .filter(|q| !q.removed)
-            .map(|q| ClientView { name: q.limits.name.clone(), queued: q.queued, inflight: q.inflight })
+            .iter()
+            .filter(|(_, q)| !q.removed)
+            .map(|(id, q)| ClientView {
+                name: q.limits.name.clone(),
+                queued: q.queued,
+                inflight: q.inflight,
+                waiting: waiting.get(id).copied().unwrap_or_default(),
+            })
             .collect();
         views.sort_by(|a, b| a.name.cmp(&b.name));
         views
@@ -206,7 +226,10 @@ mod tests {
         assert_eq!(quotas.may_queue(7), Ok(()));
         assert!(quotas.queued(7));
         assert_eq!(quotas.may_queue(7), Err(1), "its share of the queue");
-        assert_eq!(quotas.views()[0], ClientView { name: Arc::from("batch"), queued: 1, inflight: 1 });
+        assert_eq!(
+            quotas.views_with(&HashMap::new())[0],
+            ClientView { name: Arc::from("batch"), queued: 1, inflight: 1, waiting: Waiting::default() }
+        );
     }
 
     #[test]
@@ -215,9 +238,9 @@ mod tests {
         quotas.reconfigure(vec![(7, limits(Some(1), None, None))]);
         let counted = quotas.took(7, Instant::now());
         quotas.reconfigure(vec![(7, limits(Some(3), None, None))]);
-        assert_eq!(quotas.views()[0].inflight, 1, "what it holds is kept");
+        assert_eq!(quotas.views_with(&HashMap::new())[0].inflight, 1, "what it holds is kept");
         quotas.reconfigure(vec![]);
-        assert!(quotas.views().is_empty());
+        assert!(quotas.views_with(&HashMap::new()).is_empty());
         assert_eq!(quotas.turn(7, Instant::now()), Turn::Now);
         quotas.released(7, counted);
         assert!(quotas.clients.is_empty(), "forgotten once its last request ended");

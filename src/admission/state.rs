@@ -17,7 +17,7 @@ use super::limits::{AccountLimits, LaneView, Limits};
 use super::pacing::Window;
 use super::probe::Readiness;
 use super::queue::{ClientId, FairQueue, Pick, Priority};
-use super::quota::{Quotas, Turn};
+use super::quota::{Quotas, Turn, Waiting};
 use super::Rejected;
 
 /// The lane of requests whose model could not be read (no JSON body, invalid JSON, no `model`).
@@ -38,6 +38,8 @@ pub type Sender = oneshot::Sender<Result<super::Permit, Rejected>>;
 /// A request waiting for dispatch, and how to tell it the outcome.
 pub struct Waiter {
     route: Arc<str>,
+    /// When it began to wait (this time: a retry waits anew).
+    since: Instant,
     priority: Priority,
     client: ClientId,
     /// Counted in its client's quota (see `Quotas::queued`).
@@ -111,6 +113,9 @@ pub struct State {
     turn: usize,
     /// Accounts that serve nothing now (their new lanes start disabled too).
     disabled: Vec<Arc<str>>,
+    /// The cluster allowance a new lane starts with: `Some(0)` while a cluster's Redis is reachable (it
+    /// dispatches nothing before its first lease), None otherwise (its own limits).
+    new_lane_allowance: Option<usize>,
     pub closed: bool,
     #[cfg(test)]
     pub panic_next_dispatch: bool,
@@ -131,6 +136,7 @@ impl State {
             next_id: 0,
             turn: 0,
             disabled: Vec::new(),
+            new_lane_allowance: None,
             closed: false,
             #[cfg(test)]
             panic_next_dispatch: false,
@@ -161,6 +167,7 @@ impl State {
                     None => {
                         let mut lane = self.limits.lane(account, &model, now);
                         lane.enabled = !self.disabled.contains(&account.name);
+                        lane.allowance = self.new_lane_allowance;
                         self.lanes.insert(key, lane);
                     }
                 }
@@ -199,12 +206,10 @@ impl State {
         let mut lanes = Vec::new();
         for account in serving(&self.limits.accounts, None) {
             let lane = LaneKey { account: account.name.clone(), model: key.clone() };
-            let enabled = !self.disabled.contains(&account.name);
-            self.lanes.entry(lane.clone()).or_insert_with(|| {
-                let mut lane = self.limits.lane(account, &key, now);
-                lane.enabled = enabled;
-                lane
-            });
+            if !self.lanes.contains_key(&lane) {
+                let new = self.new_lane(account, &key, now);
+                self.lanes.insert(lane.clone(), new);
+            }
             lanes.push(lane);
         }
         let model = key.clone();
@@ -231,12 +236,10 @@ impl State {
         let mut lanes = Vec::new();
         if let Some(account) = self.limits.accounts.iter().find(|a| &*a.name == pool) {
             let lane = LaneKey { account: account.name.clone(), model: model.clone() };
-            let enabled = !self.disabled.contains(&account.name);
-            self.lanes.entry(lane.clone()).or_insert_with(|| {
-                let mut lane = self.limits.lane(account, &model, now);
-                lane.enabled = enabled;
-                lane
-            });
+            if !self.lanes.contains_key(&lane) {
+                let new = self.new_lane(account, &model, now);
+                self.lanes.insert(lane.clone(), new);
+            }
             lanes.push(lane);
         }
         let pool = Some(Arc::from(pool));
@@ -313,7 +316,8 @@ impl State {
         }
         self.deadlines.push(Reverse((deadline, id)));
         let counted = self.quotas.queued(client);
-        self.waiters.insert(id, Waiter { route, priority, client, counted, tx });
+        let since = Instant::now();
+        self.waiters.insert(id, Waiter { route, since, priority, client, counted, tx });
         self.depth[priority as usize] += 1;
         Ok(id)
     }
@@ -463,6 +467,24 @@ impl State {
         ids.into_iter().filter_map(|id| self.remove_waiter(id)).map(|waiter| waiter.tx).collect()
     }
 
+    /// How many requests wait ahead of entry `id` for its route (those that came before it).
+    pub fn position(&self, id: u64) -> Option<usize> {
+        let route = &self.waiters.get(&id)?.route;
+        Some(self.waiters.iter().filter(|(other, w)| **other < id && w.route == *route).count())
+    }
+
+    /// Who waits: per client, how many by priority and the longest wait so far.
+    pub fn queue_by_client(&self, now: Instant) -> HashMap<ClientId, Waiting> {
+        let mut clients: HashMap<ClientId, Waiting> = HashMap::new();
+        for waiter in self.waiters.values() {
+            let waiting = clients.entry(waiter.client).or_default();
+            waiting.by_priority[waiter.priority as usize] += 1;
+            let waited = now.saturating_duration_since(waiter.since);
+            waiting.oldest = Some(waiting.oldest.map_or(waited, |w| w.max(waited)));
+        }
+        clients
+    }
+
     /// Whether some account can serve `route` (a lane of it is enabled).
     pub fn serves(&self, route: &str) -> bool {
         self.routes.get(route).is_some_and(|r| r.lanes.iter().any(|k| self.lanes.get(k).is_some_and(|l| l.enabled)))
@@ -498,6 +520,26 @@ impl State {
                 }
             })
             .collect()
+    }
+
+    /// A lane of `account` for `model`: serving unless the account is disabled; in a reachable cluster,
+    /// with no allowance until its first lease.
+    fn new_lane(&self, account: &AccountLimits, model: &str, now: Instant) -> Lane {
+        let mut lane = self.limits.lane(account, model, now);
+        lane.enabled = !self.disabled.contains(&account.name);
+        lane.allowance = self.new_lane_allowance;
+        lane
+    }
+
+    /// Whether a cluster's Redis is reachable: new lanes then wait for their first lease, and lanes still
+    /// on their own limits keep what they have in flight but dispatch nothing new until then.
+    pub fn set_cluster_reachable(&mut self, reachable: bool) {
+        self.new_lane_allowance = reachable.then_some(0);
+        if reachable {
+            for lane in self.lanes.values_mut().filter(|lane| lane.allowance.is_none()) {
+                lane.allowance = Some(lane.inflight);
+            }
+        }
     }
 
     /// Sets a lane's cluster allowance (None: the lane is bound by its own limits again).

@@ -31,6 +31,7 @@ fn ticket(model: &str, client: ClientId) -> Ticket<'_> {
         priority: Priority::Normal,
         deadline: Instant::now() + Duration::from_secs(60),
         retry: false,
+        entry: None,
     }
 }
 

@@ -141,10 +141,21 @@ fn instance_id() -> String {
     format!("{}-{}-{:06x}", host.trim(), std::process::id(), random & 0xff_ffff)
 }
 
-/// This instance's leases, per lane: how many, and since when it has wanted fewer.
+/// What CLAIM answered: the slots leased here (what is in flight stays leased), the lane's limit, the
+/// slots all instances hold, whether it probes, and how many of this instance's may serve dispatches.
+struct Claim {
+    held: usize,
+    limit: usize,
+    all: usize,
+    probing: bool,
+    granted: usize,
+}
+
+/// This instance's leases, per lane: how many (and how many usable), and since when it has wanted fewer.
 #[derive(Default)]
 struct Lease {
     held: usize,
+    granted: usize,
     limit: usize,
     claimed: Option<Instant>,
     surplus_since: Option<Instant>,
@@ -179,6 +190,7 @@ async fn run(
                 tracing::info!(instance = %settings.instance, "joined the cluster's Redis");
                 warned = false;
                 this.update(|v| v.connected = true);
+                admission.set_cluster_reachable(true);
                 let session = Session {
                     settings: &settings,
                     scripts: &scripts,
@@ -196,6 +208,7 @@ async fn run(
             _ => {}
         }
         this.update(|v| v.connected = false);
+        admission.set_cluster_reachable(false);
         fail_open(&admission, &leases, this.view().members);
         drop(this);
         // Signals meanwhile go nowhere (the limits are local until Redis is back).
@@ -324,22 +337,23 @@ impl Session<'_> {
         for lane in &demand {
             let lease = leases.entry(lane.key.clone()).or_default();
             let due = lease.claimed.is_none_or(|at| now.duration_since(at) >= renew);
-            let wants_more = lane.wanted > lease.held;
+            let wants_more = lane.wanted > lease.granted;
             let surplus = lane.wanted < lease.held;
             lease.surplus_since = if surplus { lease.surplus_since.or(Some(now)) } else { None };
             let shed = lease.surplus_since.is_some_and(|since| now.duration_since(since) >= LINGER);
             if due
                 || shed
                 || (wants_more && (released || lease.claimed.is_none_or(|at| now.duration_since(at) >= POLL / 5)))
-                || lane.allowance != Some(lease.held)
+                || lane.allowance != Some(lease.granted)
             {
                 // Demand that lingers keeps its leases a little (a burst's next request needs no round trip).
                 let desired = if shed || !surplus { lane.wanted } else { lease.held };
-                let (held, limit, all, probing) = self.claim(lane, desired).await?;
+                let Claim { held, limit, all, probing, granted } = self.claim(lane, desired).await?;
                 lease.held = held;
+                lease.granted = granted;
                 lease.limit = limit;
                 lease.claimed = Some(now);
-                self.admission.set_allowance(&lane.key, Some(held));
+                self.admission.set_allowance(&lane.key, Some(granted));
                 views.push(LaneView {
                     account: lane.key.account.to_string(),
                     model: lane.key.model.to_string(),
@@ -363,11 +377,7 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn claim(
-        &mut self,
-        lane: &LaneDemand,
-        desired: usize,
-    ) -> Result<(usize, usize, usize, bool), redis::RedisError> {
+    async fn claim(&mut self, lane: &LaneDemand, desired: usize) -> Result<Claim, redis::RedisError> {
         let cap = self.cap(lane.cap);
         let initial = if self.settings.adaptive { INITIAL_LIMIT.min(cap) } else { cap };
         let [state, held, expiry] = self.settings.lane_keys(&lane.key);
@@ -376,9 +386,9 @@ impl Session<'_> {
         invocation.arg(&self.settings.instance).arg(desired).arg(lane.inflight).arg(cap).arg(initial);
         invocation.arg(millis(self.settings.ttl)).arg(millis(KEEP)).arg(self.settings.channel());
         self.count();
-        let (held, limit, all, probing): (usize, usize, usize, u8) =
+        let (held, limit, all, probing, granted): (usize, usize, usize, u8, usize) =
             invocation.invoke_async(&mut self.connection).await?;
-        Ok((held, limit, all, probing == 1))
+        Ok(Claim { held, limit, all, probing: probing == 1, granted })
     }
 
     fn cap(&self, cap: Option<usize>) -> usize {

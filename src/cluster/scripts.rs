@@ -7,7 +7,9 @@ use redis::Script;
 /// CLAIM: this instance wants `desired` slots of the lane (never fewer than `floor`, its requests in
 /// flight). Lapsed instances' leases come back first. Grants up to the lane's learned limit minus what
 /// the others hold; while the lane probes, nothing new but one probe at a time, cluster-wide, once its gap
-/// has passed. Returns {held by this instance, limit, held by all, probing (0/1)}.
+/// has passed. What is in flight stays leased even past the limit, but only `granted` may be used for new
+/// dispatches (an instance over its share drains down to it). Returns {held by this instance, limit, held
+/// by all, probing (0/1), granted}.
 ///
 /// KEYS: state, held, expiry. ARGV: instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel.
 pub const CLAIM: &str = r#"
@@ -38,7 +40,8 @@ if probe_at > 0 then
     redis.call('HSET', KEYS[1], 'probe_at', now + gap)
   end
 end
-local held = math.max(floor, math.min(desired, math.max(room, 0)))
+local granted = math.min(desired, math.max(room, 0))
+local held = math.max(floor, granted)
 if held > 0 then
   redis.call('HSET', KEYS[2], instance, held)
   redis.call('ZADD', KEYS[3], now + ttl, instance)
@@ -50,13 +53,15 @@ for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
 if held < mine then redis.call('PUBLISH', ARGV[8], 'released') end
 local probing = 0
 if probe_at > 0 then probing = 1 end
-return {held, limit, others + held, probing}
+return {held, limit, others + held, probing, granted}
 "#;
 
 /// SIGNAL: what attempts on the lane came to, `accepted` of them taken and `throttled` refused (429,
-/// 503 overloaded; `retry_ms` the longest Retry-After). A throttle lowers the learned limit to what all
-/// instances hold, minus one (at most every 200 ms: one burst of 429s is one decrease); three in a row, a
-/// Retry-After, or the floor reached start probing with a gap doubling from `base_ms` to `max_ms`.
+/// 503 overloaded; `retry_ms` the longest Retry-After). Each throttle lowers the learned limit by one
+/// below what all instances hold (a wave of n 429s over a limit that was n too high converges in one
+/// step, as a single instance's lane does); a throttled probe lowers nothing (the probing gate handles
+/// it). The level before a wave (200 ms) is the ceiling. Three in a row, a Retry-After, or the floor
+/// reached start probing with a gap doubling from `base_ms` to `max_ms`.
 /// Acceptances end probing; at the limit they raise it — by one each before the first throttle (slow
 /// start), by one a second after, and only every ten seconds at and past the level that was throttled
 /// last (the ceiling). Returns the limit.
@@ -72,10 +77,10 @@ local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[2])) do total = total + tonumber(v) end
 local changed = false
 if throttled > 0 then
-  local last = tonumber(redis.call('HGET', KEYS[1], 'last_dec') or '0')
-  if now - last >= 200 then
-    redis.call('HSET', KEYS[1], 'ceiling', limit)
-    limit = math.max(min, math.min(limit - 1, total - 1))
+  if redis.call('HEXISTS', KEYS[1], 'probe_at') == 0 then
+    local last = tonumber(redis.call('HGET', KEYS[1], 'last_dec') or '0')
+    if now - last >= 200 then redis.call('HSET', KEYS[1], 'ceiling', limit) end
+    limit = math.max(min, math.min(limit, total) - throttled)
     redis.call('HSET', KEYS[1], 'limit', limit, 'last_dec', now, 'acks', 0)
     redis.call('HINCRBY', KEYS[1], 'throttles', 1)
   end

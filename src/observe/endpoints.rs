@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::cache_metrics::CacheMetrics;
 use super::metrics::OUTCOMES;
-use crate::admission::Priority;
+use crate::admission::{Priority, Waiting};
 use crate::config::Secret;
 use crate::error::ProxyError;
 use crate::proxy::{Generation, Proxy, ResponseBody};
@@ -156,10 +156,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             })
         })
         .collect();
-    let by_priority: serde_json::Map<String, Value> = Priority::ALL
-        .iter()
-        .map(|p| (p.as_str().to_string(), json!(snapshot.queued_by_priority[*p as usize])))
-        .collect();
+    let by_priority_all = by_priority(snapshot.queued_by_priority);
     let requests: serde_json::Map<String, Value> = OUTCOMES
         .iter()
         .zip(&totals.requests)
@@ -170,7 +167,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": metrics.started.elapsed().as_secs(),
         "upstream": config.upstream.base_url,
-        "queue": { "depth": snapshot.queued, "by_priority": by_priority, "max_depth": snapshot.max_depth },
+        "queue": { "depth": snapshot.queued, "by_priority": by_priority_all, "max_depth": snapshot.max_depth },
         "inflight": { "all": snapshot.inflight, "by_model": by_model },
         "limits": {
             "adaptive": config.limits.adaptive,
@@ -216,7 +213,11 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
 /// daily quota, queued and in flight now.
 fn clients_status(proxy: &Proxy, generation: &Generation, snapshot: &crate::admission::Snapshot) -> Vec<Value> {
     let totals = proxy.metrics().clients.totals();
-    let row = |name: &str, tokens_today: Option<u64>, quota: Option<u64>, queued: usize, inflight: usize| {
+    let row = |name: &str,
+               tokens_today: Option<u64>,
+               quota: Option<u64>,
+               (queued, waiting): (usize, Waiting),
+               inflight: usize| {
         let requests: serde_json::Map<String, Value> = match totals.get(name) {
             Some(t) => OUTCOMES
                 .iter()
@@ -236,6 +237,8 @@ fn clients_status(proxy: &Proxy, generation: &Generation, snapshot: &crate::admi
             "daily_tokens": quota,
             "quota_used": quota.zip(tokens_today).map(|(q, t)| t as f64 / q as f64),
             "queued": queued,
+            "queued_by_priority": by_priority(waiting.by_priority),
+            "oldest_wait_seconds": waiting.oldest.map(|w| w.as_secs_f64()),
             "inflight": inflight,
         })
     };
@@ -243,18 +246,18 @@ fn clients_status(proxy: &Proxy, generation: &Generation, snapshot: &crate::admi
     let (mut queued, mut inflight) = (0, 0);
     for name in generation.clients.names() {
         let view = snapshot.clients.iter().find(|v| v.name == *name);
-        let (q, i) = view.map_or((0, 0), |v| (v.queued, v.inflight));
+        let (q, i, w) = view.map_or((0, 0, Waiting::default()), |v| (v.queued, v.inflight, v.waiting));
         queued += q;
         inflight += i;
         let quota = generation.clients.get(name).and_then(|c| c.daily_tokens);
-        rows.push(row(name, Some(proxy.tokens_today(name)), quota, q, i));
+        rows.push(row(name, Some(proxy.tokens_today(name)), quota, (q, w), i));
     }
     let anonymous = crate::config::ANONYMOUS;
     rows.push(row(
         anonymous,
         None,
         None,
-        snapshot.queued.saturating_sub(queued),
+        (snapshot.queued.saturating_sub(queued), snapshot.anonymous),
         snapshot.inflight.saturating_sub(inflight),
     ));
     rows
@@ -281,4 +284,9 @@ fn cache_status(generation: &Generation, cache: &CacheMetrics) -> Value {
         "evictions": cache.evictions(),
         "backend_errors": cache.backend_errors(),
     })
+}
+
+/// Counts by priority as `{"low": n, "normal": n, "high": n}`.
+fn by_priority(counts: [usize; 3]) -> Value {
+    Value::Object(Priority::ALL.iter().map(|p| (p.as_str().to_string(), json!(counts[*p as usize]))).collect())
 }

@@ -47,6 +47,8 @@ pub struct Progress {
     pub upstream: Option<std::sync::Arc<str>>,
     /// Times the request moved on to a fallback.
     pub fallbacks: u32,
+    /// Its place in the queue while it waits (for the keep-alive comments).
+    pub entry: Arc<crate::admission::Entry>,
     /// Set while the request waits (in the queue or backing off): since when. A request abandoned then
     /// counts this wait too.
     pub waiting_since: Option<Instant>,
@@ -158,6 +160,7 @@ impl Proxy {
                 ticket_deadline = ticket_deadline.min(after);
             }
             let model = leg.model.as_deref().or(seen.model.as_deref());
+            let entry = progress.entry.clone();
             let ticket = Ticket {
                 model,
                 pool: target.pool.as_deref(),
@@ -165,6 +168,7 @@ impl Proxy {
                 priority: seen.priority,
                 deadline: ticket_deadline,
                 retry: progress.attempts > 0,
+                entry: Some(&entry),
             };
             progress.wait();
             let admitted = tokio::select! {
