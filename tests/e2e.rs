@@ -6,6 +6,7 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use support::*;
 
@@ -148,4 +149,40 @@ async fn sdk_parses_a_replayed_stream_into_the_original_content() {
     let sluice = Sluice::start(config).await;
     run_sdk(&sluice, "cache_replay").await;
     assert_eq!(mock.arrivals(), 1, "the second stream came from the cache");
+}
+
+/// sluice with one request a `period` and keep-alive comments every second; the token is spent by a
+/// first request, so the scenario's stream waits about `period`.
+async fn queued(mock: &Mock, period: &str) -> Sluice {
+    let mut config = config_for(mock);
+    config.limits.rate = Some(format!("1/{period}").parse().unwrap());
+    config.limits.burst = Some(1);
+    config.queue.stream_keepalive = Duration::from_secs(1);
+    let sluice = Sluice::start(config).await;
+    assert_eq!(chat(&sluice, "deepseek-v4-flash", &[]).await.status, 200);
+    sluice
+}
+
+#[tokio::test]
+async fn sdk_reads_a_stream_that_waited_in_the_queue_past_its_keepalive_comments() {
+    let mock = Mock::start(hello_stream(Ending::Complete)).await;
+    let sluice = queued(&mock, "3s").await;
+    run_sdk(&sluice, "queued_stream").await;
+    assert_eq!(mock.arrivals(), 2);
+}
+
+#[tokio::test]
+async fn sdk_raises_the_upstreams_400_that_came_after_the_early_head() {
+    let mock = Mock::start(|_, index| match index {
+        0 => Reply::json(200, completion("first")),
+        1 => Reply::json(429, r#"{"error":{"message":"Rate Limit Reached","type":"rate_limit_error"}}"#),
+        _ => Reply::json(
+            400,
+            r#"{"error":{"message":"Invalid max_tokens value","type":"invalid_request_error","code":"invalid_value"}}"#,
+        ),
+    })
+    .await;
+    let sluice = queued(&mock, "3s").await;
+    run_sdk(&sluice, "queued_stream_error").await;
+    assert_eq!(mock.arrivals(), 3, "the 429 was retried underneath");
 }

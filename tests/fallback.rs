@@ -82,6 +82,8 @@ async fn a_slow_first_token_goes_to_the_fallback_within_the_first_token_limit() 
     let fallback = Mock::start(|_, _| canonical_stream(3, 0, None, Ending::Complete, "fast")).await;
     let mut config = with_fallback(&primary, &fallback);
     config.fallback.first_token_timeout = Duration::from_secs(15);
+    // No early head (it would go out at 15 s too, before anyone knew which upstream answers).
+    config.queue.stream_keepalive = Duration::ZERO;
     let sluice = Sluice::start(config).await;
     let started = Instant::now();
     let answer = ask(&sluice, pro(true)).await;

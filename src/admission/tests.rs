@@ -19,7 +19,7 @@ fn admission(global: u32, models: &[(&str, u32)], max_depth: usize) -> Admission
         aliases: BTreeMap::from([("alias".to_string(), "m".to_string())]),
         ..LimitsConfig::default()
     };
-    let queue = QueueConfig { max_depth, max_wait: Duration::from_secs(60) };
+    let queue = QueueConfig { max_depth, max_wait: Duration::from_secs(60), ..QueueConfig::default() };
     Admission::new(&limits, &queue, &RetryConfig::default(), vec![])
 }
 
@@ -387,7 +387,7 @@ async fn a_flood_of_model_names_shares_one_route_without_harm() {
 #[tokio::test(start_paused = true)]
 async fn with_a_rate_limit_every_route_gets_its_turn() {
     let limits = LimitsConfig { rate: Some("10/s".parse().unwrap()), burst: Some(1), ..LimitsConfig::default() };
-    let queue = QueueConfig { max_depth: 100, max_wait: Duration::from_secs(60) };
+    let queue = QueueConfig { max_depth: 100, max_wait: Duration::from_secs(60), ..QueueConfig::default() };
     let admission = Admission::new(&limits, &queue, &RetryConfig::default(), vec![]);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for model in ["a", "b", "c", "d"] {

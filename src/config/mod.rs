@@ -195,11 +195,15 @@ pub struct QueueConfig {
     /// Keep it under the clients' own timeout (600 s for the OpenAI SDKs).
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// A streaming request with no response after this long gets its head (200, SSE) and then an SSE
+    /// comment every interval while it waits; later failures are in-band error events. 0s: off.
+    #[serde(with = "humantime_serde")]
+    pub stream_keepalive: Duration,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { max_depth: 10_000, max_wait: Duration::from_secs(300) }
+        Self { max_depth: 10_000, max_wait: Duration::from_secs(300), stream_keepalive: Duration::from_secs(15) }
     }
 }
 
@@ -311,6 +315,7 @@ impl Config {
         }
         let bounded = durations.into_iter().chain([
             ("server.shutdown_grace", self.server.shutdown_grace),
+            ("queue.stream_keepalive", self.queue.stream_keepalive),
             ("upstream.pool_idle_timeout", self.upstream.pool_idle_timeout),
         ]);
         for (key, value) in bounded {

@@ -55,6 +55,18 @@ pub enum Relay {
     End,
     /// The body ended through a failure (a stream's in-band error event went out first).
     Broken,
+    /// How the request behind a head sent early fared (`queued.rs`): for its log line.
+    Settled(Box<Settled>),
+}
+
+/// What a relay learned after the head went out: the request's progress, its status and outcome, and
+/// the model that answered.
+pub struct Settled {
+    pub progress: super::attempts::Progress,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub model_label: Option<String>,
+    pub error: Option<&'static str>,
 }
 
 /// The upstream's body in flight, with the stall detector and what the SSE error rule needs.
@@ -175,6 +187,18 @@ impl ResponseBody {
             Kind::Upstream(stream) => stream.poll_next(cx),
             Kind::Relayed(rx) => match rx.poll_recv(cx) {
                 Poll::Ready(Some(Relay::Frame(frame))) => Poll::Ready(Some(frame)),
+                Poll::Ready(Some(Relay::Settled(settled))) => {
+                    if let Some(log) = &mut self.log {
+                        super::track::record(log, &settled.progress);
+                        log.upstream_status = log.upstream_status.or(Some(settled.status));
+                        log.outcome = settled.outcome;
+                        log.error = settled.error;
+                        if let Some(label) = settled.model_label {
+                            log.model_label = label;
+                        }
+                    }
+                    return self.poll_inner(cx);
+                }
                 Poll::Ready(Some(end @ (Relay::End | Relay::Broken))) => {
                     self.kind = Kind::Full(None);
                     self.relay_broke = matches!(end, Relay::Broken);

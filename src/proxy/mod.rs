@@ -20,6 +20,7 @@ mod fallback;
 mod headers;
 mod ledger;
 mod policy;
+mod queued;
 mod request;
 mod respond;
 mod resume;
@@ -268,12 +269,7 @@ impl Proxy {
         }
         let mut response = match forwarded {
             Ok(response) => {
-                let outcome = match response.status().as_u16() {
-                    500.. => "upstream_error",
-                    400.. => "client_error",
-                    _ => "success",
-                };
-                track.answered(outcome);
+                track.answered(track::outcome_of(response.status().as_u16()));
                 response
             }
             Err(err) => {
@@ -302,15 +298,11 @@ impl Proxy {
             headers.insert(QUEUE_MS_HEADER, HeaderValue::from(millis(progress.waited)));
         }
         log.status = response.status().as_u16();
-        log.attempts = progress.attempts;
-        log.queue_ms = millis(progress.waited);
-        log.upstream_status = progress.last_status;
-        log.ttfb_ms = progress.ttfb.map(millis);
-        log.account = progress.account.clone();
-        log.upstream = progress.upstream.clone();
+        track::record(&mut log, &progress);
         // Usage is read from the body's plain bytes: not from an upstream's own error, nor a compressed one.
         let plain = !response.headers().contains_key(header::CONTENT_ENCODING);
-        log.report_to(self.metrics.clone(), progress.ttfb.is_some() && plain);
+        let early = response.headers().contains_key(queued::QUEUED_HEADER); // its upstream body comes later
+        log.report_to(self.metrics.clone(), (progress.ttfb.is_some() || early) && plain);
         response.body_mut().log_to(log);
         response
     }
@@ -407,7 +399,11 @@ impl Proxy {
             self.start_call(call, generation.clone(), work, (key, store));
             return cached::member_response(member, true, track).await;
         }
-        // 8. Admission, the upstream, retries — until a deliverable response or a final error.
+        // 8. Admission, the upstream, retries — until a deliverable response or a final error. A stream
+        //    that waits long gets its head early and keep-alive comments meanwhile (`queued.rs`).
+        if seen.stream && !config.queue.stream_keepalive.is_zero() {
+            return self.exchange_keeping_alive(generation, outgoing, seen, deadline, budget, track).await;
+        }
         let sent = self.send_with_retries(generation, &outgoing, &seen, deadline, &mut track.progress, None).await?;
         // 9. Stream the response back frame by frame; the body holds the slot until it ends.
         self.respond(sent, generation, Some((outgoing, seen, deadline, Some(budget))))

@@ -51,3 +51,23 @@ impl Drop for Track {
         }
     }
 }
+
+/// Writes how the request fared into its log record (at the response head; for a head sent early, when
+/// the request settles).
+pub(super) fn record(log: &mut RequestLog, progress: &Progress) {
+    log.attempts = progress.attempts;
+    log.queue_ms = millis(progress.waited);
+    log.upstream_status = progress.last_status;
+    log.ttfb_ms = progress.ttfb.map(millis);
+    log.account = progress.account.clone();
+    log.upstream = progress.upstream.clone();
+}
+
+/// The outcome counted for a response of `status` (sluice's own errors have theirs).
+pub(super) fn outcome_of(status: u16) -> &'static str {
+    match status {
+        500.. => "upstream_error",
+        400.. => "client_error",
+        _ => "success",
+    }
+}

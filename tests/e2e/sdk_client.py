@@ -96,5 +96,40 @@ def resumed():
     assert usage is not None and usage.completion_tokens == 60, usage
 
 
-{"cache_replay": cache_replay, "chat": chat, "resumed": resumed, "stream": stream, "stream_error": stream_error, "absorbed_429": absorbed_429}[scenario]()
+def queued_stream():
+    """A stream that waited in sluice's queue: its head came early, keep-alive comments followed (which
+    the SDK must not turn into chunks), then the upstream's events."""
+    raw = client.chat.completions.with_raw_response.create(model="deepseek-v4-flash", messages=messages, stream=True)
+    assert raw.headers["x-sluice-queued"] == "true", raw.headers
+    pieces = []
+    for chunk in raw.parse():
+        assert chunk.choices, chunk
+        if chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) == "Hello, world", pieces
+
+
+def queued_stream_error():
+    """A stream that waited, then was refused by the upstream (400): the SDK raises with its message."""
+    try:
+        for _ in client.chat.completions.create(model="deepseek-v4-flash", messages=messages, stream=True):
+            pass
+    except openai.APIError as err:
+        assert err.message == "Invalid max_tokens value", err.message
+        assert err.body["status"] == 400 and err.body["type"] == "invalid_request_error", err.body
+        return
+    raise AssertionError("an upstream 400 after the early head ended like a success")
+
+
+SCENARIOS = {
+    "absorbed_429": absorbed_429,
+    "cache_replay": cache_replay,
+    "chat": chat,
+    "queued_stream": queued_stream,
+    "queued_stream_error": queued_stream_error,
+    "resumed": resumed,
+    "stream": stream,
+    "stream_error": stream_error,
+}
+SCENARIOS[scenario]()
 print("ok")
