@@ -60,6 +60,8 @@ fn the_shipped_file_mentions_every_key() {
     every.server.state_dir = Some("/x".into());
     every.cache.redis_url = Some("redis://x".into());
     every.cluster.redis_url = Some("redis://x".into());
+    every.upstream.proxy = Some(sluice::config::ProxyUrl::new("http://u:p@x:1"));
+    every.upstream.ca_file = Some("/x".into());
     let all: toml::Value = toml::Value::try_from(&every).unwrap();
     let mut all_keys = Vec::new();
     key_paths(&all, "", &mut all_keys);
@@ -95,4 +97,35 @@ fn check_config_names_a_bad_key_and_exits_64() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("queue.max_wait"), "{stderr}");
+}
+
+#[test]
+fn check_config_shows_the_proxy_without_its_credentials_and_names_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("sluice-check-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[upstream]\nproxy = \"http://alice:s3cret@proxy.corp:3128\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check-config", "--config"])
+        .arg(&good)
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("proxy = \"http://[redacted]@proxy.corp:3128\""), "{stdout}");
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[upstream]\nproxy = \"ftp://carol:pw@proxy.corp\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("upstream.proxy") && stderr.contains("http://proxy.corp:3128"), "{stderr}");
+    assert!(!stderr.contains(":pw@"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -23,7 +23,7 @@ pub use fallback::{FallbackConfig, FallbackSettings};
 pub use load::{load, load_api_key, Overrides};
 pub use rate::Rate;
 pub use secret::{ApiKey, Secret};
-pub use upstream::{AccountConfig, BalanceConfig, UpstreamConfig};
+pub use upstream::{without_credentials, AccountConfig, BalanceConfig, ProxyUrl, TlsRoots, UpstreamConfig};
 
 /// Everything sluice can be told. Every field has a default, so an empty file is a valid config.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -331,6 +331,9 @@ impl Config {
         clients::validate(&self.clients)?;
         let account_names: Vec<String> = self.upstream.accounts.iter().map(|a| a.name.clone()).collect();
         fallback::validate(&self.fallbacks, &account_names, &self.upstream.base_url)?;
+        if let Some(proxy) = &self.upstream.proxy {
+            proxy.validate()?;
+        }
         if self.fallback.after.is_zero() || self.fallback.after > MAX_DURATION {
             return Err(invalid(
                 "fallback.after",

@@ -43,6 +43,16 @@ pub struct UpstreamConfig {
     pub accounts: Vec<AccountConfig>,
     /// The balance watch.
     pub balance: BalanceConfig,
+    /// How connections to the upstream leave the host: `http://[user:pass@]host:port` (a CONNECT tunnel;
+    /// TLS stays end to end) or `socks5://` / `socks5h://`; `"none"`: directly, whatever the environment
+    /// says. Unset: `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` and `NO_PROXY` from the environment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyUrl>,
+    /// Extra trusted roots (PEM): a company's TLS-inspecting proxy or a private upstream's CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Which roots are trusted besides `ca_file`: the bundled Mozilla set, the system's, or both.
+    pub tls_roots: TlsRoots,
     /// The key in use, read from `api_key_file`, `$CREDENTIALS_DIRECTORY` or `DEEPSEEK_API_KEY`;
     /// never read from the config file and shown only redacted.
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
@@ -64,8 +74,91 @@ impl Default for UpstreamConfig {
                 .to_vec(),
             accounts: Vec::new(),
             balance: BalanceConfig::default(),
+            proxy: None,
+            ca_file: None,
+            tls_roots: TlsRoots::Bundled,
             api_key: None,
         }
+    }
+}
+
+/// `upstream.tls_roots`: whose certificate authorities sluice trusts for the upstream. Verification is
+/// never switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsRoots {
+    /// Mozilla's roots, built in (webpki-roots): the same everywhere, even in a scratch container.
+    #[default]
+    Bundled,
+    /// The operating system's store (rustls-native-certs: /etc/ssl/certs and the like), read at start.
+    System,
+    Both,
+}
+
+/// `upstream.proxy`: a proxy URL, which may hold credentials — shown only without them.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct ProxyUrl(String);
+
+impl ProxyUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL as configured, credentials included (for the connector only).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `"none"`: connect directly, ignoring the environment.
+    pub fn is_none(&self) -> bool {
+        self.0.trim().eq_ignore_ascii_case("none")
+    }
+
+    /// Checks the URL: a scheme sluice can use and a host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.is_none() {
+            return Ok(());
+        }
+        let usable = self.0.parse::<http::Uri>().ok().filter(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "socks5" | "socks5h")) && uri.host().is_some_and(|h| !h.is_empty())
+        });
+        match usable {
+            Some(_) => Ok(()),
+            None => Err(invalid(
+                "upstream.proxy",
+                without_credentials(&self.0),
+                "\"none\", or a proxy URL such as \"http://proxy.corp:3128\", \"http://user:pass@proxy.corp:3128\" \
+                 or \"socks5h://127.0.0.1:1080\"",
+            )),
+        }
+    }
+}
+
+/// A URL with any `user:password@` replaced, for logs, errors and `/status`.
+pub fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://[redacted]@{host}{}", &rest[authority_end..]),
+                None => url.to_string(),
+            }
+        }
+        None if url.contains('@') => "[redacted]".to_string(),
+        None => url.to_string(),
+    }
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ProxyUrl({})", without_credentials(&self.0))
+    }
+}
+
+impl Serialize for ProxyUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&without_credentials(&self.0))
     }
 }
 

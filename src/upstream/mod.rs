@@ -1,11 +1,14 @@
 //! How sluice reaches the upstream: the one shared client — hyper-util's pooled client over rustls (ring
-//! provider, webpki roots, HTTP/1.1 and h2 chosen by ALPN) — the rule that builds every target URL from
+//! provider, the roots of `tls.rs`, HTTP/1.1 and h2 chosen by ALPN), directly or through a proxy
+//! (`egress.rs`) — the rule that builds every target URL from
 //! `upstream.base_url`, and the header timeout; the accounts and their keys' health (`accounts.rs`) and
 //! their balance (`balance.rs`). Send errors are typed so the retry loop knows what may have reached the
 //! upstream.
 
 pub mod accounts;
 pub mod balance;
+mod egress;
+mod tls;
 
 use std::error::Error as StdError;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
+use egress::Egress;
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +62,14 @@ pub enum BuildError {
     Tls(#[from] rustls::Error),
     #[error("upstream.base_url {0:?} is not a usable URL")]
     BaseUrl(String),
+    #[error("{0}")]
+    Roots(String),
 }
 
 /// The upstream: where requests go and the client that takes them there.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<Egress>, Full<Bytes>>,
     /// `scheme://authority` of `base_url`.
     origin: Arc<str>,
     /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
@@ -95,12 +101,16 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let egress = Egress::new(http, config.proxy.as_ref(), config.connect_timeout);
+        if let Some(proxy) = egress.proxy_for(&base) {
+            tracing::info!(%proxy, upstream = %config.base_url, "upstream connections go through a proxy");
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .with_tls_config(tls::client_config(config)?)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(egress);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())

@@ -39,6 +39,11 @@ impl Daemon {
     /// Starts `sluice run` with `config` (TOML) as its file, listening on a free port, forwarding to
     /// `upstream`, and waits for `READY=1`.
     pub async fn start(config: &str, upstream: &str) -> Daemon {
+        Self::start_with_env(config, upstream, &[]).await
+    }
+
+    /// As `start`, with `env` set for the process too (its environment is otherwise cleared).
+    pub async fn start_with_env(config: &str, upstream: &str, env: &[(&str, &str)]) -> Daemon {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = std::env::temp_dir().join(format!("sluice-daemon-{}-{n}", std::process::id()));
@@ -55,6 +60,7 @@ impl Daemon {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("NOTIFY_SOCKET", &socket_path)
             .env("DEEPSEEK_API_KEY", super::TEST_KEY)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

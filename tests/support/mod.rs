@@ -4,6 +4,7 @@
 
 pub mod accounts;
 pub mod daemon;
+pub mod egress;
 pub mod mock;
 pub mod redis_server;
 
@@ -45,6 +46,8 @@ pub fn config_for(mock: &Mock) -> Config {
     config.queue.max_wait = Duration::from_secs(60);
     // No balance reads: tests count what reaches the mock (the accounts tests turn them on).
     config.upstream.balance.poll = Duration::ZERO;
+    // Straight to the mock, whatever proxy the environment names (the egress tests set their own).
+    config.upstream.proxy = Some(sluice::config::ProxyUrl::new("none"));
     config
 }
 

@@ -1,0 +1,166 @@
+//! How connections to the upstream leave the host: directly, or through a proxy — `upstream.proxy`, else
+//! the standard `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` / `NO_PROXY` (hyper-util's matcher). An HTTP
+//! proxy is asked for a CONNECT tunnel (for `http://` upstreams too), so TLS stays end to end between
+//! sluice and the upstream; a SOCKS5 proxy is supported as well. Whatever goes wrong on the way names
+//! the proxy (never its credentials), so an operator knows whom to ask.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use super::error_chain;
+use crate::config::{without_credentials, ProxyUrl};
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("{0}")]
+    Direct(String),
+    #[error("through the proxy {proxy}: {why}")]
+    Proxy { proxy: String, why: String },
+}
+
+/// The connector under TLS: direct, or through the proxy the matcher picks for the destination.
+#[derive(Clone)]
+pub struct Egress {
+    direct: HttpConnector,
+    proxies: Option<Arc<Matcher>>,
+    /// Bounds the whole way to a usable connection (TCP to the proxy and its tunnel answer).
+    timeout: Duration,
+}
+
+impl Egress {
+    /// `setting`: `upstream.proxy` (None: the environment's proxies).
+    pub fn new(direct: HttpConnector, setting: Option<&ProxyUrl>, timeout: Duration) -> Self {
+        let proxies = match setting {
+            Some(url) if url.is_none() => None,
+            Some(url) => Some(Matcher::builder().all(url.expose().to_string()).build()),
+            None => Some(Matcher::from_env()),
+        };
+        Self { direct, proxies: proxies.map(Arc::new), timeout }
+    }
+
+    /// The proxy `uri` goes through, without credentials (None: directly).
+    pub fn proxy_for(&self, uri: &Uri) -> Option<String> {
+        let intercept = self.proxies.as_ref()?.intercept(uri)?;
+        Some(shown(intercept.uri()))
+    }
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, EgressError>> + Send>>;
+
+impl Service<Uri> for Egress {
+    type Response = TokioIo<TcpStream>;
+    type Error = EgressError;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let intercept = self.proxies.as_ref().and_then(|m| m.intercept(&dst));
+        let mut direct = self.direct.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let Some(intercept) = intercept else {
+                return direct.call(dst).await.map_err(|err| EgressError::Direct(error_chain(&err)));
+            };
+            let proxy_uri = intercept.uri().clone();
+            let proxy = shown(&proxy_uri);
+            let failed = |why: String| EgressError::Proxy { proxy: proxy.clone(), why };
+            // A CONNECT or SOCKS request names a port: the scheme's when the URL has none.
+            let dst = with_port(dst).ok_or_else(|| failed("the upstream URL has no host".into()))?;
+            let connecting = async {
+                match proxy_uri.scheme_str() {
+                    Some(scheme @ ("socks5" | "socks5h")) => {
+                        let mut socks = SocksV5::new(proxy_uri.clone(), direct).local_dns(scheme == "socks5");
+                        if let Some((user, pass)) = intercept.raw_auth() {
+                            socks = socks.with_auth(user.to_string(), pass.to_string());
+                        }
+                        socks.call(dst).await.map_err(|err| failed(error_chain(&err)))
+                    }
+                    Some("http") => {
+                        let mut tunnel = Tunnel::new(proxy_uri.clone(), direct);
+                        if let Some(auth) = intercept.basic_auth() {
+                            tunnel = tunnel.with_auth(auth.clone());
+                        }
+                        tunnel.call(dst).await.map_err(|err| failed(tunnel_error(&err)))
+                    }
+                    _ => Err(failed("only http:// and socks5:// proxies are supported".into())),
+                }
+            };
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => Err(failed(format!("no tunnel within {}", humantime::format_duration(timeout)))),
+            }
+        })
+    }
+}
+
+/// What a tunnel failure means to an operator (hyper-util does not export its error type: its text).
+fn tunnel_error(err: &(dyn std::error::Error + 'static)) -> String {
+    let text = error_chain(err);
+    if text.contains("proxy authorization required") {
+        return "the proxy wants credentials (407 Proxy Authentication Required); give them in the URL, \
+                http://user:pass@host:port"
+            .into();
+    }
+    if text.ends_with("unsuccessful") {
+        return "the proxy refused the tunnel (CONNECT was not answered 200)".into();
+    }
+    text
+}
+
+/// A proxy's URL as logs and errors show it: no credentials, no trailing slash.
+fn shown(uri: &Uri) -> String {
+    without_credentials(&uri.to_string()).trim_end_matches('/').to_string()
+}
+
+/// `uri` with its scheme's port made explicit (80 for http, 443 otherwise).
+fn with_port(uri: Uri) -> Option<Uri> {
+    let host = uri.host()?;
+    if uri.port().is_some() {
+        return Some(uri);
+    }
+    let port = if uri.scheme_str() == Some("http") { 80 } else { 443 };
+    let scheme = uri.scheme_str().unwrap_or("https");
+    let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+    format!("{scheme}://{host}:{port}/").parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_get_their_schemes_port() {
+        let port = |u: &str| with_port(u.parse().unwrap()).unwrap().port_u16();
+        assert_eq!(port("http://api.example.com/v1"), Some(80));
+        assert_eq!(port("https://api.deepseek.com"), Some(443));
+        assert_eq!(port("http://127.0.0.1:9000"), Some(9000));
+        assert_eq!(port("https://[::1]/"), Some(443));
+    }
+
+    #[test]
+    fn an_explicit_proxy_is_used_for_everything_and_named_without_credentials() {
+        let url = ProxyUrl::new("http://alice:s3cret@proxy.corp:3128");
+        let egress = Egress::new(HttpConnector::new(), Some(&url), Duration::from_secs(1));
+        let named = egress.proxy_for(&"https://api.deepseek.com".parse().unwrap()).unwrap();
+        assert!(named == "http://[redacted]@proxy.corp:3128" || named == "http://proxy.corp:3128", "{named}");
+        assert!(!named.contains("s3cret"));
+        let none = ProxyUrl::new("none");
+        let egress = Egress::new(HttpConnector::new(), Some(&none), Duration::from_secs(1));
+        assert_eq!(egress.proxy_for(&"https://api.deepseek.com".parse().unwrap()), None);
+    }
+}

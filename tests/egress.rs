@@ -1,0 +1,100 @@
+//! Egress: requests reach the upstream through the configured (or the environment's) proxy, with TLS
+//! end to end; `NO_PROXY` bypasses it; a refusing proxy is a clear 502 naming it; the upstream's
+//! certificate is verified against the configured roots. Real time: a proxy hop and a TLS handshake
+//! are real I/O, and the only waits are a second of `unreachable_wait`.
+
+mod support;
+
+use std::time::Duration;
+
+use sluice::config::{Config, ProxyUrl};
+use support::daemon::Daemon;
+use support::egress::{basic, test_ca, tls_front, ConnectProxy, Policy};
+use support::*;
+
+fn through(mock: &Mock, proxy: &str) -> Config {
+    let mut config = config_for(mock);
+    config.upstream.proxy = Some(ProxyUrl::new(proxy));
+    config.upstream.unreachable_wait = Duration::from_secs(1);
+    config
+}
+
+#[tokio::test]
+async fn requests_reach_the_upstream_only_through_the_configured_proxy() {
+    let mock = Mock::start(|_, _| Reply::json(200, completion("via the proxy"))).await;
+    let proxy = ConnectProxy::start(Policy::Credentials(basic("alice:s3cret"))).await;
+    let url = format!("http://alice:s3cret@{}", proxy.addr);
+    let sluice = Sluice::start(through(&mock, &url)).await;
+    let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(proxy.tunnels(), vec![mock.addr.to_string()], "one tunnel, to the mock");
+    assert_eq!(mock.arrivals(), 1);
+    assert_eq!(mock.requests()[0].headers["authorization"], format!("Bearer {TEST_KEY}").as_str());
+    let status = call("GET", &sluice.url("/status"), &[], "").await.text();
+    assert!(!status.contains("s3cret"), "no proxy credentials in /status");
+}
+
+#[tokio::test]
+async fn a_proxy_that_refuses_is_a_clear_502_naming_the_proxy() {
+    let mock = Mock::start(|_, _| Reply::json(200, completion("never"))).await;
+    let proxy = ConnectProxy::start(Policy::Refuse).await;
+    let url = format!("http://bob:hunter2@{}", proxy.addr);
+    let sluice = Sluice::start(through(&mock, &url)).await;
+    let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(answer.error_type(), "sluice_upstream_unreachable");
+    let message = answer.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains(&format!("through the proxy http://{}: ", proxy.addr)), "{message}");
+    assert!(message.contains("407"), "{message}");
+    assert!(!message.contains("hunter2"), "{message}");
+    assert_eq!(mock.arrivals(), 0);
+}
+
+#[tokio::test]
+async fn the_environments_proxy_is_used_and_no_proxy_bypasses_it() {
+    let mock = Mock::start(|_, _| Reply::json(200, completion("hi"))).await;
+    let proxy = ConnectProxy::start(Policy::Open).await;
+    let proxy_url = proxy.url();
+    let proxied = Daemon::start_with_env("", &mock.url(), &[("HTTP_PROXY", &proxy_url)]).await;
+    let answer = call("POST", &proxied.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(proxy.tunnels().len(), 1, "HTTP_PROXY was used");
+    assert!(proxied.stderr().contains("upstream connections go through a proxy"), "{}", proxied.stderr());
+    let bypassed =
+        Daemon::start_with_env("", &mock.url(), &[("HTTP_PROXY", &proxy_url), ("NO_PROXY", "127.0.0.1")]).await;
+    let answer = call("POST", &bypassed.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(proxy.tunnels().len(), 1, "NO_PROXY went around the proxy");
+    let ignored =
+        Daemon::start_with_env("[upstream]\nproxy = \"none\"\n", &mock.url(), &[("HTTP_PROXY", "http://127.0.0.1:9")])
+            .await;
+    let answer = call("POST", &ignored.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
+    assert_eq!(answer.status, 200, "proxy = \"none\" ignores the environment");
+    assert_eq!(mock.arrivals(), 3);
+}
+
+#[tokio::test]
+async fn a_private_ca_is_refused_by_default_and_trusted_with_ca_file() {
+    let mock = Mock::start(|_, _| Reply::json(200, completion("over tls"))).await;
+    let front = tls_front(mock.addr).await;
+    let mut config = config_for(&mock);
+    config.upstream.base_url = format!("https://localhost:{}", front.port());
+    config.upstream.unreachable_wait = Duration::from_secs(1);
+    let refusing = Sluice::start(config.clone()).await;
+    let answer = chat(&refusing, "deepseek-v4-flash", &[]).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    let message = answer.json()["error"]["message"].as_str().unwrap().to_lowercase();
+    assert!(message.contains("certificate"), "{message}");
+    assert_eq!(mock.arrivals(), 0);
+    config.upstream.ca_file = Some(test_ca());
+    let trusting = Sluice::start(config.clone()).await;
+    let answer = chat(&trusting, "deepseek-v4-flash", &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(mock.arrivals(), 1);
+    // Through the proxy as well: the tunnel carries the TLS, the proxy sees none of it.
+    let proxy = ConnectProxy::start(Policy::Open).await;
+    config.upstream.proxy = Some(ProxyUrl::new(proxy.url()));
+    let tunnelled = Sluice::start(config).await;
+    assert_eq!(chat(&tunnelled, "deepseek-v4-flash", &[]).await.status, 200);
+    assert_eq!(proxy.tunnels(), vec![format!("localhost:{}", front.port())]);
+}
