@@ -58,6 +58,9 @@ fn main() -> ExitCode {
 }
 
 fn check_config(config: &Config) -> anyhow::Result<()> {
+    for note in &config.notes {
+        eprintln!("sluice: note: {note}");
+    }
     print!("{}", config.to_redacted_toml().context("cannot print the config")?);
     if config.upstream.api_key.is_none() {
         println!("# no API key configured: clients' own Authorization headers are passed through");

@@ -73,7 +73,7 @@ async fn concurrent_claims_never_lease_more_than_the_limit() {
             tokio::spawn(async move {
                 let mut connection = client.get_multiplexed_async_connection().await.unwrap();
                 let mut invocation = script.key("t:state");
-                invocation.key("t:held").key("t:expiry");
+                invocation.key("t:held").key("t:expiry").key("t:wanted");
                 // instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel
                 invocation.arg(format!("i{n}")).arg(3).arg(0).arg(10).arg(10).arg(60_000).arg(60_000).arg("t:events");
                 let (held, _, _, _, _): (i64, i64, i64, i64, i64) =
@@ -87,6 +87,30 @@ async fn concurrent_claims_never_lease_more_than_the_limit() {
         granted += claim.await.unwrap();
     }
     assert_eq!(granted, 10, "40 instances asking for 3 each share exactly the limit of 10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_instance_gives_up_its_share_to_another_that_wants_slots() {
+    let redis = Redis::start().await;
+    let script = redis::Script::new(sluice::cluster::CLAIM_SCRIPT);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    // instance, desired, floor (in flight) → (held, granted), for a lane whose limit is 10
+    let mut claim = async |instance: &str, desired: u32, floor: u32| {
+        let mut invocation = script.key("f:state");
+        invocation.key("f:held").key("f:expiry").key("f:wanted");
+        invocation.arg(instance).arg(desired).arg(floor).arg(10).arg(10).arg(60_000).arg(60_000).arg("f:events");
+        let (held, _, _, _, granted): (i64, i64, i64, i64, i64) =
+            invocation.invoke_async(&mut connection).await.unwrap();
+        (held, granted)
+    };
+    assert_eq!(claim("a", 10, 0).await, (10, 10), "alone, a gets the whole limit");
+    assert_eq!(claim("b", 10, 0).await, (0, 0), "nothing is free yet");
+    assert_eq!(claim("a", 10, 10).await, (10, 5), "a keeps what is in flight but may use only its share");
+    assert_eq!(claim("a", 10, 4).await, (5, 5), "as a's requests end, its lease shrinks to its share");
+    assert_eq!(claim("b", 10, 0).await, (5, 5), "and b gets the other half");
+    assert_eq!(claim("b", 2, 2).await, (2, 2), "b wanting less…");
+    assert_eq!(claim("a", 10, 5).await, (8, 8), "…leaves the rest to a");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

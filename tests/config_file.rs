@@ -129,3 +129,16 @@ fn check_config_shows_the_proxy_without_its_credentials_and_names_a_bad_one() {
     assert!(!stderr.contains(":pw@"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_base_url_ending_in_v1_is_used_without_it_and_said_so() {
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check-config", "--upstream", "https://api.deepseek.com/v1/"])
+        .env_remove("SLUICE_CONFIG")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{stderr}");
+    assert!(stdout.contains("base_url = \"https://api.deepseek.com\"\n"), "{stdout}");
+    assert!(stderr.contains("/v1/v1/") && stderr.contains("\"https://api.deepseek.com\""), "{stderr}");
+}

@@ -252,13 +252,33 @@ fn the_alert_rules_pass_promtool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_renders_in_headless_chromium_without_errors() {
-    let mock = Mock::start(|_, _| Reply::json(200, completion_with_usage(5, 5))).await;
+    // A hidden cap of 2 on v4-flash, answers that take a while: the lane learns a limit far below 2500.
+    let mock = Mock::start_capped(Some(2), |_, _| Reply::Stream {
+        status: 200,
+        content_type: "application/json",
+        chunks: vec![Chunk::Pause(Duration::from_millis(100)), Chunk::Data(completion_with_usage(5, 5).into())],
+        ending: Ending::Complete,
+    })
+    .await;
     let mut config = config_for(&mock);
     config.cache.enabled = true;
-    let sluice = Sluice::start(config).await;
+    let sluice = Arc::new(Sluice::start(config).await);
     for _ in 0..3 {
         chat(&sluice, "deepseek-v4-pro", &[("x-sluice-cache", "use")]).await;
     }
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let sluice = sluice.clone();
+            tokio::spawn(async move { chat(&sluice, "deepseek-v4-flash", &[]).await.status })
+        })
+        .collect();
+    for request in burst {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let status = call("GET", &sluice.url("/status"), &[], "").await.json();
+    let flash = status["lanes"].as_array().unwrap().iter().find(|l| l["model"] == "deepseek-v4-flash").unwrap().clone();
+    let learned = flash["limit"].as_u64().unwrap();
+    assert!(learned <= 2, "{flash}");
     let page = call("GET", &sluice.url("/dashboard"), &[], "").await;
     assert_eq!(page.status, 200);
     assert!(page.header("content-type").starts_with("text/html"));
@@ -301,7 +321,15 @@ async fn the_dashboard_renders_in_headless_chromium_without_errors() {
     // The script ran and drew from /status: the header and the cards carry live values.
     assert!(html.contains(&format!("v{}", env!("CARGO_PKG_VERSION"))), "header not filled:\n{html}");
     assert!(!html.contains("connecting…"), "never reached /status:\n{html}");
-    assert!(html.contains("id=\"inflight-now\">0 <small>/ 4096</small>"), "{html}");
+    // The limits in force, not only the caps: each lane's learned limit of its configured cap.
+    assert!(html.contains(&format!("deepseek-v4-flash learned limit {learned} of 2500")), "{html}");
+    assert!(html.contains("deepseek-v4-pro learned limit 8 of 500"), "{html}");
+    assert!(html.contains(&format!("id=\"inflight-now\">0 <small>/ {}</small>", learned + 8)), "{html}");
+    assert!(html.contains("<td>deepseek-v4-flash</td><td>0</td>"), "the lanes table:\n{html}");
+    // The 429 headline is a rate; the running total is its subtitle.
+    let (throttled, absorbed) = (&status["totals"]["upstream_429"], &status["totals"]["upstream_429_absorbed"]);
+    assert!(throttled.as_u64().unwrap() > 0, "{status}");
+    assert!(html.contains(&format!("<small>/s · {throttled} in all, {absorbed} absorbed")), "{html}");
     assert!(html.contains("cache (memory): 2 hits · 0 coalesced · 67% saved · 20 tokens"), "{html}");
     let shot = tokio::task::spawn_blocking({
         let mut command = run(&[&format!("--screenshot={}", screenshot.display())]);

@@ -78,6 +78,8 @@ pub struct Lane {
     /// In a cluster: the slots this instance holds leases for (`cluster/`); they bound it, not the local
     /// learned limit (the lane's learned limit is the cluster's, in Redis).
     pub allowance: Option<usize>,
+    /// Whether the log said that the learned limit fell far below the cap (said once, until it recovers).
+    pub told_far_below: bool,
 }
 
 impl Lane {
@@ -92,6 +94,7 @@ impl Lane {
             enabled: true,
             last_used: now,
             allowance: None,
+            told_far_below: false,
         }
     }
 
@@ -207,6 +210,17 @@ impl Lane {
         if let Some(controller) = &mut self.controller {
             controller.released(now, hold);
         }
+    }
+
+    /// After a change of the learned limit: `(limit, cap)` when a decrease has just taken it to a quarter
+    /// of the cap or less (the log says so once, until the limit is back above a quarter).
+    pub fn far_below_cap(&mut self, decreased: bool) -> Option<(usize, usize)> {
+        let controller = self.controller.as_ref()?;
+        let (limit, cap) = (controller.limit(), controller.ceiling());
+        let far = limit.saturating_mul(4) <= cap;
+        let news = decreased && far && !self.told_far_below;
+        self.told_far_below = far && (self.told_far_below || decreased);
+        news.then_some((limit, cap))
     }
 
     /// A short reason why the lane holds requests back, for `/status` and logs ("" when it does not).

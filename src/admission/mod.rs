@@ -276,7 +276,7 @@ impl Admission {
 
     /// How many requests wait ahead of `entry` for the same route (None: it is not waiting).
     pub fn position(&self, entry: &Entry) -> Option<usize> {
-        self.shared.lock().position(entry.get()?)
+        self.shared.lock().position(entry.get()?, Instant::now())
     }
 
     /// The queue's depth when it is at its bound (checked before reading a request's body), else None.
@@ -439,8 +439,19 @@ impl Permit {
         if let Some(hook) = self.shared.hook() {
             let _ = hook.signals.try_send((self.grant.lane.clone(), signal));
         }
-        let (change, began_probing) = self.shared.lock().report(&self.grant.lane, self.grant.dispatch, signal);
+        let reported = self.shared.lock().report(&self.grant.lane, self.grant.dispatch, signal);
+        let (change, began_probing) = (reported.change, reported.began_probing);
         let (account, model) = (&*self.grant.lane.account, &*self.grant.lane.model);
+        if let Some((limit, cap)) = reported.far_below {
+            tracing::info!(
+                account,
+                model,
+                limit,
+                cap,
+                "requests wait: the upstream takes only {limit} at once on this lane (learned), far below its cap of \
+                 {cap}; /status says why per lane"
+            );
+        }
         match change {
             Some(Change::Decreased { from, to }) => {
                 tracing::info!(account, model, from, to, "upstream throttled: the lane's limit came down")

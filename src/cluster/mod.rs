@@ -124,9 +124,9 @@ impl Settings {
         }
     }
 
-    fn lane_keys(&self, lane: &LaneKey) -> [String; 3] {
+    fn lane_keys(&self, lane: &LaneKey) -> [String; 4] {
         let base = format!("{}:lane:{}:{}", self.prefix, lane.account, lane.model);
-        [format!("{base}:state"), format!("{base}:held"), format!("{base}:expiry")]
+        [format!("{base}:state"), format!("{base}:held"), format!("{base}:expiry"), format!("{base}:wanted")]
     }
 
     fn channel(&self) -> String {
@@ -246,6 +246,14 @@ impl Session<'_> {
     ) -> redis::RedisError {
         let mut heartbeat = Instant::now();
         let mut messages = pubsub.on_message();
+        // What was leased before this session is not known to hold: every lane claims at once.
+        for lease in leases.values_mut() {
+            lease.claimed = None;
+            lease.granted = 0;
+        }
+        if let Err(err) = self.claim_all(leases, false).await {
+            return err;
+        }
         loop {
             if heartbeat <= Instant::now() {
                 match self.heartbeat().await {
@@ -308,7 +316,7 @@ impl Session<'_> {
             next = more.try_recv().ok();
         }
         for (lane, (accepted, throttled, retry)) in sums.into_iter().filter(|(_, s)| s.0 + s.1 > 0) {
-            let [state, held, _] = self.settings.lane_keys(&lane);
+            let [state, held, _, _] = self.settings.lane_keys(&lane);
             let mut invocation = self.scripts.signal.key(state);
             invocation.key(held).arg(accepted).arg(throttled).arg(millis(retry));
             invocation
@@ -380,9 +388,9 @@ impl Session<'_> {
     async fn claim(&mut self, lane: &LaneDemand, desired: usize) -> Result<Claim, redis::RedisError> {
         let cap = self.cap(lane.cap);
         let initial = if self.settings.adaptive { INITIAL_LIMIT.min(cap) } else { cap };
-        let [state, held, expiry] = self.settings.lane_keys(&lane.key);
+        let [state, held, expiry, wanted] = self.settings.lane_keys(&lane.key);
         let mut invocation = self.scripts.claim.key(state);
-        invocation.key(held).key(expiry);
+        invocation.key(held).key(expiry).key(wanted);
         invocation.arg(&self.settings.instance).arg(desired).arg(lane.inflight).arg(cap).arg(initial);
         invocation.arg(millis(self.settings.ttl)).arg(millis(KEEP)).arg(self.settings.channel());
         self.count();

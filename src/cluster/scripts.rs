@@ -1,17 +1,20 @@
 //! The Lua scripts that keep a lane's shared state in Redis — each runs atomically, on Redis's clock.
 //! A lane's keys: `…:state` (hash: `limit`, `probe_at`, `gap`, `streak`, `throttles`, `acks`, `last_dec`),
-//! `…:held` (hash: instance → slots leased) and `…:expiry` (sorted set: instance → when its leases lapse).
+//! `…:held` (hash: instance → slots leased), `…:expiry` (sorted set: instance → when its leases and
+//! wishes lapse) and `…:wanted` (hash: instance → slots it would use now).
 
 use redis::Script;
 
 /// CLAIM: this instance wants `desired` slots of the lane (never fewer than `floor`, its requests in
 /// flight). Lapsed instances' leases come back first. Grants up to the lane's learned limit minus what
-/// the others hold; while the lane probes, nothing new but one probe at a time, cluster-wide, once its gap
-/// has passed. What is in flight stays leased even past the limit, but only `granted` may be used for new
-/// dispatches (an instance over its share drains down to it). Returns {held by this instance, limit, held
-/// by all, probing (0/1), granted}.
+/// the others hold, and no more than its fair share while others want slots too (max-min: an equal share
+/// of the limit, plus what instances wanting less leave over) — so a busy instance cannot keep the whole
+/// limit from another. While the lane probes, nothing new but one probe at a time, cluster-wide, once its
+/// gap has passed. What is in flight stays leased even past the limit or the share, but only `granted`
+/// may serve new dispatches (an instance over it drains down to it). Returns {held by this instance,
+/// limit, held by all, probing (0/1), granted}.
 ///
-/// KEYS: state, held, expiry. ARGV: instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel.
+/// KEYS: state, held, expiry, wanted. ARGV: instance, desired, floor, cap, initial, ttl_ms, keep_ms, channel.
 pub const CLAIM: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -19,8 +22,10 @@ local instance, desired, floor = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local cap, initial, ttl, keep = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('HDEL', KEYS[2], gone)
+  redis.call('HDEL', KEYS[4], gone)
   redis.call('ZREM', KEYS[3], gone)
 end
+if desired > 0 then redis.call('HSET', KEYS[4], instance, desired) else redis.call('HDEL', KEYS[4], instance) end
 local limit = tonumber(redis.call('HGET', KEYS[1], 'limit') or '0')
 if limit == 0 or limit > cap then
   limit = limit == 0 and math.min(cap, initial) or cap
@@ -40,16 +45,24 @@ if probe_at > 0 then
     redis.call('HSET', KEYS[1], 'probe_at', now + gap)
   end
 end
-local granted = math.min(desired, math.max(room, 0))
+local wishes = redis.call('HGETALL', KEYS[4])
+local active = 0
+for i = 2, #wishes, 2 do if tonumber(wishes[i]) > 0 then active = active + 1 end end
+local share = math.ceil(limit / math.max(active, 1))
+local others_use = 0
+for i = 1, #wishes, 2 do
+  if wishes[i] ~= instance then others_use = others_use + math.min(tonumber(wishes[i + 1]), share) end
+end
+local fair = math.max(share, limit - others_use)
+local granted = math.min(desired, math.max(room, 0), fair)
 local held = math.max(floor, granted)
-if held > 0 then
-  redis.call('HSET', KEYS[2], instance, held)
+if held > 0 then redis.call('HSET', KEYS[2], instance, held) else redis.call('HDEL', KEYS[2], instance) end
+if held > 0 or desired > 0 then
   redis.call('ZADD', KEYS[3], now + ttl, instance)
 else
-  redis.call('HDEL', KEYS[2], instance)
   redis.call('ZREM', KEYS[3], instance)
 end
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], keep) end
+for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], keep) end
 if held < mine then redis.call('PUBLISH', ARGV[8], 'released') end
 local probing = 0
 if probe_at > 0 then probing = 1 end

@@ -27,6 +27,10 @@ pub struct Overrides {
 /// Builds the effective config from all layers and validates it. `env` is the process environment
 /// (passed in so tests need not touch the real one).
 pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    load_layers(overrides, env).map_err(|err| super::explain::explain(err, overrides, env))
+}
+
+fn load_layers(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
     let mut builder = ::config::Config::builder().add_source(::config::Config::try_from(&Config::default())?);
     if let Some(path) = &overrides.config_path {
         builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml).required(true));
@@ -47,6 +51,7 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
         builder = builder.set_override("upstream.base_url", upstream.as_str())?;
     }
     let mut config: Config = builder.build()?.try_deserialize()?;
+    normalise_base_urls(&mut config);
     config.validate()?;
     if config.upstream.accounts.is_empty() {
         config.upstream.api_key = load_api_key(&config, env)?;
@@ -79,6 +84,21 @@ pub fn load(overrides: &Overrides, env: &HashMap<String, String>) -> Result<Conf
         config.observe.admin_token = Some(Secret::new(text.trim()));
     }
     Ok(config)
+}
+
+/// Base URLs without a trailing slash or a final `/v1`, with a note for each one changed.
+fn normalise_base_urls(config: &mut Config) {
+    let (url, note) = super::upstream::normalise_base_url("upstream.base_url", &config.upstream.base_url);
+    config.upstream.base_url = url;
+    config.notes.extend(note);
+    for fallback in &mut config.fallbacks {
+        if let Some(base) = &fallback.base_url {
+            let key = format!("fallbacks ({:?}).base_url", fallback.name);
+            let (url, note) = super::upstream::normalise_base_url(&key, base);
+            fallback.base_url = Some(url);
+            config.notes.extend(note);
+        }
+    }
 }
 
 /// Only `SLUICE_<SECTION>__<KEY>` variables are config keys; `SLUICE_CONFIG` and the like are not.

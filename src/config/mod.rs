@@ -4,6 +4,7 @@
 mod cache;
 mod clients;
 mod cluster;
+mod explain;
 mod fallback;
 mod load;
 mod rate;
@@ -47,6 +48,9 @@ pub struct Config {
     /// Where requests go when the primary cannot answer, in order (`[[fallbacks]]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallbacks: Vec<FallbackConfig>,
+    /// What loading changed or noticed, for the operator (logged at warn at start, shown by check-config).
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
 
 /// `[server]`: the listener that applications talk to.
@@ -263,6 +267,9 @@ pub enum ConfigError {
     Load(#[from] ::config::ConfigError),
     #[error("cannot read {what} from {path}: {source}")]
     Io { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
+    /// Any of the above, with where the value came from (`explain.rs`).
+    #[error("{message} (from {origin})")]
+    Located { message: String, origin: String },
 }
 
 /// The longest duration any key accepts (longer ones are mistakes, and overflow time arithmetic).
@@ -331,6 +338,14 @@ impl Config {
         clients::validate(&self.clients)?;
         let account_names: Vec<String> = self.upstream.accounts.iter().map(|a| a.name.clone()).collect();
         fallback::validate(&self.fallbacks, &account_names, &self.upstream.base_url)?;
+        let keepalive = self.queue.stream_keepalive;
+        if !keepalive.is_zero() && keepalive < Duration::from_secs(1) {
+            return Err(invalid(
+                "queue.stream_keepalive",
+                humantime::format_duration(keepalive),
+                "\"0s\" (off) or at least \"1s\", such as \"15s\"",
+            ));
+        }
         if let Some(proxy) = &self.upstream.proxy {
             proxy.validate()?;
         }

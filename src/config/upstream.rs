@@ -135,18 +135,13 @@ impl ProxyUrl {
     }
 }
 
-/// A URL with any `user:password@` replaced, for logs, errors and `/status`.
+/// A URL with any `user:password@` replaced, for logs, errors and `/status`. Everything up to the last
+/// `@` goes: a password may hold `/` or `@` itself.
 pub fn without_credentials(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority_end = rest.find('/').unwrap_or(rest.len());
-            match rest[..authority_end].rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://[redacted]@{host}{}", &rest[authority_end..]),
-                None => url.to_string(),
-            }
-        }
-        None if url.contains('@') => "[redacted]".to_string(),
-        None => url.to_string(),
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) if at > scheme.len() => format!("{scheme}://[redacted]@{}", &url[at + 1..]),
+        (None, Some(_)) => "[redacted]".to_string(),
+        _ => url.to_string(),
     }
 }
 
@@ -256,5 +251,58 @@ impl UpstreamConfig {
             return Err(invalid("upstream.balance.low", self.balance.low, "a number of at least 0, such as 5"));
         }
         Ok(())
+    }
+}
+
+/// A base URL as sluice uses it: no trailing slash, and no final `/v1` — the clients' paths carry that
+/// (`OPENAI_BASE_URL=http://127.0.0.1:8787/v1` sends `/v1/chat/completions`), so `…/v1` would forward to
+/// `/v1/v1/…`. Returns the URL and, when it changed, a note saying so.
+pub fn normalise_base_url(key: &str, url: &str) -> (String, Option<String>) {
+    let trimmed = url.trim().trim_end_matches('/');
+    let bare = match trimmed.strip_suffix("/v1") {
+        Some(origin) if origin.contains("://") && !origin.ends_with(':') && !origin.ends_with('/') => origin,
+        _ => trimmed,
+    };
+    if bare == url {
+        return (url.to_string(), None);
+    }
+    let why = if bare.len() < trimmed.len() {
+        "clients' paths already carry /v1 (they send /v1/chat/completions), so a base URL ending in /v1 would \
+         forward to /v1/v1/…"
+    } else {
+        "the trailing slash is dropped"
+    };
+    let note = format!("{key} {url:?} is used as {bare:?}: {why}; write it that way to silence this note");
+    (bare.to_string(), Some(note))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_lose_a_final_v1_and_trailing_slashes() {
+        let bare = |url: &str| normalise_base_url("upstream.base_url", url);
+        assert_eq!(bare("https://api.deepseek.com"), ("https://api.deepseek.com".into(), None));
+        for url in ["https://api.deepseek.com/", "https://api.deepseek.com/v1", "https://api.deepseek.com/v1/"] {
+            let (used, note) = bare(url);
+            assert_eq!(used, "https://api.deepseek.com", "{url}");
+            assert!(note.is_some_and(|n| n.contains(url) && n.contains("\"https://api.deepseek.com\"")), "{url}");
+        }
+        assert!(bare("https://api.deepseek.com/v1").1.unwrap().contains("/v1/v1/"));
+        assert_eq!(bare("https://gw.example/deepseek/").0, "https://gw.example/deepseek");
+        assert_eq!(bare("https://gw.example/api/v1").0, "https://gw.example/api");
+        assert_eq!(bare("https://gw.example/v10").0, "https://gw.example/v10");
+    }
+
+    #[test]
+    fn proxy_urls_are_shown_without_credentials() {
+        assert_eq!(without_credentials("http://u:p@proxy:3128"), "http://[redacted]@proxy:3128");
+        assert_eq!(without_credentials("http://user:pa/ss@proxy:3128"), "http://[redacted]@proxy:3128");
+        assert_eq!(without_credentials("http://u:p@ss@proxy:3128"), "http://[redacted]@proxy:3128");
+        assert_eq!(without_credentials("socks5h://me@10.0.0.1:1080"), "socks5h://[redacted]@10.0.0.1:1080");
+        assert!(ProxyUrl::new("ftp://x").validate().is_err());
+        assert!(ProxyUrl::new("none").validate().is_ok());
+        assert!(ProxyUrl::new("http://proxy.corp:3128").validate().is_ok());
     }
 }

@@ -142,6 +142,12 @@ impl RequestLog {
         self.usage = read_usage.then(UsageTail::default);
     }
 
+    /// Reads the usage from the bytes sent from now on (a stream whose head went out early: its upstream
+    /// part begins here).
+    pub fn read_usage(&mut self) {
+        self.usage.get_or_insert_with(UsageTail::default);
+    }
+
     /// Charges the response's tokens, once known, to `charge`.
     pub fn charge_to(&mut self, charge: Charge) {
         self.charge = Some(charge);

@@ -67,6 +67,8 @@ pub struct Settled {
     pub outcome: &'static str,
     pub model_label: Option<String>,
     pub error: Option<&'static str>,
+    /// The upstream's stream follows: its usage is read (and a quota charged) from here on.
+    pub read_usage: bool,
 }
 
 /// The upstream's body in flight, with the stall detector and what the SSE error rule needs.
@@ -190,8 +192,10 @@ impl ResponseBody {
                 Poll::Ready(Some(Relay::Settled(settled))) => {
                     if let Some(log) = &mut self.log {
                         super::track::record(log, &settled.progress);
-                        log.upstream_status = log.upstream_status.or(Some(settled.status));
                         log.outcome = settled.outcome;
+                        if settled.read_usage {
+                            log.read_usage();
+                        }
                         log.error = settled.error;
                         if let Some(label) = settled.model_label {
                             log.model_label = label;

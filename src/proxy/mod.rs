@@ -140,6 +140,9 @@ impl Proxy {
         let hasher = RandomState::new();
         let ledger = Arc::new(Ledger::open(config.server.state_dir.as_deref()));
         warn_clients_without_key(&config);
+        for note in &config.notes {
+            tracing::warn!("{note}");
+        }
         let generation = Generation::new(config, upstream, cache, &hasher)?;
         let config = &generation.config;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
@@ -198,6 +201,9 @@ impl Proxy {
             Store::new(&config.cache, &self.metrics.cache)
         };
         warn_clients_without_key(&config);
+        for note in &config.notes {
+            tracing::warn!("{note}");
+        }
         let generation = Generation::new(config, upstream, cache, &self.hasher)?;
         let config = &generation.config;
         self.admission.set_clients(generation.clients.limits());
@@ -268,6 +274,8 @@ impl Proxy {
             track.log.model_label = observe::model_label(Some(&model), &generation.config.limits);
         }
         let mut response = match forwarded {
+            // A head sent early is counted when its request settles (`queued.rs`).
+            Ok(response) if response.headers().contains_key(queued::QUEUED_HEADER) => response,
             Ok(response) => {
                 track.answered(track::outcome_of(response.status().as_u16()));
                 response
@@ -301,8 +309,8 @@ impl Proxy {
         track::record(&mut log, &progress);
         // Usage is read from the body's plain bytes: not from an upstream's own error, nor a compressed one.
         let plain = !response.headers().contains_key(header::CONTENT_ENCODING);
-        let early = response.headers().contains_key(queued::QUEUED_HEADER); // its upstream body comes later
-        log.report_to(self.metrics.clone(), (progress.ttfb.is_some() || early) && plain);
+        // A head sent early: its upstream body (and usage) comes later, if at all (`Relay::Settled`).
+        log.report_to(self.metrics.clone(), progress.ttfb.is_some() && plain);
         response.body_mut().log_to(log);
         response
     }

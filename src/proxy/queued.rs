@@ -25,7 +25,8 @@ use super::request::{BudgetHold, Inspection, Outgoing};
 use super::track::{outcome_of, Track};
 use super::{Generation, Proxy};
 use crate::admission::Entry;
-use crate::error::ProxyError;
+use crate::catch_unwind::{panic_message, CatchUnwind};
+use crate::error::{error_event, ProxyError};
 use crate::observe::{self, Metrics};
 
 /// The header that marks a head sent before the request was answered.
@@ -72,11 +73,21 @@ impl Proxy {
         let exchange = tokio::spawn({
             let (proxy, generation, entry) = (self.clone(), generation.clone(), entry.clone());
             async move {
-                let mut progress = Progress { entry, ..Progress::default() };
-                let sent = proxy.send_with_retries(&generation, &outgoing, &seen, deadline, &mut progress, None).await;
-                let response = sent
-                    .and_then(|sent| proxy.respond(sent, &generation, Some((outgoing, seen, deadline, Some(budget)))));
-                let _ = answer_tx.send((response, progress));
+                let exchange = CatchUnwind::new(async {
+                    let mut progress = Progress { entry, ..Progress::default() };
+                    let sent =
+                        proxy.send_with_retries(&generation, &outgoing, &seen, deadline, &mut progress, None).await;
+                    let request = Some((outgoing, seen, deadline, Some(budget)));
+                    (sent.and_then(|sent| proxy.respond(sent, &generation, request)), progress)
+                });
+                // A bug is one request's error, counted and logged as the server does for any request.
+                let answer = exchange.await.unwrap_or_else(|panic| {
+                    tracing::error!(panic = panic_message(&*panic), "a queued request's exchange failed");
+                    proxy.metrics().panicked();
+                    let failed = ProxyError::Internal("a bug inside sluice while the request waited".into());
+                    (Err(failed), Progress::default())
+                });
+                let _ = answer_tx.send(answer);
             }
         });
         let exchange = AbortOnDrop(exchange);
@@ -99,7 +110,8 @@ impl Proxy {
             client: track.log.client_name.clone(),
             limits: generation.config.limits.clone(),
         });
-        track.log.outcome = "success";
+        // Until the relay says how the request settled: a client that leaves first was cancelled.
+        track.log.outcome = "cancelled";
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(relay(self.clone(), exchange, answer, entry, (since, interval), tx, payer));
         let mut response = Response::new(ResponseBody::relayed(rx));
@@ -159,18 +171,42 @@ async fn relay(
     let model_label = payer
         .as_ref()
         .and_then(|p| progress.model.as_deref().map(|model| observe::model_label(Some(model), &p.limits)));
-    let settled = Settled { progress, status: status.as_u16(), outcome, model_label, error };
-    let payer = payer.as_ref();
-    if status == StatusCode::OK {
-        settle(&tx, payer, settled).await;
+    // What can follow a head that promised an SSE stream: a plain SSE body, else one error event.
+    let streamable = status == StatusCode::OK && is_plain_sse(&response);
+    let (outcome, error) = match (streamable, status == StatusCode::OK) {
+        (false, true) => ("upstream_error", Some("sluice_upstream_stream_error")),
+        _ => (outcome, error),
+    };
+    let settled = Settled { progress, status: status.as_u16(), outcome, model_label, error, read_usage: streamable };
+    settle(&tx, payer.as_ref(), settled).await;
+    if streamable {
         pipe(response, &tx).await;
-    } else {
-        settle(&tx, payer, settled).await;
-        let event = in_band_error(response).await;
-        if tx.send(Relay::Frame(Ok(Frame::data(event)))).await.is_ok() {
-            let _ = tx.send(Relay::Broken).await;
-        }
+        return;
     }
+    let event = if status == StatusCode::OK {
+        let message = "the upstream answered the stream with something that is not a plain SSE stream";
+        error_event(message, "sluice_upstream_stream_error")
+    } else {
+        in_band_error(response).await
+    };
+    // An error answer delivered whole: the stream ends as it should after it.
+    if tx.send(Relay::Frame(Ok(Frame::data(event)))).await.is_ok() {
+        let _ = tx.send(Relay::End).await;
+    }
+}
+
+/// Whether `response` is an SSE stream that can go on under the early head (no other content coding).
+fn is_plain_sse(response: &Response<ResponseBody>) -> bool {
+    let headers = response.headers();
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    sse && !encoded
 }
 
 /// The comment that keeps the connection busy: the request's place in its queue, or that it waits on
@@ -186,7 +222,7 @@ fn comment(position: Option<usize>, waited: Duration) -> Bytes {
 impl Settled {
     fn cancelled(started: Instant) -> Self {
         let progress = Progress { waited: started.elapsed(), ..Progress::default() };
-        Self { progress, status: 499, outcome: "cancelled", model_label: None, error: None }
+        Self { progress, status: 499, outcome: "cancelled", model_label: None, error: None, read_usage: false }
     }
 }
 
@@ -210,7 +246,14 @@ async fn pipe(response: Response<ResponseBody>, tx: &mpsc::Sender<Relay>) {
         };
         let relay = match frame {
             Some(Ok(frame)) => Relay::Frame(Ok(frame)),
-            Some(Err(err)) => Relay::Frame(Err(err)),
+            // The head promised SSE: a failure is one error event (the body's frames are whole events).
+            Some(Err(err)) => {
+                let event = error_event(&format!("the upstream stream broke: {err}"), "sluice_upstream_stream_error");
+                if tx.send(Relay::Frame(Ok(Frame::data(event)))).await.is_ok() {
+                    let _ = tx.send(Relay::Broken).await;
+                }
+                return;
+            }
             None if body.broke() => Relay::Broken,
             None => Relay::End,
         };

@@ -108,6 +108,54 @@ impl Service<Uri> for Egress {
     }
 }
 
+/// A connector whose whole call — TCP, a proxy's tunnel and the TLS handshake — is bounded by
+/// `upstream.connect_timeout`: a peer that accepts and then says nothing is a connect failure (nothing
+/// was sent, so it is retried, and ends as 502 unreachable), not a header timeout.
+#[derive(Clone)]
+pub struct Bounded<C> {
+    inner: C,
+    timeout: Duration,
+}
+
+impl<C> Bounded<C> {
+    pub fn new(inner: C, timeout: Duration) -> Self {
+        Self { inner, timeout }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> Service<Uri> for Bounded<C>
+where
+    C: Service<Uri>,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(format!(
+                    "no connection within {} (TCP, proxy and TLS together: upstream.connect_timeout)",
+                    humantime::format_duration(timeout)
+                )
+                .into()),
+            }
+        })
+    }
+}
+
 /// What a tunnel failure means to an operator (hyper-util does not export its error type: its text).
 fn tunnel_error(err: &(dyn std::error::Error + 'static)) -> String {
     let text = error_chain(err);

@@ -24,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
-use egress::Egress;
+use egress::{Bounded, Egress};
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,7 @@ pub enum BuildError {
 /// The upstream: where requests go and the client that takes them there.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<Egress>, Full<Bytes>>,
+    client: Client<Bounded<HttpsConnector<Egress>>, Full<Bytes>>,
     /// `scheme://authority` of `base_url`.
     origin: Arc<str>,
     /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
@@ -111,11 +111,12 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(egress);
+        let connector = Bounded::new(https, config.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(https);
+            .build(connector);
         Ok(Self {
             client,
             origin: Arc::from(format!("{scheme}://{authority}")),

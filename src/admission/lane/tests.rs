@@ -373,6 +373,18 @@ fn why_says_what_holds_a_lane_back() {
 }
 
 #[test]
+fn a_limit_far_below_the_cap_is_told_once() {
+    let now = Instant::now();
+    let mut lane = adaptive_lane(100);
+    assert_eq!(lane.far_below_cap(false), None, "a lane still starting up is not held back");
+    let dispatched: Vec<_> = (0..3).map(|_| lane.dispatch(now).0).collect();
+    let (change, _) = lane.report(now, dispatched[0], Signal::Throttled { retry_after: None }, DELAYS);
+    assert_eq!(change, Some(Change::Decreased { from: 8, to: 2 }));
+    assert_eq!(lane.far_below_cap(true), Some((2, 100)));
+    assert_eq!(lane.far_below_cap(true), None, "said once");
+}
+
+#[test]
 fn a_4xx_during_probing_lets_the_next_probe_go_but_does_not_reopen_the_lane() {
     fastrand::seed(7);
     let now = Instant::now();
