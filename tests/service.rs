@@ -56,7 +56,7 @@ async fn sighup_applies_new_limits_without_failing_a_request() {
     }
     // One at the upstream (held), two queued behind max_concurrency = 1.
     assert!(daemon.wait_log("queued", 2).await, "{}", daemon.stderr());
-    assert_eq!(mock.arrivals(), 1);
+    assert!(eventually(Duration::from_secs(20), || mock.arrivals() == 1).await, "{}", daemon.stderr());
 
     std::fs::write(&daemon.config_path, ONE_AT_A_TIME.replace("max_concurrency = 1", "max_concurrency = 3")).unwrap();
     daemon.signal("HUP");
@@ -106,7 +106,7 @@ async fn stream_and_queue(
         queued.push(tokio::spawn(async move { call("POST", &url, &[], r#"{"model":"m"}"#).await }));
     }
     assert!(daemon.wait_log("queued", 2).await, "{}", daemon.stderr());
-    assert_eq!(mock.arrivals(), 1);
+    assert!(eventually(Duration::from_secs(20), || mock.arrivals() == 1).await, "{}", daemon.stderr());
     (stream, queued)
 }
 
