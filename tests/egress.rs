@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sluice::config::{Config, ProxyUrl};
 use support::daemon::Daemon;
-use support::egress::{basic, test_ca, tls_front, ConnectProxy, Policy};
+use support::egress::{basic, test_ca, tls_front, ConnectProxy, Policy, MOCK_HOST};
 use support::*;
 
 fn through(mock: &Mock, proxy: &str) -> Config {
@@ -51,26 +51,32 @@ async fn a_proxy_that_refuses_is_a_clear_502_naming_the_proxy() {
 }
 
 #[tokio::test]
-async fn the_environments_proxy_is_used_and_no_proxy_bypasses_it() {
+async fn the_environments_proxy_is_used_but_not_for_a_loopback_upstream() {
     let mock = Mock::start(|_, _| Reply::json(200, completion("hi"))).await;
     let proxy = ConnectProxy::start(Policy::Open).await;
     let proxy_url = proxy.url();
-    let proxied = Daemon::start_with_env("", &mock.url(), &[("HTTP_PROXY", &proxy_url)]).await;
+    // An upstream by a name only the proxy resolves: reachable through HTTP_PROXY alone.
+    let named = format!("http://{MOCK_HOST}:{}", mock.addr.port());
+    // No balance reads: only the request below may travel.
+    const QUIET: &str = "[upstream.balance]\npoll = \"0s\"\n";
+    let proxied = Daemon::start_with_env(QUIET, &named, &[("HTTP_PROXY", &proxy_url)]).await;
     let answer = call("POST", &proxied.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_eq!(proxy.tunnels().len(), 1, "HTTP_PROXY was used");
+    assert_eq!(proxy.tunnels(), vec![format!("{MOCK_HOST}:{}", mock.addr.port())], "HTTP_PROXY was used");
     assert!(proxied.stderr().contains("upstream connections go through a proxy"), "{}", proxied.stderr());
-    let bypassed =
-        Daemon::start_with_env("", &mock.url(), &[("HTTP_PROXY", &proxy_url), ("NO_PROXY", "127.0.0.1")]).await;
-    let answer = call("POST", &bypassed.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
+    // A loopback upstream is reached directly, whatever the environment says (NO_PROXY: unit tests).
+    let local = Daemon::start_with_env(QUIET, &mock.url(), &[("HTTP_PROXY", &proxy_url)]).await;
+    let answer = call("POST", &local.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(proxy.tunnels().len(), 1, "NO_PROXY went around the proxy");
-    let ignored =
-        Daemon::start_with_env("[upstream]\nproxy = \"none\"\n", &mock.url(), &[("HTTP_PROXY", "http://127.0.0.1:9")])
-            .await;
-    let answer = call("POST", &ignored.url("/v1/chat/completions"), &[], r#"{"model":"deepseek-v4-flash"}"#).await;
-    assert_eq!(answer.status, 200, "proxy = \"none\" ignores the environment");
-    assert_eq!(mock.arrivals(), 3);
+    assert_eq!(proxy.tunnels().len(), 1, "no tunnel for a loopback upstream");
+    let ignored = Daemon::start_with_env(
+        &format!("{QUIET}[upstream]\nproxy = \"none\"\n"),
+        &named,
+        &[("HTTP_PROXY", &proxy_url)],
+    )
+    .await;
+    assert!(!ignored.stderr().contains("go through a proxy"), "proxy = \"none\" ignores the environment");
+    assert_eq!(mock.arrivals(), 2);
 }
 
 #[tokio::test]

@@ -463,7 +463,11 @@ impl Permit {
             None => {}
         }
         if began_probing {
-            tracing::info!(account, model, "the lane is throttled: probing one request at a time");
+            tracing::info!(
+                account,
+                model,
+                "nothing of the lane gets through (throttled or failing): probing one request at a time"
+            );
         }
         self.shared.wake.notify_one();
     }

@@ -301,7 +301,9 @@ impl Proxy {
             headers.insert(CACHE_HEADER, HeaderValue::from_static(result));
             log.cache = result;
         }
-        if progress.attempts > 0 || !progress.waited.is_zero() {
+        // A head sent early knows neither yet (the log line has them when the request settles).
+        let early = headers.contains_key(queued::QUEUED_HEADER);
+        if !early && (progress.attempts > 0 || !progress.waited.is_zero()) {
             headers.insert(ATTEMPTS_HEADER, HeaderValue::from(progress.attempts));
             headers.insert(QUEUE_MS_HEADER, HeaderValue::from(millis(progress.waited)));
         }

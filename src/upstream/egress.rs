@@ -35,6 +35,9 @@ pub enum EgressError {
 pub struct Egress {
     direct: HttpConnector,
     proxies: Option<Arc<Matcher>>,
+    /// The proxies came from the environment: a loopback upstream is then reached directly (a local
+    /// upstream behind a company's proxy is never what was meant).
+    from_env: bool,
     /// Bounds the whole way to a usable connection (TCP to the proxy and its tunnel answer).
     timeout: Duration,
 }
@@ -45,15 +48,21 @@ impl Egress {
         let proxies = match setting {
             Some(url) if url.is_none() => None,
             Some(url) => Some(Matcher::builder().all(url.expose().to_string()).build()),
-            None => Some(Matcher::from_env()),
+            None => Some(env_matcher(|name| std::env::var(name).ok())),
         };
-        Self { direct, proxies: proxies.map(Arc::new), timeout }
+        Self { direct, proxies: proxies.map(Arc::new), from_env: setting.is_none(), timeout }
     }
 
     /// The proxy `uri` goes through, without credentials (None: directly).
     pub fn proxy_for(&self, uri: &Uri) -> Option<String> {
-        let intercept = self.proxies.as_ref()?.intercept(uri)?;
-        Some(shown(intercept.uri()))
+        Some(shown(self.intercept(uri)?.uri()))
+    }
+
+    fn intercept(&self, uri: &Uri) -> Option<hyper_util::client::proxy::matcher::Intercept> {
+        if self.from_env && uri.host().is_some_and(is_loopback) {
+            return None;
+        }
+        self.proxies.as_ref()?.intercept(uri)
     }
 }
 
@@ -69,7 +78,7 @@ impl Service<Uri> for Egress {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let intercept = self.proxies.as_ref().and_then(|m| m.intercept(&dst));
+        let intercept = self.intercept(&dst);
         let mut direct = self.direct.clone();
         let timeout = self.timeout;
         Box::pin(async move {
@@ -170,6 +179,32 @@ fn tunnel_error(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// The proxies the environment names, as curl reads them: `ALL_PROXY`, `HTTPS_PROXY`, `HTTP_PROXY`
+/// and `NO_PROXY`, upper or lower case (lower first). `var` reads one variable.
+fn env_matcher(var: impl Fn(&str) -> Option<String>) -> Matcher {
+    let read = |name: &str| var(&name.to_ascii_lowercase()).or_else(|| var(name)).filter(|v| !v.trim().is_empty());
+    let mut builder = Matcher::builder();
+    if let Some(all) = read("ALL_PROXY") {
+        builder = builder.all(all);
+    }
+    if let Some(https) = read("HTTPS_PROXY") {
+        builder = builder.https(https);
+    }
+    if let Some(http) = read("HTTP_PROXY") {
+        builder = builder.http(http);
+    }
+    if let Some(no) = read("NO_PROXY") {
+        builder = builder.no(no);
+    }
+    builder.build()
+}
+
+/// `localhost`, `127.0.0.0/8` or `::1`.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A proxy's URL as logs and errors show it: no credentials, no trailing slash.
 fn shown(uri: &Uri) -> String {
     without_credentials(&uri.to_string()).trim_end_matches('/').to_string()
@@ -190,6 +225,43 @@ fn with_port(uri: Uri) -> Option<Uri> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environments_proxies_follow_no_proxy_and_spare_loopback() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let egress = |pairs: &'static [(&'static str, &'static str)]| Egress {
+            direct: HttpConnector::new(),
+            proxies: Some(Arc::new(env_matcher(vars(pairs)))),
+            from_env: true,
+            timeout: Duration::from_secs(1),
+        };
+        let env = &[("HTTPS_PROXY", "http://corp:3128"), ("no_proxy", "internal.example,.corp.example")];
+        let via = egress(env);
+        let named = |e: &Egress, url: &str| e.proxy_for(&url.parse().unwrap());
+        assert_eq!(named(&via, "https://api.deepseek.com").as_deref(), Some("http://corp:3128"));
+        assert_eq!(named(&via, "https://internal.example"), None, "NO_PROXY");
+        assert_eq!(named(&via, "https://llm.corp.example"), None, "NO_PROXY by domain");
+        assert_eq!(named(&via, "http://api.deepseek.com"), None, "HTTPS_PROXY is for https:// only");
+        assert_eq!(named(&via, "https://127.0.0.1:9000"), None, "a loopback upstream is reached directly");
+        assert_eq!(named(&via, "https://localhost:9000"), None);
+        let all = egress(&[("ALL_PROXY", "socks5h://127.0.0.1:1080")]);
+        assert_eq!(named(&all, "http://api.deepseek.com").as_deref(), Some("socks5h://127.0.0.1:1080"));
+        let url = ProxyUrl::new("http://corp:3128");
+        let explicit = Egress::new(HttpConnector::new(), Some(&url), Duration::from_secs(1));
+        assert!(named(&explicit, "http://127.0.0.1:9000").is_some(), "upstream.proxy applies to every upstream");
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in ["localhost", "127.0.0.1", "127.1.2.3", "[::1]", "::1"] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["api.deepseek.com", "10.0.0.1", "[::2]"] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
 
     #[test]
     fn destinations_get_their_schemes_port() {

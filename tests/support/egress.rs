@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// A host name only the test proxy knows: it tunnels it to 127.0.0.1 (nothing resolves it otherwise).
+pub const MOCK_HOST: &str = "mock.sluice.test";
+
 /// How the proxy treats a CONNECT.
 #[derive(Clone)]
 pub enum Policy {
@@ -76,7 +79,9 @@ async fn serve(mut client: TcpStream, policy: Policy, tunnels: Arc<Mutex<Vec<Str
             .await;
         return;
     }
-    let Ok(mut upstream) = TcpStream::connect(target).await else {
+    // The name the tests give the mock where it must not look like loopback (the proxy resolves it).
+    let address = target.replace(MOCK_HOST, "127.0.0.1");
+    let Ok(mut upstream) = TcpStream::connect(address).await else {
         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n").await;
         return;
     };
