@@ -69,18 +69,8 @@ impl Class {
     }
 
     fn pop(&mut self) -> Option<u64> {
-        let client = self.ring.pop_front()?;
-        let fifo = self.fifos.get_mut(&client)?;
-        let id = fifo.pop_front();
-        if fifo.is_empty() {
-            self.fifos.remove(&client);
-        } else {
-            self.ring.push_back(client);
-        }
-        if id.is_some() {
-            self.len -= 1;
-        }
-        id
+        let client = *self.ring.front()?;
+        self.take(client)
     }
 
     /// The first client in ring order that `ok` accepts, and its next entry.

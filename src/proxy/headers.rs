@@ -1,5 +1,6 @@
 //! Header hygiene for both directions: hop-by-hop headers never cross sluice (RFC 9110 §7.6.1), nor do
-//! `proxy-*` headers, nor the `x-sluice-*` headers that are addressed to sluice itself.
+//! `proxy-*` headers, nor the `x-sluice-*` headers that are addressed to sluice itself; and whether a
+//! response is an SSE stream sluice can read.
 
 use http::header::{self, HeaderMap, HeaderName};
 
@@ -12,6 +13,19 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
 ];
+
+/// Whether a response with these headers is an SSE stream sluice can read event by event: a
+/// `text/event-stream` body in no content coding but identity (an upstream that compressed anyway is
+/// passed through untouched).
+pub fn readable_sse(headers: &HeaderMap) -> bool {
+    let sse = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let encoded =
+        headers.get(header::CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    sse && !encoded
+}
 
 /// Removes hop-by-hop headers: the fixed list, `keep-alive`, every `proxy-*`, and whatever `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

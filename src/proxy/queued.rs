@@ -172,7 +172,7 @@ async fn relay(
         .as_ref()
         .and_then(|p| progress.model.as_deref().map(|model| observe::model_label(Some(model), &p.limits)));
     // What can follow a head that promised an SSE stream: a plain SSE body, else one error event.
-    let streamable = status == StatusCode::OK && is_plain_sse(&response);
+    let streamable = status == StatusCode::OK && super::headers::readable_sse(response.headers());
     let (outcome, error) = match (streamable, status == StatusCode::OK) {
         (false, true) => ("upstream_error", Some("sluice_upstream_stream_error")),
         _ => (outcome, error),
@@ -193,20 +193,6 @@ async fn relay(
     if tx.send(Relay::Frame(Ok(Frame::data(event)))).await.is_ok() {
         let _ = tx.send(Relay::End).await;
     }
-}
-
-/// Whether `response` is an SSE stream that can go on under the early head (no other content coding).
-fn is_plain_sse(response: &Response<ResponseBody>) -> bool {
-    let headers = response.headers();
-    let sse = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
-    let encoded = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
-    sse && !encoded
 }
 
 /// The comment that keeps the connection busy: the request's place in its queue, or that it waits on

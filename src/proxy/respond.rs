@@ -74,16 +74,9 @@ fn stream_back(sent: Sent, generation: &Generation, stop: &Arc<Stop>) -> Respons
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         return Response::from_parts(parts, ResponseBody::full(Bytes::from(body)));
     }
-    let sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     // An upstream that compressed anyway (sluice asks for identity) is passed through untouched: its
     // bytes cannot be read for usage, nor gain an error event.
-    let encoded =
-        parts.headers.get(header::CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let readable = sse && !encoded;
+    let readable = headers::readable_sse(&parts.headers);
     if readable {
         // A broken stream gains an error event, so it must not promise a length.
         parts.headers.remove(header::CONTENT_LENGTH);

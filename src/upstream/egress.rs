@@ -200,7 +200,7 @@ fn env_matcher(var: impl Fn(&str) -> Option<String>) -> Matcher {
 }
 
 /// `localhost`, `127.0.0.0/8` or `::1`.
-fn is_loopback(host: &str) -> bool {
+pub(super) fn is_loopback(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }

@@ -143,8 +143,7 @@ impl Upstream {
     pub fn cleartext_warning(&self, has_key: bool) -> Option<String> {
         let (scheme, authority) = self.origin.split_once("://")?;
         let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host).trim_matches(['[', ']']);
-        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        (scheme == "http" && !loopback && has_key).then(|| {
+        (scheme == "http" && !egress::is_loopback(host) && has_key).then(|| {
             format!("upstream.base_url is plain http:// to {host}: the API key travels unencrypted; use https://")
         })
     }
