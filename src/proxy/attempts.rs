@@ -47,8 +47,8 @@ pub struct Progress {
     pub upstream: Option<std::sync::Arc<str>>,
     /// Times the request moved on to a fallback.
     pub fallbacks: u32,
-    /// Its place in the queue while it waits (for the keep-alive comments).
-    pub entry: Arc<crate::admission::Entry>,
+    /// Its place in the queue while it waits, for a request that tells it (the keep-alive comments).
+    pub entry: Option<Arc<crate::admission::Entry>>,
     /// Set while the request waits (in the queue or backing off): since when. A request abandoned then
     /// counts this wait too.
     pub waiting_since: Option<Instant>,
@@ -168,7 +168,7 @@ impl Proxy {
                 priority: seen.priority,
                 deadline: ticket_deadline,
                 retry: progress.attempts > 0,
-                entry: Some(&entry),
+                entry: entry.as_deref(),
             };
             progress.wait();
             let admitted = tokio::select! {

@@ -68,13 +68,13 @@ impl Proxy {
         track: &mut Track,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let interval = generation.config.queue.stream_keepalive;
-        let entry = track.progress.entry.clone();
+        let entry = Arc::new(Entry::default());
         let (answer_tx, mut answer) = oneshot::channel::<Answer>();
         let exchange = tokio::spawn({
             let (proxy, generation, entry) = (self.clone(), generation.clone(), entry.clone());
             async move {
                 let exchange = CatchUnwind::new(async {
-                    let mut progress = Progress { entry, ..Progress::default() };
+                    let mut progress = Progress { entry: Some(entry), ..Progress::default() };
                     let sent =
                         proxy.send_with_retries(&generation, &outgoing, &seen, deadline, &mut progress, None).await;
                     let request = Some((outgoing, seen, deadline, Some(budget)));
