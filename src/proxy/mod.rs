@@ -273,9 +273,10 @@ impl Proxy {
         if let Some(model) = track.progress.model.clone() {
             track.log.model_label = observe::model_label(Some(&model), &generation.config.limits);
         }
+        // A head sent early: counted and logged in full when its request settles (`queued.rs`).
+        let early = forwarded.as_ref().is_ok_and(|r| r.headers().contains_key(queued::QUEUED_HEADER));
         let mut response = match forwarded {
-            // A head sent early is counted when its request settles (`queued.rs`).
-            Ok(response) if response.headers().contains_key(queued::QUEUED_HEADER) => response,
+            Ok(response) if early => response,
             Ok(response) => {
                 track.answered(track::outcome_of(response.status().as_u16()));
                 response
@@ -302,7 +303,6 @@ impl Proxy {
             log.cache = result;
         }
         // A head sent early knows neither yet (the log line has them when the request settles).
-        let early = headers.contains_key(queued::QUEUED_HEADER);
         if !early && (progress.attempts > 0 || !progress.waited.is_zero()) {
             headers.insert(ATTEMPTS_HEADER, HeaderValue::from(progress.attempts));
             headers.insert(QUEUE_MS_HEADER, HeaderValue::from(millis(progress.waited)));

@@ -38,19 +38,17 @@ pub struct Egress {
     /// The proxies came from the environment: a loopback upstream is then reached directly (a local
     /// upstream behind a company's proxy is never what was meant).
     from_env: bool,
-    /// Bounds the whole way to a usable connection (TCP to the proxy and its tunnel answer).
-    timeout: Duration,
 }
 
 impl Egress {
     /// `setting`: `upstream.proxy` (None: the environment's proxies).
-    pub fn new(direct: HttpConnector, setting: Option<&ProxyUrl>, timeout: Duration) -> Self {
+    pub fn new(direct: HttpConnector, setting: Option<&ProxyUrl>) -> Self {
         let proxies = match setting {
             Some(url) if url.is_none() => None,
             Some(url) => Some(Matcher::builder().all(url.expose().to_string()).build()),
             None => Some(env_matcher(|name| std::env::var(name).ok())),
         };
-        Self { direct, proxies: proxies.map(Arc::new), from_env: setting.is_none(), timeout }
+        Self { direct, proxies: proxies.map(Arc::new), from_env: setting.is_none() }
     }
 
     /// The proxy `uri` goes through, without credentials (None: directly).
@@ -80,7 +78,6 @@ impl Service<Uri> for Egress {
     fn call(&mut self, dst: Uri) -> Self::Future {
         let intercept = self.intercept(&dst);
         let mut direct = self.direct.clone();
-        let timeout = self.timeout;
         Box::pin(async move {
             let Some(intercept) = intercept else {
                 return direct.call(dst).await.map_err(|err| EgressError::Direct(error_chain(&err)));
@@ -90,28 +87,22 @@ impl Service<Uri> for Egress {
             let failed = |why: String| EgressError::Proxy { proxy: proxy.clone(), why };
             // A CONNECT or SOCKS request names a port: the scheme's when the URL has none.
             let dst = with_port(dst).ok_or_else(|| failed("the upstream URL has no host".into()))?;
-            let connecting = async {
-                match proxy_uri.scheme_str() {
-                    Some(scheme @ ("socks5" | "socks5h")) => {
-                        let mut socks = SocksV5::new(proxy_uri.clone(), direct).local_dns(scheme == "socks5");
-                        if let Some((user, pass)) = intercept.raw_auth() {
-                            socks = socks.with_auth(user.to_string(), pass.to_string());
-                        }
-                        socks.call(dst).await.map_err(|err| failed(error_chain(&err)))
+            match proxy_uri.scheme_str() {
+                Some(scheme @ ("socks5" | "socks5h")) => {
+                    let mut socks = SocksV5::new(proxy_uri.clone(), direct).local_dns(scheme == "socks5");
+                    if let Some((user, pass)) = intercept.raw_auth() {
+                        socks = socks.with_auth(user.to_string(), pass.to_string());
                     }
-                    Some("http") => {
-                        let mut tunnel = Tunnel::new(proxy_uri.clone(), direct);
-                        if let Some(auth) = intercept.basic_auth() {
-                            tunnel = tunnel.with_auth(auth.clone());
-                        }
-                        tunnel.call(dst).await.map_err(|err| failed(tunnel_error(&err)))
-                    }
-                    _ => Err(failed("only http:// and socks5:// proxies are supported".into())),
+                    socks.call(dst).await.map_err(|err| failed(error_chain(&err)))
                 }
-            };
-            match tokio::time::timeout(timeout, connecting).await {
-                Ok(connected) => connected,
-                Err(_) => Err(failed(format!("no tunnel within {}", humantime::format_duration(timeout)))),
+                Some("http") => {
+                    let mut tunnel = Tunnel::new(proxy_uri.clone(), direct);
+                    if let Some(auth) = intercept.basic_auth() {
+                        tunnel = tunnel.with_auth(auth.clone());
+                    }
+                    tunnel.call(dst).await.map_err(|err| failed(tunnel_error(&err)))
+                }
+                _ => Err(failed("only http:// and socks5:// proxies are supported".into())),
             }
         })
     }
@@ -119,16 +110,18 @@ impl Service<Uri> for Egress {
 
 /// A connector whose whole call — TCP, a proxy's tunnel and the TLS handshake — is bounded by
 /// `upstream.connect_timeout`: a peer that accepts and then says nothing is a connect failure (nothing
-/// was sent, so it is retried, and ends as 502 unreachable), not a header timeout.
+/// was sent, so it is retried, and ends as 502 unreachable), not a header timeout. The one bound on the
+/// way to a connection; its error names the proxy when there is one.
 #[derive(Clone)]
 pub struct Bounded<C> {
     inner: C,
+    egress: Egress,
     timeout: Duration,
 }
 
 impl<C> Bounded<C> {
-    pub fn new(inner: C, timeout: Duration) -> Self {
-        Self { inner, timeout }
+    pub fn new(inner: C, egress: Egress, timeout: Duration) -> Self {
+        Self { inner, egress, timeout }
     }
 }
 
@@ -150,16 +143,23 @@ where
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
+        let proxy = self.egress.proxy_for(&dst);
         let connecting = self.inner.call(dst);
         let timeout = self.timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, connecting).await {
                 Ok(connected) => connected.map_err(Into::into),
-                Err(_) => Err(format!(
-                    "no connection within {} (TCP, proxy and TLS together: upstream.connect_timeout)",
-                    humantime::format_duration(timeout)
-                )
-                .into()),
+                Err(_) => {
+                    let why = format!(
+                        "no connection within {} (TCP, proxy and TLS together: upstream.connect_timeout)",
+                        humantime::format_duration(timeout)
+                    );
+                    let failed: BoxError = match proxy {
+                        Some(proxy) => Box::new(EgressError::Proxy { proxy, why }),
+                        None => why.into(),
+                    };
+                    Err(failed)
+                }
             }
         })
     }
@@ -235,7 +235,6 @@ mod tests {
             direct: HttpConnector::new(),
             proxies: Some(Arc::new(env_matcher(vars(pairs)))),
             from_env: true,
-            timeout: Duration::from_secs(1),
         };
         let env = &[("HTTPS_PROXY", "http://corp:3128"), ("no_proxy", "internal.example,.corp.example")];
         let via = egress(env);
@@ -249,7 +248,7 @@ mod tests {
         let all = egress(&[("ALL_PROXY", "socks5h://127.0.0.1:1080")]);
         assert_eq!(named(&all, "http://api.deepseek.com").as_deref(), Some("socks5h://127.0.0.1:1080"));
         let url = ProxyUrl::new("http://corp:3128");
-        let explicit = Egress::new(HttpConnector::new(), Some(&url), Duration::from_secs(1));
+        let explicit = Egress::new(HttpConnector::new(), Some(&url));
         assert!(named(&explicit, "http://127.0.0.1:9000").is_some(), "upstream.proxy applies to every upstream");
     }
 
@@ -275,12 +274,12 @@ mod tests {
     #[test]
     fn an_explicit_proxy_is_used_for_everything_and_named_without_credentials() {
         let url = ProxyUrl::new("http://alice:s3cret@proxy.corp:3128");
-        let egress = Egress::new(HttpConnector::new(), Some(&url), Duration::from_secs(1));
+        let egress = Egress::new(HttpConnector::new(), Some(&url));
         let named = egress.proxy_for(&"https://api.deepseek.com".parse().unwrap()).unwrap();
         assert!(named == "http://[redacted]@proxy.corp:3128" || named == "http://proxy.corp:3128", "{named}");
         assert!(!named.contains("s3cret"));
         let none = ProxyUrl::new("none");
-        let egress = Egress::new(HttpConnector::new(), Some(&none), Duration::from_secs(1));
+        let egress = Egress::new(HttpConnector::new(), Some(&none));
         assert_eq!(egress.proxy_for(&"https://api.deepseek.com".parse().unwrap()), None);
     }
 }

@@ -101,7 +101,7 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let egress = Egress::new(http, config.proxy.as_ref(), config.connect_timeout);
+        let egress = Egress::new(http, config.proxy.as_ref());
         if let Some(proxy) = egress.proxy_for(&base) {
             tracing::info!(%proxy, upstream = %config.base_url, "upstream connections go through a proxy");
         }
@@ -110,8 +110,8 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(egress);
-        let connector = Bounded::new(https, config.connect_timeout);
+            .wrap_connector(egress.clone());
+        let connector = Bounded::new(https, egress, config.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
