@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::controller::Controller;
 use super::gcra::Gcra;
 use super::lane::{Delays, Lane};
+use super::tokens::{Batch, TokenSource};
 use crate::config::{LimitsConfig, QueueConfig, Rate, RetryConfig};
 
 /// With a configured rate and the adaptive limit on: the effective rate scales by this on a learned
@@ -65,6 +66,35 @@ struct RateLimit {
     gcra: Gcra,
     factor: f64,
     last_change: Option<Instant>,
+    /// The own GCRA, or tokens from a cluster's shared one.
+    source: TokenSource,
+}
+
+/// What a cluster's shared GCRA needs to hand this instance tokens (`Admission::rate_demand`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateDemand {
+    /// The effective emission interval here (the configured rate, scaled by the learned limits).
+    pub interval: Duration,
+    pub burst: u32,
+    /// Tokens still to spend, and whether a dispatch found none since the last batch.
+    pub left: u32,
+    pub starved: bool,
+}
+
+impl RateLimit {
+    /// The effective emission interval: the configured one, scaled by the learned limits.
+    fn interval(&self) -> Duration {
+        self.rate.interval().div_f64(self.factor)
+    }
+
+    /// Puts the effective interval (divided among the members while a cluster's Redis is away) in force.
+    fn rescale(&mut self, now: Instant) {
+        let share = match self.source {
+            TokenSource::Own { share } => share,
+            TokenSource::Shared(_) => 1,
+        };
+        self.gcra.set_interval(self.interval().saturating_mul(share), now);
+    }
 }
 
 impl Limits {
@@ -78,10 +108,21 @@ impl Limits {
         previous: Option<Limits>,
     ) -> Self {
         let wanted = limits.rate.zip(limits.effective_burst());
-        let kept = previous.and_then(|p| p.rate).filter(|r| Some((r.rate, r.burst)) == wanted);
+        let previous = previous.and_then(|p| p.rate);
+        let source = previous.as_ref().map(|r| r.source.clone()).unwrap_or_default();
+        let kept = previous.filter(|r| Some((r.rate, r.burst)) == wanted);
         let rate = kept.or_else(|| {
             let (rate, burst) = wanted?;
-            Some(RateLimit { rate, burst, gcra: Gcra::new(rate.interval(), burst), factor: 1.0, last_change: None })
+            let mut fresh = RateLimit {
+                rate,
+                burst,
+                gcra: Gcra::new(rate.interval(), burst),
+                factor: 1.0,
+                last_change: None,
+                source,
+            };
+            fresh.rescale(Instant::now());
+            Some(fresh)
         });
         Self {
             max_concurrency: limits.max_concurrency as usize,
@@ -134,9 +175,44 @@ impl Limits {
         self.aliases.get(model).map_or(model, String::as_str)
     }
 
-    /// Takes a GCRA token at `now`; `Some(wait)` when none is available yet.
+    /// Takes a rate token at `now`; `Some(wait)` when none is available yet.
     pub fn take_rate_token(&mut self, now: Instant) -> Option<Duration> {
-        self.rate.as_mut()?.gcra.take(now)
+        let rate = self.rate.as_mut()?;
+        match &mut rate.source {
+            TokenSource::Own { .. } => rate.gcra.take(now),
+            TokenSource::Shared(batch) => batch.take(now),
+        }
+    }
+
+    /// Takes tokens from a cluster's shared GCRA from now on (`Some`), or from the own one with the
+    /// rate divided among `members` (Redis away; 1 alone). Switching to shared starts with no token.
+    pub fn set_token_source(&mut self, shared: bool, members: u32, now: Instant) {
+        let Some(rate) = &mut self.rate else { return };
+        rate.source = match (&rate.source, shared) {
+            (TokenSource::Shared(batch), true) => TokenSource::Shared(batch.clone()),
+            (_, true) => TokenSource::Shared(Batch::default()),
+            (_, false) => TokenSource::Own { share: members.max(1) },
+        };
+        rate.rescale(now);
+    }
+
+    /// `count` tokens taken from the cluster's shared GCRA (ignored unless tokens come from there).
+    pub fn hand_over_tokens(&mut self, count: u32, now: Instant) {
+        if let Some(RateLimit { source: TokenSource::Shared(batch), .. }) = &mut self.rate {
+            batch.add(count, now);
+        }
+    }
+
+    /// What the cluster's shared GCRA needs to know, when tokens come from there.
+    pub fn rate_demand(&self, now: Instant) -> Option<RateDemand> {
+        let rate = self.rate.as_ref()?;
+        let TokenSource::Shared(batch) = &rate.source else { return None };
+        Some(RateDemand {
+            interval: rate.interval(),
+            burst: rate.burst,
+            left: batch.left(now),
+            starved: batch.starved(),
+        })
     }
 
     /// A learned limit came down: the effective rate follows (at most once per `RATE_CHANGE_INTERVAL`).
@@ -160,7 +236,7 @@ impl Limits {
         }
         rate.factor = factor;
         rate.last_change = Some(now);
-        rate.gcra.set_interval(rate.rate.interval().div_f64(factor), now);
+        rate.rescale(now);
     }
 
     /// The effective rate in requests per second, if a rate is configured.
@@ -251,6 +327,25 @@ mod tests {
         limits.rate_down(now);
         let slower_wait = limits.take_rate_token(now).unwrap();
         assert!(slower_wait > full_rate_wait, "{slower_wait:?} vs {full_rate_wait:?}");
+    }
+
+    #[test]
+    fn tokens_come_from_the_cluster_while_shared_and_a_members_share_of_the_rate_without_it() {
+        let now = Instant::now();
+        let mut limits = limits("10/s");
+        limits.set_token_source(true, 1, now);
+        assert!(limits.take_rate_token(now).is_some(), "shared: none until the cluster hands some over");
+        assert!(limits.rate_demand(now).is_some_and(|d| d.starved && d.interval == Duration::from_millis(100)));
+        limits.hand_over_tokens(2, now);
+        assert_eq!(limits.take_rate_token(now), None);
+        assert_eq!(limits.take_rate_token(now), None);
+        assert!(limits.take_rate_token(now).is_some(), "two were handed over");
+        // Redis away, 4 members known: the own GCRA at a quarter of the rate (one token per 400 ms).
+        limits.set_token_source(false, 4, now);
+        assert_eq!(limits.rate_demand(now), None);
+        assert_eq!(limits.take_rate_token(now), None);
+        let wait = limits.take_rate_token(now).unwrap();
+        assert!(wait > Duration::from_millis(350) && wait <= Duration::from_millis(400), "{wait:?}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod probe;
 mod queue;
 mod quota;
 mod state;
+mod tokens;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -25,12 +26,13 @@ use tokio::time::Instant;
 
 pub use controller::{Change, INITIAL_LIMIT, LATENCY_GUARD, PLATEAU};
 pub use lane::{LaneKey, Signal};
-pub use limits::{AccountLimits, LaneView, DEFAULT_ACCOUNT};
+pub use limits::{AccountLimits, LaneView, RateDemand, DEFAULT_ACCOUNT};
 pub use pacing::{parse_go_duration, Window};
 pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
 pub use quota::{ClientLimits, ClientView, Waiting};
 pub use state::{LaneDemand, OTHER_MODEL, UNKNOWN_MODEL};
+pub use tokens::TOKEN_LIFE;
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
@@ -340,6 +342,29 @@ impl Admission {
         self.shared.wake.notify_one();
     }
 
+    /// Whether `limits.rate`'s tokens come from the cluster's shared GCRA (Redis reachable) or from the
+    /// own one, its rate divided among `members` (Redis away; 1 alone).
+    pub fn set_token_source(&self, shared: bool, members: u32) {
+        self.shared.lock().limits.set_token_source(shared, members, Instant::now());
+        self.shared.wake.notify_one();
+    }
+
+    /// `count` tokens taken from the cluster's shared GCRA, to spend within `TOKEN_LIFE`.
+    pub fn hand_over_tokens(&self, count: u32) {
+        self.shared.lock().limits.hand_over_tokens(count, Instant::now());
+        self.shared.wake.notify_one();
+    }
+
+    /// What the cluster's shared GCRA needs to know (None: no rate, or tokens are not shared), and how
+    /// many requests could use a token now: those waiting, within the global cap's room.
+    pub fn rate_demand(&self) -> Option<(RateDemand, u32)> {
+        let state = self.shared.lock();
+        let demand = state.limits.rate_demand(Instant::now())?;
+        let room = state.limits.max_concurrency().saturating_sub(state.inflight());
+        let usable = state.queued().min(room);
+        Some((demand, u32::try_from(usable).unwrap_or(u32::MAX)))
+    }
+
     /// Puts the configured clients' quotas in force (at start and on reload); what each holds is kept.
     pub fn set_clients(&self, clients: Vec<(ClientId, ClientLimits)>) {
         self.shared.lock().quotas.reconfigure(clients);
@@ -529,7 +554,15 @@ async fn dispatch_until_closed(shared: &Arc<Shared>) {
                 reject(waiting, &Rejected::ShuttingDown);
                 return;
             }
-            state.dispatch(Instant::now())
+            let now = Instant::now();
+            let dispatched = state.dispatch(now);
+            let starved = state.limits.rate_demand(now).is_some_and(|d| d.starved);
+            drop(state);
+            if starved {
+                // The cluster task takes more of the shared rate's tokens.
+                shared.demand_changed();
+            }
+            dispatched
         };
         // Outside the lock. A permit whose waiter is gone comes back from `send` and is dropped here,
         // which returns its slot.

@@ -12,7 +12,7 @@
 
 mod scripts;
 
-pub use scripts::CLAIM as CLAIM_SCRIPT;
+pub use scripts::{CLAIM as CLAIM_SCRIPT, RATE as RATE_SCRIPT};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,7 +23,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::admission::{Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT};
+use crate::admission::{Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT, TOKEN_LIFE};
 use crate::config::{ClusterConfig, Config};
 use scripts::Scripts;
 
@@ -161,6 +161,13 @@ struct Lease {
     surplus_since: Option<Instant>,
 }
 
+/// When this instance may next take tokens of the shared rate, and when it should look again.
+#[derive(Default)]
+struct RateTurn {
+    not_before: Option<Instant>,
+    next: Option<Instant>,
+}
+
 /// The task: connect, keep the leases, fall back to local limits while Redis is away.
 async fn run(
     cluster: std::sync::Weak<Cluster>,
@@ -191,6 +198,7 @@ async fn run(
                 warned = false;
                 this.update(|v| v.connected = true);
                 admission.set_cluster_reachable(true);
+                admission.set_token_source(true, 1);
                 let session = Session {
                     settings: &settings,
                     scripts: &scripts,
@@ -209,7 +217,9 @@ async fn run(
         }
         this.update(|v| v.connected = false);
         admission.set_cluster_reachable(false);
-        fail_open(&admission, &leases, this.view().members);
+        let members = this.view().members;
+        admission.set_token_source(false, u32::try_from(members).unwrap_or(u32::MAX));
+        fail_open(&admission, &leases, members);
         drop(this);
         // Signals meanwhile go nowhere (the limits are local until Redis is back).
         while signals.try_recv().is_ok() {}
@@ -254,6 +264,7 @@ impl Session<'_> {
         if let Err(err) = self.claim_all(leases, false).await {
             return err;
         }
+        let mut tokens = RateTurn::default();
         loop {
             if heartbeat <= Instant::now() {
                 match self.heartbeat().await {
@@ -263,9 +274,10 @@ impl Session<'_> {
                 heartbeat = Instant::now() + self.settings.ttl / 3;
             }
             let mut released = false;
+            let poll = tokens.next.map_or(POLL, |at| at.saturating_duration_since(Instant::now()));
             tokio::select! {
                 () = changed.notified() => {}
-                () = tokio::time::sleep(POLL.min(self.settings.ttl / 3)) => {}
+                () = tokio::time::sleep(poll.min(POLL).min(self.settings.ttl / 3)) => {}
                 message = messages.next() => match message {
                     Some(_) => released = true,
                     None => return redis::RedisError::from((redis::ErrorKind::IoError, "the cluster's pub/sub ended")),
@@ -279,7 +291,41 @@ impl Session<'_> {
             if let Err(err) = self.claim_all(leases, released).await {
                 return err;
             }
+            if let Err(err) = self.take_tokens(&mut tokens).await {
+                return err;
+            }
         }
+    }
+
+    /// Takes tokens of `limits.rate` from the shared GCRA for the requests that could use one now (at
+    /// most a burst), unless the GCRA said none conforms yet; `turn.next` is when to look again.
+    async fn take_tokens(&mut self, turn: &mut RateTurn) -> Result<(), redis::RedisError> {
+        let now = Instant::now();
+        turn.next = None;
+        let Some((demand, usable)) = self.admission.rate_demand() else { return Ok(()) };
+        if usable <= demand.left {
+            return Ok(());
+        }
+        if let Some(at) = turn.not_before.filter(|at| *at > now) {
+            turn.next = Some(at);
+            return Ok(());
+        }
+        let wanted = (usable - demand.left).min(demand.burst);
+        let interval = u64::try_from(demand.interval.as_micros()).unwrap_or(u64::MAX).max(1);
+        let mut invocation = self.scripts.rate.key(format!("{}:rate", self.settings.prefix));
+        invocation.arg(interval).arg(demand.burst).arg(wanted);
+        self.count();
+        let (taken, wait_us): (u32, u64) = invocation.invoke_async(&mut self.connection).await?;
+        if taken > 0 {
+            self.admission.hand_over_tokens(taken);
+        }
+        if taken < wanted {
+            // The next token conforms then (looked at again sooner should another instance's rate change).
+            let wait = Duration::from_micros(wait_us).clamp(Duration::from_millis(1), TOKEN_LIFE);
+            turn.not_before = Some(now + wait);
+            turn.next = turn.not_before;
+        }
+        Ok(())
     }
 
     async fn heartbeat(&mut self) -> Result<u64, redis::RedisError> {

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod accounts;
+pub mod cluster;
 pub mod daemon;
 pub mod egress;
 pub mod mock;
