@@ -8,30 +8,11 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice::config::{AccountConfig, ApiKey, Config};
+use support::accounts::with_accounts;
 use support::*;
 use tokio::time::Instant;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// sluice in front of `mock` with `accounts` (name, keys).
-fn with_accounts(mock: &Mock, accounts: &[(&str, &[&str])]) -> Config {
-    let mut config = config_for(mock);
-    config.upstream.api_key = None;
-    config.upstream.accounts = accounts
-        .iter()
-        .map(|(name, keys)| AccountConfig {
-            name: name.to_string(),
-            api_key_file: None,
-            api_keys_file: None,
-            api_key_env: None,
-            weight: 1,
-            models: Default::default(),
-            keys: keys.iter().map(|k| ApiKey::new(k, "test").unwrap()).collect(),
-        })
-        .collect();
-    config
-}
 
 fn held_for(pause: Duration) -> impl Fn(&Recorded, usize) -> Reply + Send + Sync + 'static {
     move |_, _| Reply::Stream {

@@ -6,12 +6,17 @@
 //! claims slots when demand changes (told by admission), when another instance gives slots back (pub/sub),
 //! and at most every `POLL` otherwise, renewing its leases every third of `lease_ttl`.
 //!
+//! The global rate is one GCRA in Redis too (tokens handed over in small batches), and the configured
+//! clients' token counts, refused keys and paused accounts are shared (`facts.rs`).
+//!
 //! Redis is a help, never a dependency: unreachable, each lane is bound by its last known limit divided
 //! among the last known members (or, never connected, by its own limits), it is said once, and the task
 //! reconnects by itself. Keys are `sluice:{name}:…`, expire, and hold no secrets.
 
+mod facts;
 mod scripts;
 
+pub use facts::{Facts, Local, Shared, FACTS as FACTS_SCRIPT};
 pub use scripts::{CLAIM as CLAIM_SCRIPT, RATE as RATE_SCRIPT};
 
 use std::collections::HashMap;
@@ -67,8 +72,8 @@ pub struct Cluster {
 
 impl Cluster {
     /// Joins the cluster of `config.cluster` (None when it has no Redis): starts the task that keeps
-    /// this instance's leases.
-    pub fn start(config: &Config, admission: Admission) -> Option<Arc<Self>> {
+    /// this instance's leases, takes its rate tokens and shares its `facts`.
+    pub fn start(config: &Config, admission: Admission, facts: Arc<dyn Facts>) -> Option<Arc<Self>> {
         let url = config.cluster.redis_url.as_deref()?;
         let client = match redis::Client::open(url) {
             Ok(client) => client,
@@ -84,7 +89,8 @@ impl Cluster {
         let changed = Arc::new(Notify::new());
         admission.join_cluster(ClusterHook { signals, changed: changed.clone() });
         let settings = Settings::new(config, instance);
-        tokio::spawn(run(Arc::downgrade(&cluster), client, admission, settings, signals_rx, changed));
+        let task = Task { cluster: Arc::downgrade(&cluster), client, admission, facts, settings };
+        tokio::spawn(run(task, signals_rx, changed));
         Some(cluster)
     }
 
@@ -168,15 +174,18 @@ struct RateTurn {
     next: Option<Instant>,
 }
 
-/// The task: connect, keep the leases, fall back to local limits while Redis is away.
-async fn run(
+/// What the task works with.
+struct Task {
     cluster: std::sync::Weak<Cluster>,
     client: redis::Client,
     admission: Admission,
+    facts: Arc<dyn Facts>,
     settings: Settings,
-    mut signals: mpsc::Receiver<(LaneKey, Signal)>,
-    changed: Arc<Notify>,
-) {
+}
+
+/// The task: connect, keep the leases, fall back to local limits while Redis is away.
+async fn run(task: Task, mut signals: mpsc::Receiver<(LaneKey, Signal)>, changed: Arc<Notify>) {
+    let Task { cluster, client, admission, facts, settings } = task;
     let scripts = Scripts::default();
     let mut leases: HashMap<LaneKey, Lease> = HashMap::new();
     let mut warned = false;
@@ -204,6 +213,7 @@ async fn run(
                     scripts: &scripts,
                     connection,
                     admission: &admission,
+                    facts: &*facts,
                     cluster: &this,
                 };
                 let err = session.serve(pubsub, &mut leases, &mut signals, &changed).await;
@@ -242,6 +252,7 @@ struct Session<'a> {
     scripts: &'a Scripts,
     connection: ConnectionManager,
     admission: &'a Admission,
+    facts: &'a dyn Facts,
     cluster: &'a Cluster,
 }
 
@@ -265,6 +276,7 @@ impl Session<'_> {
             return err;
         }
         let mut tokens = RateTurn::default();
+        let mut facts = facts::FactsTurn::default();
         loop {
             if heartbeat <= Instant::now() {
                 match self.heartbeat().await {
@@ -279,6 +291,7 @@ impl Session<'_> {
                 () = changed.notified() => {}
                 () = tokio::time::sleep(poll.min(POLL).min(self.settings.ttl / 3)) => {}
                 message = messages.next() => match message {
+                    Some(message) if message.get_payload::<String>().is_ok_and(|p| p == "facts") => facts.share_now(),
                     Some(_) => released = true,
                     None => return redis::RedisError::from((redis::ErrorKind::IoError, "the cluster's pub/sub ended")),
                 },
@@ -293,6 +306,11 @@ impl Session<'_> {
             }
             if let Err(err) = self.take_tokens(&mut tokens).await {
                 return err;
+            }
+            if facts.due(Instant::now()) {
+                if let Err(err) = self.share_facts(&mut facts).await {
+                    return err;
+                }
             }
         }
     }

@@ -170,6 +170,7 @@ pub struct Scripts {
     pub signal: Script,
     pub member: Script,
     pub rate: Script,
+    pub facts: Script,
 }
 
 impl Default for Scripts {
@@ -179,6 +180,7 @@ impl Default for Scripts {
             signal: Script::new(SIGNAL),
             member: Script::new(MEMBER),
             rate: Script::new(RATE),
+            facts: Script::new(super::facts::FACTS),
         }
     }
 }

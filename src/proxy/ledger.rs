@@ -4,6 +4,11 @@
 //! a restart does not hand out a fresh quota. The day is the wall clock's at start plus tokio's monotonic
 //! time since (so tests can move it), re-anchored whenever the wall clock runs ahead of that (a suspend,
 //! a clock step).
+//!
+//! In a cluster, each client's count is the cluster's: what this instance charged is added to a shared
+//! count of the day in Redis (`cluster/facts.rs`) about once a second, and a check reads the cluster's
+//! total plus what is not sent yet. What was sent is kept in the state file too, so a restart neither
+//! sends it twice nor loses it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +31,18 @@ struct Day {
     /// Days since the Unix epoch (UTC).
     utc_day: u64,
     tokens: BTreeMap<String, u64>,
+    /// Of `tokens`, what was added to the cluster's count.
+    #[serde(default)]
+    sent: BTreeMap<String, u64>,
+    /// The cluster's counts of the day, as last read (None: not in a cluster, or not read yet today).
+    #[serde(skip)]
+    cluster: Option<BTreeMap<String, u64>>,
+}
+
+impl Day {
+    fn new(utc_day: u64) -> Self {
+        Self { utc_day, ..Self::default() }
+    }
 }
 
 pub struct Ledger {
@@ -43,7 +60,7 @@ impl Ledger {
         let anchor = (wall_clock(), Instant::now());
         let path = state_dir.map(|dir| dir.join(FILE));
         let today = anchor.0 / DAY;
-        let mut day = Day { utc_day: today, tokens: BTreeMap::new() };
+        let mut day = Day::new(today);
         if let Some(path) = &path {
             match std::fs::read(path) {
                 Ok(bytes) => match serde_json::from_slice::<Day>(&bytes) {
@@ -77,14 +94,47 @@ impl Ledger {
         let today = self.now() / DAY;
         let mut day = self.day.lock().unwrap_or_else(PoisonError::into_inner);
         if day.0.utc_day != today {
-            *day = (Day { utc_day: today, tokens: BTreeMap::new() }, true);
+            *day = (Day::new(today), true);
         }
         day
     }
 
-    /// Tokens `client` used today.
+    /// Tokens `client` used today: here, or in the cluster (its count as last read plus what this
+    /// instance has not sent yet).
     pub fn used(&self, client: &str) -> u64 {
-        self.today().0.tokens.get(client).copied().unwrap_or(0)
+        let day = self.today();
+        let here = day.0.tokens.get(client).copied().unwrap_or(0);
+        let Some(cluster) = &day.0.cluster else { return here };
+        let unsent = here.saturating_sub(day.0.sent.get(client).copied().unwrap_or(0));
+        here.max(cluster.get(client).copied().unwrap_or(0).saturating_add(unsent))
+    }
+
+    /// The day, and what this instance charged that the cluster's count does not have yet.
+    pub fn unsent(&self) -> (u64, Vec<(String, u64)>) {
+        let day = self.today();
+        let unsent = day
+            .0
+            .tokens
+            .iter()
+            .map(|(client, n)| (client, n.saturating_sub(day.0.sent.get(client).copied().unwrap_or(0))))
+            .filter(|(_, n)| *n > 0)
+            .map(|(client, n)| (client.clone(), n))
+            .collect();
+        (day.0.utc_day, unsent)
+    }
+
+    /// `sent` was added to the cluster's count of `utc_day`, which now stands at `totals`.
+    pub fn sent(&self, utc_day: u64, sent: &[(String, u64)], totals: BTreeMap<String, u64>) {
+        let mut day = self.today();
+        if day.0.utc_day != utc_day {
+            return;
+        }
+        for (client, n) in sent {
+            let so_far = day.0.sent.entry(client.clone()).or_default();
+            *so_far = so_far.saturating_add(*n);
+        }
+        day.0.cluster = Some(totals);
+        day.1 |= !sent.is_empty();
     }
 
     /// Adds `tokens` to `client`'s day.
@@ -176,6 +226,7 @@ mod tests {
         };
         assert!((1..=DAY).contains(&retry_after));
         assert!(ledger.check("other", Some(1000)).is_ok(), "each client has its own");
+        assert_eq!(ledger.unsent().1, vec![("batch".to_string(), 1000)]);
         ledger.save().unwrap();
         let reopened = Ledger::open(Some(&dir));
         assert_eq!(reopened.used("batch"), 1000, "read back after a restart");
@@ -183,5 +234,22 @@ mod tests {
         assert_eq!(reopened.used("batch"), 0, "a new day");
         assert!(reopened.check("batch", Some(1000)).is_ok());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn in_a_cluster_the_count_is_the_clusters_plus_what_is_not_sent_yet() {
+        let ledger = Ledger::open(None);
+        ledger.charge("a", 100);
+        let (day, unsent) = ledger.unsent();
+        assert_eq!(unsent, vec![("a".to_string(), 100)]);
+        // Another instance charged 900 meanwhile.
+        ledger.sent(day, &unsent, BTreeMap::from([("a".to_string(), 1000)]));
+        assert_eq!(ledger.used("a"), 1000, "the cluster's count");
+        assert!(ledger.unsent().1.is_empty(), "nothing is sent twice");
+        ledger.charge("a", 50);
+        assert_eq!(ledger.used("a"), 1050, "plus what is not sent yet");
+        assert_eq!(ledger.unsent().1, vec![("a".to_string(), 50)]);
+        ledger.sent(day + 1, &[("a".to_string(), 50)], BTreeMap::new());
+        assert_eq!(ledger.unsent().1, vec![("a".to_string(), 50)], "another day's answer changes nothing");
     }
 }

@@ -13,6 +13,7 @@ mod body;
 mod cached;
 mod circuit;
 mod clients;
+mod cluster_facts;
 mod committed;
 mod deliver;
 mod events;
@@ -147,8 +148,14 @@ impl Proxy {
         let config = &generation.config;
         let admission = Admission::new(&config.limits, &config.queue, &config.retry, generation.accounts.limits());
         admission.set_clients(generation.clients.limits());
-        let cluster = Cluster::start(&generation.config, admission.clone());
-        let current = Arc::new(RwLock::new(Arc::new(generation)));
+        let generation = Arc::new(generation);
+        let current = Arc::new(RwLock::new(generation.clone()));
+        let facts = cluster_facts::InstanceFacts {
+            current: Arc::downgrade(&current),
+            ledger: Arc::downgrade(&ledger),
+            admission: admission.clone(),
+        };
+        let cluster = Cluster::start(&generation.config, admission.clone(), Arc::new(facts));
         let sources = observe::Sources { accounts: balance::accounts_source(&current), cluster: cluster.clone() };
         let metrics = Arc::new(Metrics::new(admission.clone(), sources, cache_metrics));
         metrics.declare_retry_reasons(retry::RetryReason::ALL.map(retry::RetryReason::as_str));

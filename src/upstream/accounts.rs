@@ -2,8 +2,10 @@
 //! uses (round-robin over the keys still enabled), a key the upstream refused (401) set aside, an
 //! account out of balance (402) paused until its balance says it is available, the upstream's own answer
 //! kept for when no account can serve, and the latest balance read. Names are labels; keys never leave
-//! this module except as a ready `Authorization` value.
+//! this module except as a ready `Authorization` value (and, for a cluster, as a fingerprint: the first
+//! 16 hex digits of its SHA-256, which names a key without revealing it).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -54,11 +56,16 @@ struct Account {
     balance: Mutex<Option<Balance>>,
     /// A fallback's own account (another upstream, its own key).
     fallback_only: bool,
+    /// Paused because another instance of the cluster found it out of balance.
+    paused_by_cluster: AtomicBool,
+    /// A balance read ended a pause here (the cluster is told, then this is cleared).
+    resumed: AtomicBool,
 }
 
 #[derive(Debug)]
 struct Key {
     authorization: HeaderValue,
+    fingerprint: String,
     disabled: AtomicBool,
 }
 
@@ -195,6 +202,8 @@ impl Accounts {
         *entry.balance.lock().unwrap_or_else(PoisonError::into_inner) = Some(balance);
         let resumed = available && entry.paused.swap(false, Ordering::Relaxed);
         if resumed {
+            entry.paused_by_cluster.store(false, Ordering::Relaxed);
+            entry.resumed.store(true, Ordering::Relaxed);
             tracing::info!(account, "the account's balance is available again: it serves again");
         }
         resumed && entry.available()
@@ -208,6 +217,61 @@ impl Accounts {
     /// The upstream's latest refusal on any account, to answer with when none can serve.
     pub fn refusal(&self) -> Option<Refusal> {
         self.accounts.iter().find_map(|a| a.refusal.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+
+    /// Fingerprints of the keys set aside here (a cluster shares them).
+    pub fn refused_fingerprints(&self) -> Vec<String> {
+        let keys = self.accounts.iter().flat_map(|a| &a.keys);
+        keys.filter(|k| k.disabled.load(Ordering::Relaxed)).map(|k| k.fingerprint.clone()).collect()
+    }
+
+    /// Sets aside the keys another instance saw refused; returns the accounts that serve no more.
+    pub fn refuse_fingerprints(&self, refused: &HashSet<String>) -> Vec<String> {
+        let mut out = Vec::new();
+        for account in &self.accounts {
+            let mut changed = false;
+            for key in account.keys.iter().filter(|k| refused.contains(&k.fingerprint)) {
+                if !key.disabled.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(account = %account.name, "another instance saw a key of this account refused (401): it is set aside here too");
+                    changed = true;
+                }
+            }
+            if changed && !account.available() {
+                out.push(account.name.to_string());
+            }
+        }
+        out
+    }
+
+    /// Accounts paused here for their balance (402) — not those paused on the cluster's word — and those a
+    /// balance read resumed since the last call.
+    pub fn own_pauses(&self) -> (Vec<String>, Vec<String>) {
+        let paused = self
+            .accounts
+            .iter()
+            .filter(|a| a.paused.load(Ordering::Relaxed) && !a.paused_by_cluster.load(Ordering::Relaxed));
+        let resumed = self.accounts.iter().filter(|a| a.resumed.swap(false, Ordering::Relaxed));
+        (paused.map(|a| a.name.to_string()).collect(), resumed.map(|a| a.name.to_string()).collect())
+    }
+
+    /// Follows the cluster's paused accounts: pauses those in `paused`, resumes those paused only on the
+    /// cluster's word that are no longer. Returns the accounts whose serving changed, and how.
+    pub fn follow_pauses(&self, paused: &HashSet<String>) -> Vec<(String, bool)> {
+        let mut changed = Vec::new();
+        for account in &self.accounts {
+            if paused.contains(&*account.name) {
+                if !account.paused.swap(true, Ordering::Relaxed) {
+                    account.paused_by_cluster.store(true, Ordering::Relaxed);
+                    tracing::warn!(account = %account.name, "another instance found the account out of balance (402): it is paused here too");
+                    changed.push((account.name.to_string(), account.available()));
+                }
+            } else if account.paused_by_cluster.swap(false, Ordering::Relaxed) {
+                account.paused.store(false, Ordering::Relaxed);
+                tracing::info!(account = %account.name, "the cluster says the account's balance is available again");
+                changed.push((account.name.to_string(), account.available()));
+            }
+        }
+        changed
     }
 
     pub fn views(&self) -> Vec<AccountView> {
@@ -232,13 +296,19 @@ impl Account {
             weight,
             caps,
             keys: keys
-                .map(|k| Key { authorization: k.authorization().clone(), disabled: AtomicBool::new(false) })
+                .map(|k| Key {
+                    authorization: k.authorization().clone(),
+                    fingerprint: fingerprint(k.authorization()),
+                    disabled: AtomicBool::new(false),
+                })
                 .collect(),
             next: AtomicUsize::new(0),
             paused: AtomicBool::new(false),
             refusal: Mutex::new(None),
             balance: Mutex::new(None),
             fallback_only: false,
+            paused_by_cluster: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
         }
     }
 
@@ -251,6 +321,13 @@ impl Account {
     fn remember(&self, refusal: Refusal) {
         *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(refusal);
     }
+}
+
+/// Names a key without revealing it: the first 16 hex digits of its `Authorization` value's SHA-256.
+fn fingerprint(authorization: &HeaderValue) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(authorization.as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -305,6 +382,35 @@ mod tests {
         assert!(!accounts.balance_read("a", Balance { available: false, infos: vec![] }));
         assert!(accounts.balance_read("a", Balance { available: true, infos: vec![] }));
         assert!(accounts.available("a"));
+    }
+
+    #[test]
+    fn what_a_cluster_shares_names_keys_by_fingerprint_and_follows_pauses() {
+        let here = accounts(&[("a", &["k1", "k2"]), ("b", &["k3"])]);
+        let there = accounts(&[("a", &["k1", "k2"]), ("b", &["k3"])]);
+        let first = here.key("a").unwrap();
+        here.key_refused("a", first.0, refusal(401));
+        let refused: HashSet<String> = here.refused_fingerprints().into_iter().collect();
+        assert_eq!(refused.len(), 1);
+        assert!(refused.iter().all(|f| f.len() == 16 && !f.contains("k1")), "{refused:?}");
+        assert!(there.refuse_fingerprints(&refused).is_empty(), "a keeps another key");
+        assert_eq!(there.key("a").unwrap().0, 1 - first.0, "the same key is set aside there");
+        let b_key: HashSet<String> = {
+            here.key_refused("b", 0, refusal(401));
+            here.refused_fingerprints().into_iter().collect()
+        };
+        assert_eq!(there.refuse_fingerprints(&b_key), vec!["b".to_string()], "b serves no more");
+
+        here.out_of_balance("a", refusal(402));
+        assert_eq!(here.own_pauses(), (vec!["a".to_string()], vec![]));
+        let paused = HashSet::from(["a".to_string()]);
+        assert_eq!(there.follow_pauses(&paused), vec![("a".to_string(), false)]);
+        assert_eq!(there.own_pauses().0, Vec::<String>::new(), "paused on the cluster's word, not its own");
+        assert!(there.follow_pauses(&paused).is_empty(), "no change");
+        assert!(here.balance_read("a", Balance { available: true, infos: vec![] }));
+        assert_eq!(here.own_pauses(), (vec![], vec!["a".to_string()]), "the resume is told once");
+        assert_eq!(here.own_pauses().1, Vec::<String>::new());
+        assert_eq!(there.follow_pauses(&HashSet::new()), vec![("a".to_string(), true)], "resumed there too");
     }
 
     #[test]

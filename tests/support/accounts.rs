@@ -5,6 +5,10 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use sluice::config::{AccountConfig, ApiKey, Config};
+
+use super::{config_for, Mock};
+
 /// One account the mock knows.
 pub struct MockAccount {
     pub name: String,
@@ -103,4 +107,23 @@ pub fn balance_body(account: &MockAccount) -> String {
         "balance_infos": [{"currency": "CNY", "total_balance": total, "granted_balance": "0.00", "topped_up_balance": total}]
     })
     .to_string()
+}
+
+/// sluice in front of `mock` with `accounts` (name, keys).
+pub fn with_accounts(mock: &Mock, accounts: &[(&str, &[&str])]) -> Config {
+    let mut config = config_for(mock);
+    config.upstream.api_key = None;
+    config.upstream.accounts = accounts
+        .iter()
+        .map(|(name, keys)| AccountConfig {
+            name: name.to_string(),
+            api_key_file: None,
+            api_keys_file: None,
+            api_key_env: None,
+            weight: 1,
+            models: Default::default(),
+            keys: keys.iter().map(|k| ApiKey::new(k, "test").unwrap()).collect(),
+        })
+        .collect();
+    config
 }
