@@ -524,31 +524,8 @@ def cluster(quick):
     for name, count, shared in [("1 instance", 1, False), ("3 instances, each alone", 3, False),
                                 ("3 instances, one cluster", 3, True)]:
         sim_proc, sim_port = sim("--caps", str(cap), "--latency", f"{latency_ms}ms")
-        redis_proc, redis_port = redis_server()
-        with sim_proc, redis_proc:
-            extra = {"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"}
-            if shared:
-                extra.update({"SLUICE_CLUSTER__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SLUICE_CLUSTER__NAME": "bench"})
-            instances = [sluice(sim_port, extra=extra) for _ in range(count)]
-            for proc, _ in instances:
-                proc.__enter__()
-            try:
-                if shared:
-                    for _, port in instances:
-                        wait_cache_connected_cluster(port)
-                each = workers // count
-                url = lambda port: f"http://127.0.0.1:{port}/v1/chat/completions"
-                runs = [subprocess.Popen([LOADGEN, "--url", url(port), "--duration", f"{seconds}s", "--clients", str(each)],
-                                         stdout=subprocess.PIPE, text=True) for _, port in instances]
-                results = [json.loads(run.communicate()[0]) for run in runs]
-                trips = 0
-                if shared:
-                    for _, port in instances:
-                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
-                            trips += json.load(response)["cluster"]["redis_round_trips"]
-            finally:
-                for proc, _ in instances:
-                    proc.__exit__(None, None, None)
+        with sim_proc:
+            results, trips = instances_under_load(sim_port, count, shared, {}, seconds, workers // count)
             counters = sim_counters(sim_port)
         completed = sum(r["completed"] for r in results)
         errors = sum(n for r in results for status, n in r["statuses"].items() if status != "200")
@@ -561,7 +538,74 @@ def cluster(quick):
             "round_trips": trips / max(completed, 1),
         }
         log(f"cluster {name}: {rows[name]}")
-    return {"seconds": seconds, "cap": cap, "latency_ms": latency_ms, "workers": workers, "rows": rows}
+    return {"seconds": seconds, "cap": cap, "latency_ms": latency_ms, "workers": workers, "rows": rows,
+            "rate": cluster_rate(quick)}
+
+
+def cluster_rate(quick):
+    """`limits.rate` with 3 instances (alone, and as one cluster whose GCRA is in Redis), 24 closed-loop
+    workers in all against an uncapped upstream (20 ms); and the latency a cluster adds to requests that
+    wait for nothing (rate far above the load)."""
+    seconds, latency_ms, rate = (4 if quick else 20), 20, 30
+    rows = {}
+    for name, count, shared, limit, workers in [
+            ("3 instances, each alone, rate 30/s", 3, False, rate, 8),
+            ("3 instances, one cluster, rate 30/s", 3, True, rate, 8),
+            ("1 instance, light load", 1, False, 100000, 3),
+            ("3 instances, one cluster, light load", 3, True, 100000, 1)]:
+        sim_proc, sim_port = sim("--latency", f"{latency_ms}ms")
+        with sim_proc:
+            extra = {"SLUICE_LIMITS__RATE": f"{limit}/s", "SLUICE_LIMITS__ADAPTIVE": "false"}
+            steady = []
+            results, trips = instances_under_load(sim_port, count, shared, extra, seconds, workers,
+                                                  sample=lambda: steady.append((time.monotonic(), sim_counters(sim_port)["arrivals"])))
+        completed = sum(r["completed"] for r in results)
+        (t0, n0), (t1, n1) = steady
+        rows[name] = {
+            "errors": sum(n for r in results for status, n in r["statuses"].items() if status != "200"),
+            "upstream_rps": (n1 - n0) / (t1 - t0),
+            "p50": statistics.median(r["total_ms"]["p50"] for r in results),
+            "p99": max(r["total_ms"]["p99"] for r in results),
+            "round_trips": trips / max(completed, 1),
+        }
+        log(f"cluster rate {name}: {rows[name]}")
+    return {"seconds": seconds, "latency_ms": latency_ms, "rate": rate, "rows": rows}
+
+
+def instances_under_load(sim_port, count, shared, extra, seconds, workers_each, sample=None):
+    """Runs `count` instances in front of the simulator (sharing through a fresh Redis when `shared`),
+    `workers_each` closed-loop workers on each; returns the loadgen results and Redis round trips.
+    `sample` is called 1 s into the load and 0.5 s before its end (the steady state, no first burst)."""
+    redis_proc, redis_port = redis_server()
+    with redis_proc:
+        extra = dict({"SLUICE_LIMITS__MODELS__DEEPSEEK-V4-FLASH__MAX_CONCURRENCY": "500"}, **extra)
+        if shared:
+            extra.update({"SLUICE_CLUSTER__REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SLUICE_CLUSTER__NAME": "bench"})
+        instances = [sluice(sim_port, extra=extra) for _ in range(count)]
+        for proc, _ in instances:
+            proc.__enter__()
+        try:
+            if shared:
+                for _, port in instances:
+                    wait_cache_connected_cluster(port)
+            url = lambda port: f"http://127.0.0.1:{port}/v1/chat/completions"
+            runs = [subprocess.Popen([LOADGEN, "--url", url(port), "--duration", f"{seconds}s", "--clients", str(workers_each)],
+                                     stdout=subprocess.PIPE, text=True) for _, port in instances]
+            if sample:
+                time.sleep(1)
+                sample()
+                time.sleep(seconds - 1.5)
+                sample()
+            results = [json.loads(run.communicate()[0]) for run in runs]
+            trips = 0
+            if shared:
+                for _, port in instances:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+                        trips += json.load(response)["cluster"]["redis_round_trips"]
+        finally:
+            for proc, _ in instances:
+                proc.__exit__(None, None, None)
+    return results, trips
 
 
 def wait_cache_connected_cluster(port, limit=20):
@@ -708,6 +752,17 @@ def report(results, quick, command):
         trips = f"{r['round_trips']:.2f}" if "cluster" in name else "–"
         lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} % | {100 * r['share_429']:.1f} % "
                      f"| {r['p50']:.0f} ms | {r['p99']:.0f} ms | {trips} |")
+    cr = cl["rate"]
+    lines += ["",
+        f"The global rate (`limits.rate = \"{cr['rate']}/s\"`, adaptive off), 3 instances with 8 closed-loop workers each in",
+        f"front of an uncapped simulator ({cr['latency_ms']} ms), {cr['seconds']} s; then the latency a cluster adds to",
+        "requests that wait for nothing (rate far above the load; 3 workers on 1 instance against 1 on each of 3).", "",
+        "| | client errors | requests/s the upstream saw (steady) | p50 | p99 | Redis round trips / request |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in cr["rows"].items():
+        trips = f"{r['round_trips']:.2f}" if "cluster" in name else "–"
+        lines.append(f"| {name} | {r['errors']} | {r['upstream_rps']:.1f} | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {trips} |")
     lines += ["",
         "## Faults: without and with a fallback", "",
         "One request into each fault (a simulator misbehaving on purpose, `--fault`), through sluice on its defaults",

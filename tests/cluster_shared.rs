@@ -24,8 +24,9 @@ async fn concurrent_rate_takers_never_take_more_than_the_burst() {
             tokio::spawn(async move {
                 let mut connection = client.get_multiplexed_async_connection().await.unwrap();
                 let mut invocation = script.key("r:rate");
-                invocation.arg(60_000_000u64).arg(5).arg(2);
-                let (taken, wait_us): (i64, i64) = invocation.invoke_async(&mut connection).await.unwrap();
+                // interval_us, burst, wanted, horizon_us (none: only tokens that conform now)
+                invocation.arg(60_000_000u64).arg(5).arg(2).arg(0);
+                let (taken, _first, wait_us): (i64, i64, i64) = invocation.invoke_async(&mut connection).await.unwrap();
                 (taken, wait_us)
             })
         })
@@ -45,6 +46,13 @@ async fn concurrent_rate_takers_never_take_more_than_the_burst() {
         refused_waits.iter().all(|w| *w > 0 && *w <= 60_000_000),
         "a refused taker learns how long until the next token: {refused_waits:?}"
     );
+    // Reserving ahead: with a 3-minute horizon, 3 more tokens are reserved, at 1, 2 and 3 minutes.
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut invocation = script.key("r:rate");
+    invocation.arg(60_000_000u64).arg(5).arg(10).arg(180_000_000u64);
+    let (taken, first_us, _): (i64, i64, i64) = invocation.invoke_async(&mut connection).await.unwrap();
+    assert_eq!(taken, 3);
+    assert!((55_000_000..=60_000_000).contains(&first_us), "the first reserved conforms in a minute: {first_us}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,10 +196,11 @@ impl Limits {
         rate.rescale(now);
     }
 
-    /// `count` tokens taken from the cluster's shared GCRA (ignored unless tokens come from there).
-    pub fn hand_over_tokens(&mut self, count: u32, now: Instant) {
+    /// `count` tokens reserved on the cluster's shared GCRA, the first conforming `first_us` from now
+    /// (negative: already), the others `interval` apart (ignored unless tokens come from there).
+    pub fn hand_over_tokens(&mut self, count: u32, first_us: i64, interval: Duration, now: Instant) {
         if let Some(RateLimit { source: TokenSource::Shared(batch), .. }) = &mut self.rate {
-            batch.add(count, now);
+            batch.add(count, first_us, interval, now);
         }
     }
 
@@ -336,10 +337,12 @@ mod tests {
         limits.set_token_source(true, 1, now);
         assert!(limits.take_rate_token(now).is_some(), "shared: none until the cluster hands some over");
         assert!(limits.rate_demand(now).is_some_and(|d| d.starved && d.interval == Duration::from_millis(100)));
-        limits.hand_over_tokens(2, now);
+        limits.hand_over_tokens(2, -1, Duration::from_millis(100), now);
         assert_eq!(limits.take_rate_token(now), None);
-        assert_eq!(limits.take_rate_token(now), None);
-        assert!(limits.take_rate_token(now).is_some(), "two were handed over");
+        assert_eq!(limits.take_rate_token(now), Some(Duration::from_micros(99_999)), "the second's moment");
+        assert_eq!(limits.take_rate_token(now + Duration::from_millis(100)), None);
+        let later = now + Duration::from_millis(100);
+        assert!(limits.take_rate_token(later).is_some(), "two were handed over");
         // Redis away, 4 members known: the own GCRA at a quarter of the rate (one token per 400 ms).
         limits.set_token_source(false, 4, now);
         assert_eq!(limits.rate_demand(now), None);

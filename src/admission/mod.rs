@@ -32,7 +32,7 @@ pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
 pub use quota::{ClientLimits, ClientView, Waiting};
 pub use state::{LaneDemand, OTHER_MODEL, UNKNOWN_MODEL};
-pub use tokens::TOKEN_LIFE;
+pub use tokens::{TOKEN_HORIZON, TOKEN_LIFE};
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
@@ -349,9 +349,10 @@ impl Admission {
         self.shared.wake.notify_one();
     }
 
-    /// `count` tokens taken from the cluster's shared GCRA, to spend within `TOKEN_LIFE`.
-    pub fn hand_over_tokens(&self, count: u32) {
-        self.shared.lock().limits.hand_over_tokens(count, Instant::now());
+    /// `count` tokens reserved on the cluster's shared GCRA, the first conforming `first_us` from now
+    /// (negative: already), the others `interval` apart; each spent within `TOKEN_LIFE` of its moment.
+    pub fn hand_over_tokens(&self, count: u32, first_us: i64, interval: Duration) {
+        self.shared.lock().limits.hand_over_tokens(count, first_us, interval, Instant::now());
         self.shared.wake.notify_one();
     }
 

@@ -28,7 +28,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::admission::{Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT, TOKEN_LIFE};
+use crate::admission::{Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT, TOKEN_HORIZON, TOKEN_LIFE};
 use crate::config::{ClusterConfig, Config};
 use scripts::Scripts;
 
@@ -315,8 +315,9 @@ impl Session<'_> {
         }
     }
 
-    /// Takes tokens of `limits.rate` from the shared GCRA for the requests that could use one now (at
-    /// most a burst), unless the GCRA said none conforms yet; `turn.next` is when to look again.
+    /// Reserves tokens of `limits.rate` on the shared GCRA for the requests that could use one now (at
+    /// most a burst, conforming within `TOKEN_HORIZON`), unless it said none could be reserved yet;
+    /// `turn.next` is when to look again.
     async fn take_tokens(&mut self, turn: &mut RateTurn) -> Result<(), redis::RedisError> {
         let now = Instant::now();
         turn.next = None;
@@ -331,15 +332,16 @@ impl Session<'_> {
         let wanted = (usable - demand.left).min(demand.burst);
         let interval = u64::try_from(demand.interval.as_micros()).unwrap_or(u64::MAX).max(1);
         let mut invocation = self.scripts.rate.key(format!("{}:rate", self.settings.prefix));
-        invocation.arg(interval).arg(demand.burst).arg(wanted);
+        invocation.arg(interval).arg(demand.burst).arg(wanted).arg(millis(TOKEN_HORIZON) * 1000);
         self.count();
-        let (taken, wait_us): (u32, u64) = invocation.invoke_async(&mut self.connection).await?;
+        let (taken, first_us, wait_us): (u32, i64, u64) = invocation.invoke_async(&mut self.connection).await?;
         if taken > 0 {
-            self.admission.hand_over_tokens(taken);
+            self.admission.hand_over_tokens(taken, first_us, Duration::from_micros(interval));
         }
         if taken < wanted {
-            // The next token conforms then (looked at again sooner should another instance's rate change).
-            let wait = Duration::from_micros(wait_us).clamp(Duration::from_millis(1), TOKEN_LIFE);
+            // Another could be reserved then; waiting half the horizon at least, the next reservation
+            // takes several at once (what was reserved covers the wait) instead of one per round trip.
+            let wait = Duration::from_micros(wait_us).clamp(TOKEN_HORIZON / 2, TOKEN_LIFE);
             turn.not_before = Some(now + wait);
             turn.next = turn.not_before;
         }

@@ -145,23 +145,27 @@ return redis.call('ZCARD', KEYS[1])
 "#;
 
 /// RATE: the cluster's GCRA for `limits.rate` (one theoretical arrival time, in microseconds of Redis's
-/// clock): takes up to `wanted` tokens that conform now (the burst allowing), at this instance's
-/// emission interval. Returns {tokens taken, microseconds until the next token conforms}.
+/// clock), at this instance's emission interval: reserves up to `wanted` tokens that conform within
+/// `horizon_us` from now (the burst allowing). Returns {tokens reserved, microseconds from now until the
+/// first of them conforms (negative: it already did; the others follow one interval apart),
+/// microseconds until another could be reserved}.
 ///
-/// KEYS: tat. ARGV: interval_us, burst, wanted.
+/// KEYS: tat. ARGV: interval_us, burst, wanted, horizon_us.
 pub const RATE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval, burst, wanted = math.max(1, tonumber(ARGV[1])), math.max(1, tonumber(ARGV[2])), tonumber(ARGV[3])
+local interval, burst = math.max(1, tonumber(ARGV[1])), math.max(1, tonumber(ARGV[2]))
+local wanted, horizon = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
 local tolerance = (burst - 1) * interval
-local free = math.floor((now + tolerance - tat) / interval) + 1
+local first = tat - tolerance - now
+local free = math.floor((horizon - first) / interval) + 1
 local taken = math.max(0, math.min(wanted, free))
 if taken > 0 then
   tat = tat + taken * interval
   redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
 end
-return {taken, math.max(0, tat - tolerance - now)}
+return {taken, first, math.max(0, tat - tolerance - now - horizon)}
 "#;
 
 /// The scripts, loaded once (redis-rs sends EVALSHA, and the source when Redis does not know it yet).
