@@ -142,6 +142,9 @@ async fn a_clients_daily_tokens_are_counted_across_instances() {
     let refused = ask_as_batch(&a).await;
     assert_eq!((refused.status, refused.error_type().as_str()), (429, "sluice_quota_exceeded"), "{}", refused.text());
     assert_eq!(mock.arrivals(), 2);
+    // Each instance writes its totals again every second: the count stays, it does not grow.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!((tokens_today(&a).await, tokens_today(&b).await), (10, 10));
     let day = redis.command(&["KEYS", "sluice:quota:tokens:*"]).await.unwrap();
     assert!(matches!(&day, redis::Value::Array(keys) if keys.len() == 1), "one count of the day: {day:?}");
 }
@@ -171,11 +174,16 @@ async fn a_key_refused_on_one_instance_is_set_aside_on_all() {
         assert_eq!(chat(&b, "m", &[]).await.status, 200);
     }
     assert_eq!(refused(&mock), 1, "b never tried the key a saw refused");
-    let stored = redis.command(&["SMEMBERS", "sluice:keys:keys:refused"]).await.unwrap();
+    let stored = redis.command(&["ZRANGE", "sluice:keys:keys:refused", "0", "-1"]).await.unwrap();
     let redis::Value::Array(fingerprints) = stored else { panic!("{stored:?}") };
     assert_eq!(fingerprints.len(), 1);
     let text = format!("{fingerprints:?}");
     assert!(!text.contains("sk-1"), "a fingerprint, never the key: {text}");
+    // The cluster forgets (the operator fixed the key and cleared it): b takes the key back.
+    redis.command(&["DEL", "sluice:keys:keys:refused"]).await.unwrap();
+    let enabled = async |sluice: &Sluice| status(&sluice.url("/status")).await["accounts"][0]["keys_disabled"] == 0;
+    assert!(within(Duration::from_secs(10), async || enabled(&b).await).await, "b uses the key again");
+    assert!(disabled(&a).await, "a, which saw it refused itself, keeps it aside until a reload");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

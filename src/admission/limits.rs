@@ -58,6 +58,9 @@ pub struct Limits {
     pub delays: Delays,
     /// The configured rate and burst, the limiter, and the effective rate as a share of the configured.
     rate: Option<RateLimit>,
+    /// Where the rate's tokens come from: the own GCRA, or a cluster's shared one (kept whether or not a
+    /// rate is configured, so a reload that adds one takes its tokens from the right place).
+    source: TokenSource,
 }
 
 struct RateLimit {
@@ -66,8 +69,6 @@ struct RateLimit {
     gcra: Gcra,
     factor: f64,
     last_change: Option<Instant>,
-    /// The own GCRA, or tokens from a cluster's shared one.
-    source: TokenSource,
 }
 
 /// What a cluster's shared GCRA needs to hand this instance tokens (`Admission::rate_demand`).
@@ -87,12 +88,8 @@ impl RateLimit {
         self.rate.interval().div_f64(self.factor)
     }
 
-    /// Puts the effective interval (divided among the members while a cluster's Redis is away) in force.
-    fn rescale(&mut self, now: Instant) {
-        let share = match self.source {
-            TokenSource::Own { share } => share,
-            TokenSource::Shared(_) => 1,
-        };
+    /// Puts the effective interval, divided among `share` instances, in force on the own GCRA.
+    fn rescale(&mut self, share: u32, now: Instant) {
         self.gcra.set_interval(self.interval().saturating_mul(share), now);
     }
 }
@@ -108,20 +105,13 @@ impl Limits {
         previous: Option<Limits>,
     ) -> Self {
         let wanted = limits.rate.zip(limits.effective_burst());
-        let previous = previous.and_then(|p| p.rate);
-        let source = previous.as_ref().map(|r| r.source.clone()).unwrap_or_default();
+        let (previous, source) = previous.map_or((None, TokenSource::default()), |p| (p.rate, p.source));
         let kept = previous.filter(|r| Some((r.rate, r.burst)) == wanted);
         let rate = kept.or_else(|| {
             let (rate, burst) = wanted?;
-            let mut fresh = RateLimit {
-                rate,
-                burst,
-                gcra: Gcra::new(rate.interval(), burst),
-                factor: 1.0,
-                last_change: None,
-                source,
-            };
-            fresh.rescale(Instant::now());
+            let mut fresh =
+                RateLimit { rate, burst, gcra: Gcra::new(rate.interval(), burst), factor: 1.0, last_change: None };
+            fresh.rescale(source.share(), Instant::now());
             Some(fresh)
         });
         Self {
@@ -134,6 +124,7 @@ impl Limits {
             accounts: if accounts.is_empty() { vec![AccountLimits::default_account()] } else { accounts },
             delays: Delays { base: retry.base_delay, max: retry.max_delay },
             rate,
+            source,
         }
     }
 
@@ -178,36 +169,49 @@ impl Limits {
     /// Takes a rate token at `now`; `Some(wait)` when none is available yet.
     pub fn take_rate_token(&mut self, now: Instant) -> Option<Duration> {
         let rate = self.rate.as_mut()?;
-        match &mut rate.source {
+        match &mut self.source {
             TokenSource::Own { .. } => rate.gcra.take(now),
-            TokenSource::Shared(batch) => batch.take(now),
+            TokenSource::Shared { batch, .. } => match batch.take(now) {
+                // The cluster task has been silent while the dispatcher starved: the own GCRA, at a
+                // member's share of the rate, keeps requests moving.
+                Some(_) if batch.abandoned(now) => rate.gcra.take(now),
+                taken => taken,
+            },
         }
     }
 
-    /// Takes tokens from a cluster's shared GCRA from now on (`Some`), or from the own one with the
-    /// rate divided among `members` (Redis away; 1 alone). Switching to shared starts with no token.
+    /// Takes tokens from a cluster's shared GCRA from now on (`shared`), or from the own one; either way
+    /// the own GCRA runs at the rate divided among `members` (1 alone). Switching to shared starts with
+    /// no token.
     pub fn set_token_source(&mut self, shared: bool, members: u32, now: Instant) {
-        let Some(rate) = &mut self.rate else { return };
-        rate.source = match (&rate.source, shared) {
-            (TokenSource::Shared(batch), true) => TokenSource::Shared(batch.clone()),
-            (_, true) => TokenSource::Shared(Batch::default()),
-            (_, false) => TokenSource::Own { share: members.max(1) },
+        let members = members.max(1);
+        self.source = match (std::mem::take(&mut self.source), shared) {
+            (TokenSource::Shared { batch, .. }, true) => TokenSource::Shared { batch, members },
+            (_, true) => TokenSource::Shared { batch: Batch::default(), members },
+            (_, false) => TokenSource::Own { share: members },
         };
-        rate.rescale(now);
+        if let Some(rate) = &mut self.rate {
+            rate.rescale(members, now);
+        }
     }
 
-    /// `count` tokens reserved on the cluster's shared GCRA, the first conforming `first_us` from now
-    /// (negative: already), the others `interval` apart (ignored unless tokens come from there).
+    /// The cluster task answered: `count` tokens reserved on the shared GCRA (perhaps none), the first
+    /// conforming `first_us` from now, the others `interval` apart (ignored unless tokens come from there).
     pub fn hand_over_tokens(&mut self, count: u32, first_us: i64, interval: Duration, now: Instant) {
-        if let Some(RateLimit { source: TokenSource::Shared(batch), .. }) = &mut self.rate {
+        if let TokenSource::Shared { batch, .. } = &mut self.source {
             batch.add(count, first_us, interval, now);
         }
+    }
+
+    /// Whether the dispatcher found no shared token since the last batch.
+    pub fn rate_starved(&self) -> bool {
+        self.rate.is_some() && matches!(&self.source, TokenSource::Shared { batch, .. } if batch.starved())
     }
 
     /// What the cluster's shared GCRA needs to know, when tokens come from there.
     pub fn rate_demand(&self, now: Instant) -> Option<RateDemand> {
         let rate = self.rate.as_ref()?;
-        let TokenSource::Shared(batch) = &rate.source else { return None };
+        let TokenSource::Shared { batch, .. } = &self.source else { return None };
         Some(RateDemand {
             interval: rate.interval(),
             burst: rate.burst,
@@ -237,12 +241,17 @@ impl Limits {
         }
         rate.factor = factor;
         rate.last_change = Some(now);
-        rate.rescale(now);
+        rate.rescale(self.source.share(), now);
     }
 
-    /// The effective rate in requests per second, if a rate is configured.
+    /// The effective rate in requests per second, if a rate is configured (this instance's share of it
+    /// while a cluster's Redis is away).
     pub fn effective_rate(&self) -> Option<f64> {
-        self.rate.as_ref().map(|r| r.rate.per_second() * r.factor)
+        let share = match self.source {
+            TokenSource::Own { share } => f64::from(share),
+            TokenSource::Shared { .. } => 1.0,
+        };
+        self.rate.as_ref().map(|r| r.rate.per_second() * r.factor / share)
     }
 
     /// The configured rate and burst, if any.
@@ -349,6 +358,18 @@ mod tests {
         assert_eq!(limits.take_rate_token(now), None);
         let wait = limits.take_rate_token(now).unwrap();
         assert!(wait > Duration::from_millis(350) && wait <= Duration::from_millis(400), "{wait:?}");
+    }
+
+    #[test]
+    fn a_reload_that_adds_a_rate_in_a_cluster_takes_its_tokens_from_the_cluster() {
+        let now = Instant::now();
+        let mut none =
+            Limits::new(&LimitsConfig::default(), &QueueConfig::default(), &RetryConfig::default(), vec![], None);
+        none.set_token_source(true, 3, now);
+        let config = LimitsConfig { rate: Some("10/s".parse().unwrap()), burst: Some(1), ..LimitsConfig::default() };
+        let mut rated = Limits::new(&config, &QueueConfig::default(), &RetryConfig::default(), vec![], Some(none));
+        assert!(rated.take_rate_token(now).is_some(), "shared: none until the cluster hands some over");
+        assert!(rated.rate_demand(now).is_some());
     }
 
     #[test]

@@ -357,13 +357,11 @@ impl Admission {
     }
 
     /// What the cluster's shared GCRA needs to know (None: no rate, or tokens are not shared), and how
-    /// many requests could use a token now: those waiting, within the global cap's room.
+    /// many waiting requests a token would let go now (see `State::rate_usable`).
     pub fn rate_demand(&self) -> Option<(RateDemand, u32)> {
         let state = self.shared.lock();
         let demand = state.limits.rate_demand(Instant::now())?;
-        let room = state.limits.max_concurrency().saturating_sub(state.inflight());
-        let usable = state.queued().min(room);
-        Some((demand, u32::try_from(usable).unwrap_or(u32::MAX)))
+        Some((demand, u32::try_from(state.rate_usable()).unwrap_or(u32::MAX)))
     }
 
     /// Puts the configured clients' quotas in force (at start and on reload); what each holds is kept.
@@ -557,7 +555,7 @@ async fn dispatch_until_closed(shared: &Arc<Shared>) {
             }
             let now = Instant::now();
             let dispatched = state.dispatch(now);
-            let starved = state.limits.rate_demand(now).is_some_and(|d| d.starved);
+            let starved = state.limits.rate_starved();
             drop(state);
             if starved {
                 // The cluster task takes more of the shared rate's tokens.

@@ -532,15 +532,33 @@ impl State {
             .is_some_and(|r| r.lanes.iter().any(|k| self.lanes.get(k).is_some_and(|l| l.gate.probing())))
     }
 
-    /// What every lane in use wants of a cluster: in flight, and in flight plus the waiting requests of
-    /// the routes it serves (bounded by its cap).
-    pub fn lane_demand(&self) -> Vec<LaneDemand> {
+    /// The waiting requests of the routes each lane serves.
+    fn waiting_by_lane(&self) -> HashMap<&LaneKey, usize> {
         let mut waiting: HashMap<&LaneKey, usize> = HashMap::new();
-        for route in self.routes.values() {
+        for route in self.routes.values().filter(|r| r.waiting > 0) {
             for key in &route.lanes {
                 *waiting.entry(key).or_default() += route.waiting;
             }
         }
+        waiting
+    }
+
+    /// How many waiting requests a rate token would let go now: per serving lane, its waiting requests
+    /// within its headroom (in a cluster, its leases), all within the queue and the global cap's room.
+    pub fn rate_usable(&self) -> usize {
+        let lanes: usize = self
+            .waiting_by_lane()
+            .into_iter()
+            .filter_map(|(key, waiting)| self.lanes.get(key).filter(|l| l.enabled).map(|l| waiting.min(l.headroom())))
+            .fold(0, usize::saturating_add);
+        let room = self.limits.max_concurrency().saturating_sub(self.inflight);
+        lanes.min(self.queued()).min(room)
+    }
+
+    /// What every lane in use wants of a cluster: in flight, and in flight plus the waiting requests of
+    /// the routes it serves (bounded by its cap).
+    pub fn lane_demand(&self) -> Vec<LaneDemand> {
+        let waiting = self.waiting_by_lane();
         self.lanes
             .iter()
             .filter(|(_, lane)| lane.enabled)

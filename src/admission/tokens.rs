@@ -2,8 +2,9 @@
 //! reachable — tokens the cluster task reserved on the GCRA shared in Redis (`cluster/scripts.rs`, on
 //! Redis's clock), each with the moment it conforms. A reserved token is spent at its moment or later,
 //! and lapses `TOKEN_LIFE` after it, so an instance cannot save a burst for later and spend it on top of
-//! what the others take meanwhile. While Redis is away, the own GCRA runs at the configured rate divided
-//! among the last known members. A plain struct fed with the time.
+//! what the others take meanwhile. While Redis is away — or the cluster task has not answered a starved
+//! dispatcher for `TOKEN_FALLBACK` — the own GCRA runs at the configured rate divided among the last
+//! known members. A plain struct fed with the time.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -17,14 +18,18 @@ pub const TOKEN_HORIZON: Duration = Duration::from_millis(500);
 /// How long the dispatcher waits for tokens before it looks again (the cluster task wakes it sooner
 /// when tokens come).
 pub const TOKEN_RECHECK: Duration = Duration::from_millis(250);
+/// A dispatcher starved this long with no answer from the cluster task falls back to its own GCRA.
+pub const TOKEN_FALLBACK: Duration = Duration::from_secs(2);
+/// The most tokens held at once (a reservation is also bounded by the burst and the horizon).
+const MOST_HELD: usize = 4096;
 
 /// Where tokens come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     /// The own GCRA, its rate divided by `share` (1 alone; the last known members while Redis is away).
     Own { share: u32 },
-    /// Tokens reserved on the cluster's GCRA.
-    Shared(Batch),
+    /// Tokens reserved on the cluster's GCRA; the own GCRA, at a `members`' share, is the fallback.
+    Shared { batch: Batch, members: u32 },
 }
 
 impl Default for TokenSource {
@@ -33,12 +38,23 @@ impl Default for TokenSource {
     }
 }
 
-/// Tokens reserved by the cluster task (the moment each conforms, in order), and whether a dispatch
-/// found none.
+impl TokenSource {
+    /// What the own GCRA's rate is divided by.
+    pub fn share(&self) -> u32 {
+        match self {
+            Self::Own { share } => *share,
+            Self::Shared { members, .. } => *members,
+        }
+    }
+}
+
+/// Tokens reserved by the cluster task (the moment each conforms, in order); since when a dispatch
+/// found none, and when the cluster task last answered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Batch {
     moments: VecDeque<Instant>,
-    starved: bool,
+    starved_since: Option<Instant>,
+    heard: Option<Instant>,
 }
 
 impl Batch {
@@ -53,33 +69,47 @@ impl Batch {
             }
             Some(at) => Some(*at - now),
             None => {
-                self.starved = true;
+                self.starved_since.get_or_insert(now);
                 Some(TOKEN_RECHECK)
             }
         }
     }
 
-    /// `count` more tokens, the first conforming `first` from `now` (negative: it already does), the
-    /// others one `interval` apart.
+    /// The cluster task answered: `count` more tokens (perhaps none), the first conforming `first` µs
+    /// from `now`, the others one `interval` apart. One whose moment already passed (a burst) conforms
+    /// now, and lapses `TOKEN_LIFE` from now.
     pub fn add(&mut self, count: u32, first: i64, interval: Duration, now: Instant) {
-        let offset = Duration::from_micros(first.unsigned_abs());
-        let start = if first < 0 { now.checked_sub(offset) } else { now.checked_add(offset) }.unwrap_or(now);
-        let mut at = start;
-        for _ in 0..count {
-            self.moments.push_back(at);
-            at = at.checked_add(interval).unwrap_or(at);
+        self.lapse(now);
+        self.heard = Some(now);
+        if count == 0 {
+            return;
         }
-        self.starved = false;
+        let step = i128::try_from(interval.as_micros()).unwrap_or(i128::MAX);
+        for k in 0..count {
+            if self.moments.len() >= MOST_HELD {
+                break;
+            }
+            let offset = i128::from(first).saturating_add(step.saturating_mul(i128::from(k)));
+            let ahead = u64::try_from(offset.max(0)).unwrap_or(u64::MAX);
+            self.moments.push_back(now.checked_add(Duration::from_micros(ahead)).unwrap_or(now));
+        }
+        self.starved_since = None;
     }
 
     /// Whether a dispatch found no token since the last batch (the cluster task should reserve more).
     pub fn starved(&self) -> bool {
-        self.starved
+        self.starved_since.is_some()
+    }
+
+    /// Whether the dispatcher has been starved for `TOKEN_FALLBACK` without a word from the cluster task.
+    pub fn abandoned(&self, now: Instant) -> bool {
+        let long = |since: Option<Instant>| since.is_none_or(|at| now.saturating_duration_since(at) >= TOKEN_FALLBACK);
+        self.starved_since.is_some() && long(self.starved_since) && long(self.heard)
     }
 
     /// Tokens reserved and not lapsed at `now`.
     pub fn left(&self, now: Instant) -> u32 {
-        let live = self.moments.iter().filter(|at| now < **at + TOKEN_LIFE).count();
+        let live = self.moments.iter().rev().take_while(|at| now < **at + TOKEN_LIFE).count();
         u32::try_from(live).unwrap_or(u32::MAX)
     }
 
@@ -101,19 +131,35 @@ mod tests {
         let mut batch = Batch::default();
         assert_eq!(batch.take(now), Some(TOKEN_RECHECK), "none yet");
         assert!(batch.starved());
-        // Three tokens: the first conformed 5 ms ago, then one each 100 ms.
-        batch.add(3, -5_000, ms(100), now);
+        // Four tokens 100 ms apart, the first conformed 150 ms ago (a burst): two conform now.
+        batch.add(4, -150_000, ms(100), now);
         assert!(!batch.starved());
-        assert_eq!(batch.left(now), 3);
+        assert_eq!(batch.left(now), 4);
         assert_eq!(batch.take(now), None);
-        assert_eq!(batch.take(now), Some(ms(95)), "the second conforms 95 ms from now");
-        assert_eq!(batch.take(now + ms(95)), None);
-        assert_eq!(batch.take(now + ms(95)), Some(ms(100)));
-        // The third lapses a second after its moment.
-        let late = now + ms(195) + TOKEN_LIFE;
+        assert_eq!(batch.take(now), None);
+        assert_eq!(batch.take(now), Some(ms(50)), "the third conforms 50 ms from now");
+        assert_eq!(batch.take(now + ms(50)), None);
+        // The fourth (due at 150 ms) lapses a second after its moment.
+        let late = now + ms(150) + TOKEN_LIFE;
         assert_eq!(batch.left(late), 0);
         assert_eq!(batch.take(late), Some(TOKEN_RECHECK), "lapsed");
         batch.add(1, 20_000, ms(100), late);
         assert_eq!(batch.take(late), Some(ms(20)), "reserved for 20 ms from now");
+        let mut burst = Batch::default();
+        burst.add(5, -60_000_000, ms(100), now);
+        assert_eq!(burst.left(now + ms(999)), 5, "a burst reserved long ago conforms now and lapses a second from now");
+    }
+
+    #[test]
+    fn a_starved_dispatcher_falls_back_only_when_the_cluster_task_is_silent() {
+        let now = Instant::now();
+        let mut batch = Batch::default();
+        assert!(batch.take(now).is_some());
+        assert!(!batch.abandoned(now + TOKEN_FALLBACK / 2));
+        batch.add(0, 0, Duration::from_millis(100), now + TOKEN_FALLBACK / 2);
+        assert!(!batch.abandoned(now + TOKEN_FALLBACK), "the task answered (no token free) a second ago");
+        assert!(batch.abandoned(now + TOKEN_FALLBACK * 2), "silent for two seconds, starved for four");
+        batch.add(1, 0, Duration::from_millis(100), now + TOKEN_FALLBACK * 2);
+        assert!(!batch.abandoned(now + TOKEN_FALLBACK * 2) && !batch.starved());
     }
 }

@@ -15,7 +15,9 @@ use super::{millis, Session};
 pub const FACTS_EVERY: Duration = Duration::from_secs(1);
 /// How long a day's token counts outlive it.
 const TOKENS_KEEP: Duration = Duration::from_secs(2 * 24 * 3600);
-/// How long a refused key or a paused account stays the cluster's word after it was last told.
+/// How long a refused key or a paused account stays the cluster's word after an instance last told it
+/// (each tells its own once per connection: then the others try the key or account again, and one that
+/// is still refused is told again).
 const SETBACK_KEEP: Duration = Duration::from_secs(3600);
 
 /// What this instance knows and the cluster should (from the proxy).
@@ -29,11 +31,11 @@ pub trait Facts: Send + Sync {
 /// What is known here.
 #[derive(Debug, Default)]
 pub struct Local {
-    /// The ledger's UTC day (days since the epoch).
+    /// The ledger's UTC day (days since the epoch), its id, and its totals of the day per client.
     pub utc_day: u64,
-    /// Tokens charged here that the cluster's count does not have yet, per client.
-    pub unsent: Vec<(String, u64)>,
-    /// Fingerprints of the keys set aside here.
+    pub ledger: String,
+    pub tokens: Vec<(String, u64)>,
+    /// Fingerprints of the keys this instance saw refused.
     pub refused: Vec<String>,
     /// Accounts paused here for their balance, and those a balance read resumed since last asked.
     pub paused: Vec<String>,
@@ -44,12 +46,14 @@ pub struct Local {
 #[derive(Debug, Default)]
 pub struct Shared {
     pub utc_day: u64,
-    /// What of `Local::unsent` was added to the cluster's count.
-    pub sent: Vec<(String, u64)>,
+    /// `Local::tokens`, now in the cluster's counts.
+    pub written: Vec<(String, u64)>,
     /// Each client's tokens of the day, all instances together.
     pub tokens: BTreeMap<String, u64>,
     pub refused: HashSet<String>,
     pub paused: HashSet<String>,
+    /// `Local::resumed`, now told.
+    pub resumed: Vec<String>,
 }
 
 /// The task's side, for one connection: what it told the cluster already (a new connection tells it
@@ -72,27 +76,46 @@ impl FactsTurn {
     }
 }
 
-/// FACTS: adds tokens to the day's counts, refused keys and paused accounts to their sets (each set
-/// expires `setback_ms` after it was last added to), removes resumed accounts; publishes `facts` when a
-/// set changed. Returns {the day's counts (flat), refused fingerprints, paused accounts}.
+/// FACTS: writes this ledger's totals of the day (a field `client␟ledger` each), adds refused keys and
+/// paused accounts to their sorted sets (each member lapsing `setback_ms` after it was last added),
+/// removes resumed accounts and lapsed members; publishes `facts` when a set changed. Returns {each
+/// client's sum over all ledgers (flat), refused fingerprints, paused accounts}.
 ///
-/// KEYS: tokens, refused, paused. ARGV: tokens_keep_ms, setback_ms, channel, then n and n client/token
-/// pairs, n and n fingerprints, n and n paused accounts, n and n resumed accounts.
+/// KEYS: tokens, refused, paused. ARGV: tokens_keep_ms, setback_ms, channel, ledger, then n and n
+/// client/total pairs, n and n fingerprints, n and n paused accounts, n and n resumed accounts.
 pub const FACTS: &str = r#"
-local i = 4
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local keep = tonumber(ARGV[2])
+local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]); i = i + 2 end
+for _ = 1, n do redis.call('HSET', KEYS[1], ARGV[i] .. '\31' .. ARGV[4], ARGV[i + 1]); i = i + 2 end
 if n > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 local changed = 0
 for set = 2, 3 do
   n = tonumber(ARGV[i]); i = i + 1
-  for _ = 1, n do changed = changed + redis.call('SADD', KEYS[set], ARGV[i]); i = i + 1 end
-  if n > 0 then redis.call('PEXPIRE', KEYS[set], ARGV[2]) end
+  for _ = 1, n do changed = changed + redis.call('ZADD', KEYS[set], now + keep, ARGV[i]); i = i + 1 end
+  if n > 0 then redis.call('PEXPIRE', KEYS[set], keep) end
+  changed = changed + redis.call('ZREMRANGEBYSCORE', KEYS[set], '-inf', now)
 end
 n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do changed = changed + redis.call('SREM', KEYS[3], ARGV[i]); i = i + 1 end
+for _ = 1, n do changed = changed + redis.call('ZREM', KEYS[3], ARGV[i]); i = i + 1 end
 if changed > 0 then redis.call('PUBLISH', ARGV[3], 'facts') end
-return {redis.call('HGETALL', KEYS[1]), redis.call('SMEMBERS', KEYS[2]), redis.call('SMEMBERS', KEYS[3])}
+local sums = {}
+local all = redis.call('HGETALL', KEYS[1])
+for j = 1, #all, 2 do
+  local sep = string.find(all[j], '\31', 1, true)
+  if sep then
+    local client = string.sub(all[j], 1, sep - 1)
+    sums[client] = (sums[client] or 0) + tonumber(all[j + 1])
+  end
+end
+local flat = {}
+for client, sum in pairs(sums) do
+  flat[#flat + 1] = client
+  flat[#flat + 1] = sum
+end
+return {flat, redis.call('ZRANGE', KEYS[2], 0, -1), redis.call('ZRANGE', KEYS[3], 0, -1)}
 "#;
 
 impl Session<'_> {
@@ -106,8 +129,8 @@ impl Session<'_> {
         let mut invocation = self.scripts.facts.key(format!("{prefix}:tokens:{}", local.utc_day));
         invocation.key(format!("{prefix}:keys:refused")).key(format!("{prefix}:accounts:paused"));
         invocation.arg(millis(TOKENS_KEEP)).arg(millis(SETBACK_KEEP)).arg(self.settings.channel());
-        invocation.arg(local.unsent.len());
-        for (client, tokens) in &local.unsent {
+        invocation.arg(&local.ledger).arg(local.tokens.len());
+        for (client, tokens) in &local.tokens {
             invocation.arg(client).arg(tokens);
         }
         for list in [&refused, &paused, &local.resumed.iter().collect()] {
@@ -126,10 +149,11 @@ impl Session<'_> {
         }
         self.facts.follow(Shared {
             utc_day: local.utc_day,
-            sent: local.unsent,
+            written: local.tokens,
             tokens,
             refused: shared_refused,
             paused: shared_paused,
+            resumed: local.resumed,
         });
         Ok(())
     }

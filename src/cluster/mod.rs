@@ -329,15 +329,15 @@ impl Session<'_> {
             turn.next = Some(at);
             return Ok(());
         }
-        let wanted = (usable - demand.left).min(demand.burst);
         let interval = u64::try_from(demand.interval.as_micros()).unwrap_or(u64::MAX).max(1);
+        // A burst, and what conforms within the horizon at the steady rate.
+        let horizon = u32::try_from((millis(TOKEN_HORIZON) * 1000).div_ceil(interval)).unwrap_or(u32::MAX);
+        let wanted = (usable - demand.left).min(demand.burst.saturating_add(horizon));
         let mut invocation = self.scripts.rate.key(format!("{}:rate", self.settings.prefix));
         invocation.arg(interval).arg(demand.burst).arg(wanted).arg(millis(TOKEN_HORIZON) * 1000);
         self.count();
         let (taken, first_us, wait_us): (u32, i64, u64) = invocation.invoke_async(&mut self.connection).await?;
-        if taken > 0 {
-            self.admission.hand_over_tokens(taken, first_us, Duration::from_micros(interval));
-        }
+        self.admission.hand_over_tokens(taken, first_us, Duration::from_micros(interval));
         if taken < wanted {
             // Another could be reserved then; waiting half the horizon at least, the next reservation
             // takes several at once (what was reserved covers the wait) instead of one per round trip.

@@ -155,9 +155,11 @@ pub const RATE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval, burst = math.max(1, tonumber(ARGV[1])), math.max(1, tonumber(ARGV[2]))
-local wanted, horizon = tonumber(ARGV[3]), tonumber(ARGV[4])
-local tat = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+local wanted, horizon = tonumber(ARGV[3]), math.max(0, tonumber(ARGV[4]))
 local tolerance = (burst - 1) * interval
+-- No caller owes more than a burst, a horizon and an interval ahead (a slower rate's debt, after a
+-- reload to a faster one, does not hold the new rate back).
+local tat = math.min(math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0')), now + tolerance + horizon + interval)
 local first = tat - tolerance - now
 local free = math.floor((horizon - first) / interval) + 1
 local taken = math.max(0, math.min(wanted, free))

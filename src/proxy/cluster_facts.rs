@@ -24,20 +24,21 @@ impl InstanceFacts {
 impl Facts for InstanceFacts {
     fn local(&self) -> Option<Local> {
         let (generation, ledger) = (self.generation()?, self.ledger.upgrade()?);
-        let (utc_day, unsent) = ledger.unsent();
+        let (utc_day, id, tokens) = ledger.totals();
         let (paused, resumed) = generation.accounts.own_pauses();
-        Some(Local { utc_day, unsent, refused: generation.accounts.refused_fingerprints(), paused, resumed })
+        let refused = generation.accounts.refused_fingerprints();
+        Some(Local { utc_day, ledger: id, tokens, refused, paused, resumed })
     }
 
     fn follow(&self, shared: Shared) {
         if let Some(ledger) = self.ledger.upgrade() {
-            ledger.sent(shared.utc_day, &shared.sent, shared.tokens);
+            ledger.shared(shared.utc_day, shared.written, shared.tokens);
         }
         let Some(generation) = self.generation() else { return };
-        for account in generation.accounts.refuse_fingerprints(&shared.refused) {
-            self.admission.set_account_enabled(&account, false);
-        }
-        for (account, serving) in generation.accounts.follow_pauses(&shared.paused) {
+        let accounts = &generation.accounts;
+        accounts.told_resumed(&shared.resumed);
+        let changed = accounts.follow_refusals(&shared.refused).into_iter();
+        for (account, serving) in changed.chain(accounts.follow_pauses(&shared.paused)) {
             self.admission.set_account_enabled(&account, serving);
         }
     }

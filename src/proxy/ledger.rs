@@ -5,10 +5,11 @@
 //! time since (so tests can move it), re-anchored whenever the wall clock runs ahead of that (a suspend,
 //! a clock step).
 //!
-//! In a cluster, each client's count is the cluster's: what this instance charged is added to a shared
-//! count of the day in Redis (`cluster/facts.rs`) about once a second, and a check reads the cluster's
-//! total plus what is not sent yet. What was sent is kept in the state file too, so a restart neither
-//! sends it twice nor loses it.
+//! In a cluster, each client's count is the cluster's: about once a second this instance writes its own
+//! totals of the day to Redis under its ledger id (`cluster/facts.rs`; writing a total again is
+//! harmless, and a Redis that lost them gets them back), and a check reads the cluster's sum plus what
+//! was charged here since. The ledger id is kept in the state file, so a restart with the same state
+//! directory overwrites its own totals instead of counting them twice.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,18 +32,27 @@ struct Day {
     /// Days since the Unix epoch (UTC).
     utc_day: u64,
     tokens: BTreeMap<String, u64>,
-    /// Of `tokens`, what was added to the cluster's count.
+    /// This ledger's name in a cluster's counts (kept across days and restarts).
     #[serde(default)]
-    sent: BTreeMap<String, u64>,
+    id: String,
+    /// Of `tokens`, what the cluster's counts hold, as last written.
+    #[serde(skip)]
+    written: BTreeMap<String, u64>,
     /// The cluster's counts of the day, as last read (None: not in a cluster, or not read yet today).
     #[serde(skip)]
     cluster: Option<BTreeMap<String, u64>>,
 }
 
 impl Day {
-    fn new(utc_day: u64) -> Self {
-        Self { utc_day, ..Self::default() }
+    fn new(utc_day: u64, id: String) -> Self {
+        Self { utc_day, id, ..Self::default() }
     }
+}
+
+/// A fresh ledger id: random, 16 hex digits.
+fn new_id() -> String {
+    let random = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), wall_clock());
+    format!("{random:016x}")
 }
 
 pub struct Ledger {
@@ -60,12 +70,12 @@ impl Ledger {
         let anchor = (wall_clock(), Instant::now());
         let path = state_dir.map(|dir| dir.join(FILE));
         let today = anchor.0 / DAY;
-        let mut day = Day::new(today);
+        let mut day = Day::new(today, new_id());
         if let Some(path) = &path {
             match std::fs::read(path) {
                 Ok(bytes) => match serde_json::from_slice::<Day>(&bytes) {
                     Ok(saved) if saved.utc_day == today => day = saved,
-                    Ok(_) => {}
+                    Ok(saved) => day.id = saved.id,
                     Err(err) => {
                         tracing::warn!(path = %path.display(), error = %err, "the token ledger is unreadable; starting it over")
                     }
@@ -94,47 +104,39 @@ impl Ledger {
         let today = self.now() / DAY;
         let mut day = self.day.lock().unwrap_or_else(PoisonError::into_inner);
         if day.0.utc_day != today {
-            *day = (Day::new(today), true);
+            let id = std::mem::take(&mut day.0.id);
+            *day = (Day::new(today, id), true);
+        }
+        if day.0.id.is_empty() {
+            day.0.id = new_id();
         }
         day
     }
 
-    /// Tokens `client` used today: here, or in the cluster (its count as last read plus what this
-    /// instance has not sent yet).
+    /// Tokens `client` used today: here, or in the cluster (its sum as last read, plus what was charged
+    /// here since this instance's totals were last written).
     pub fn used(&self, client: &str) -> u64 {
         let day = self.today();
         let here = day.0.tokens.get(client).copied().unwrap_or(0);
         let Some(cluster) = &day.0.cluster else { return here };
-        let unsent = here.saturating_sub(day.0.sent.get(client).copied().unwrap_or(0));
-        here.max(cluster.get(client).copied().unwrap_or(0).saturating_add(unsent))
+        let since = here.saturating_sub(day.0.written.get(client).copied().unwrap_or(0));
+        here.max(cluster.get(client).copied().unwrap_or(0).saturating_add(since))
     }
 
-    /// The day, and what this instance charged that the cluster's count does not have yet.
-    pub fn unsent(&self) -> (u64, Vec<(String, u64)>) {
+    /// The day, this ledger's id, and its totals of the day per client.
+    pub fn totals(&self) -> (u64, String, Vec<(String, u64)>) {
         let day = self.today();
-        let unsent = day
-            .0
-            .tokens
-            .iter()
-            .map(|(client, n)| (client, n.saturating_sub(day.0.sent.get(client).copied().unwrap_or(0))))
-            .filter(|(_, n)| *n > 0)
-            .map(|(client, n)| (client.clone(), n))
-            .collect();
-        (day.0.utc_day, unsent)
+        let totals = day.0.tokens.iter().map(|(client, n)| (client.clone(), *n)).collect();
+        (day.0.utc_day, day.0.id.clone(), totals)
     }
 
-    /// `sent` was added to the cluster's count of `utc_day`, which now stands at `totals`.
-    pub fn sent(&self, utc_day: u64, sent: &[(String, u64)], totals: BTreeMap<String, u64>) {
+    /// `written` (this ledger's totals of `utc_day`) is in the cluster's counts, whose sums are `cluster`.
+    pub fn shared(&self, utc_day: u64, written: Vec<(String, u64)>, cluster: BTreeMap<String, u64>) {
         let mut day = self.today();
-        if day.0.utc_day != utc_day {
-            return;
+        if day.0.utc_day == utc_day {
+            day.0.written = written.into_iter().collect();
+            day.0.cluster = Some(cluster);
         }
-        for (client, n) in sent {
-            let so_far = day.0.sent.entry(client.clone()).or_default();
-            *so_far = so_far.saturating_add(*n);
-        }
-        day.0.cluster = Some(totals);
-        day.1 |= !sent.is_empty();
     }
 
     /// Adds `tokens` to `client`'s day.
@@ -226,10 +228,10 @@ mod tests {
         };
         assert!((1..=DAY).contains(&retry_after));
         assert!(ledger.check("other", Some(1000)).is_ok(), "each client has its own");
-        assert_eq!(ledger.unsent().1, vec![("batch".to_string(), 1000)]);
         ledger.save().unwrap();
         let reopened = Ledger::open(Some(&dir));
         assert_eq!(reopened.used("batch"), 1000, "read back after a restart");
+        assert_eq!(reopened.totals().1, ledger.totals().1, "under the same ledger id");
         tokio::time::advance(Duration::from_secs(retry_after)).await;
         assert_eq!(reopened.used("batch"), 0, "a new day");
         assert!(reopened.check("batch", Some(1000)).is_ok());
@@ -237,19 +239,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn in_a_cluster_the_count_is_the_clusters_plus_what_is_not_sent_yet() {
+    async fn in_a_cluster_the_count_is_the_clusters_plus_what_was_charged_since() {
         let ledger = Ledger::open(None);
         ledger.charge("a", 100);
-        let (day, unsent) = ledger.unsent();
-        assert_eq!(unsent, vec![("a".to_string(), 100)]);
+        let (day, id, totals) = ledger.totals();
+        assert_eq!(totals, vec![("a".to_string(), 100)]);
+        assert_eq!(id.len(), 16);
         // Another instance charged 900 meanwhile.
-        ledger.sent(day, &unsent, BTreeMap::from([("a".to_string(), 1000)]));
+        ledger.shared(day, totals, BTreeMap::from([("a".to_string(), 1000)]));
         assert_eq!(ledger.used("a"), 1000, "the cluster's count");
-        assert!(ledger.unsent().1.is_empty(), "nothing is sent twice");
         ledger.charge("a", 50);
-        assert_eq!(ledger.used("a"), 1050, "plus what is not sent yet");
-        assert_eq!(ledger.unsent().1, vec![("a".to_string(), 50)]);
-        ledger.sent(day + 1, &[("a".to_string(), 50)], BTreeMap::new());
-        assert_eq!(ledger.unsent().1, vec![("a".to_string(), 50)], "another day's answer changes nothing");
+        assert_eq!(ledger.used("a"), 1050, "plus what was charged here since");
+        assert_eq!(ledger.totals().2, vec![("a".to_string(), 150)], "its own totals, written again whole");
+        ledger.shared(day + 1, vec![("a".to_string(), 150)], BTreeMap::new());
+        assert_eq!(ledger.used("a"), 1050, "another day's answer changes nothing");
+        assert_eq!(ledger.totals().1, id, "one id");
     }
 }

@@ -67,6 +67,8 @@ struct Key {
     authorization: HeaderValue,
     fingerprint: String,
     disabled: AtomicBool,
+    /// Set aside because another instance of the cluster saw it refused (lifted when the cluster forgets).
+    refused_by_cluster: AtomicBool,
 }
 
 /// How an account stands, for `/status` and metrics.
@@ -219,39 +221,54 @@ impl Accounts {
         self.accounts.iter().find_map(|a| a.refusal.lock().unwrap_or_else(PoisonError::into_inner).clone())
     }
 
-    /// Fingerprints of the keys set aside here (a cluster shares them).
+    /// Fingerprints of the keys this instance saw refused (not those set aside on the cluster's word).
     pub fn refused_fingerprints(&self) -> Vec<String> {
         let keys = self.accounts.iter().flat_map(|a| &a.keys);
-        keys.filter(|k| k.disabled.load(Ordering::Relaxed)).map(|k| k.fingerprint.clone()).collect()
+        keys.filter(|k| k.disabled.load(Ordering::Relaxed) && !k.refused_by_cluster.load(Ordering::Relaxed))
+            .map(|k| k.fingerprint.clone())
+            .collect()
     }
 
-    /// Sets aside the keys another instance saw refused; returns the accounts that serve no more.
-    pub fn refuse_fingerprints(&self, refused: &HashSet<String>) -> Vec<String> {
-        let mut out = Vec::new();
+    /// Follows the cluster's refused keys: sets aside those in `refused`, takes back those set aside only
+    /// on the cluster's word that are no longer. Returns the accounts whose serving changed, and how.
+    pub fn follow_refusals(&self, refused: &HashSet<String>) -> Vec<(String, bool)> {
+        let mut changed = Vec::new();
         for account in &self.accounts {
-            let mut changed = false;
-            for key in account.keys.iter().filter(|k| refused.contains(&k.fingerprint)) {
-                if !key.disabled.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(account = %account.name, "another instance saw a key of this account refused (401): it is set aside here too");
-                    changed = true;
+            let before = account.available();
+            for key in &account.keys {
+                if refused.contains(&key.fingerprint) {
+                    if !key.disabled.swap(true, Ordering::Relaxed) {
+                        key.refused_by_cluster.store(true, Ordering::Relaxed);
+                        tracing::warn!(account = %account.name, "another instance saw a key of this account refused (401): it is set aside here too");
+                    }
+                } else if key.refused_by_cluster.swap(false, Ordering::Relaxed) {
+                    key.disabled.store(false, Ordering::Relaxed);
+                    tracing::info!(account = %account.name, "the cluster no longer holds a key of this account refused: it is used again");
                 }
             }
-            if changed && !account.available() {
-                out.push(account.name.to_string());
+            if account.available() != before {
+                changed.push((account.name.to_string(), !before));
             }
         }
-        out
+        changed
     }
 
     /// Accounts paused here for their balance (402) — not those paused on the cluster's word — and those a
-    /// balance read resumed since the last call.
+    /// balance read resumed and the cluster was not told of yet (`told_resumed`).
     pub fn own_pauses(&self) -> (Vec<String>, Vec<String>) {
         let paused = self
             .accounts
             .iter()
             .filter(|a| a.paused.load(Ordering::Relaxed) && !a.paused_by_cluster.load(Ordering::Relaxed));
-        let resumed = self.accounts.iter().filter(|a| a.resumed.swap(false, Ordering::Relaxed));
+        let resumed = self.accounts.iter().filter(|a| a.resumed.load(Ordering::Relaxed));
         (paused.map(|a| a.name.to_string()).collect(), resumed.map(|a| a.name.to_string()).collect())
+    }
+
+    /// The cluster was told that `accounts` resumed.
+    pub fn told_resumed(&self, accounts: &[String]) {
+        for account in self.accounts.iter().filter(|a| accounts.iter().any(|n| **n == *a.name)) {
+            account.resumed.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Follows the cluster's paused accounts: pauses those in `paused`, resumes those paused only on the
@@ -259,16 +276,18 @@ impl Accounts {
     pub fn follow_pauses(&self, paused: &HashSet<String>) -> Vec<(String, bool)> {
         let mut changed = Vec::new();
         for account in &self.accounts {
+            let before = account.available();
             if paused.contains(&*account.name) {
                 if !account.paused.swap(true, Ordering::Relaxed) {
                     account.paused_by_cluster.store(true, Ordering::Relaxed);
                     tracing::warn!(account = %account.name, "another instance found the account out of balance (402): it is paused here too");
-                    changed.push((account.name.to_string(), account.available()));
                 }
             } else if account.paused_by_cluster.swap(false, Ordering::Relaxed) {
                 account.paused.store(false, Ordering::Relaxed);
                 tracing::info!(account = %account.name, "the cluster says the account's balance is available again");
-                changed.push((account.name.to_string(), account.available()));
+            }
+            if account.available() != before {
+                changed.push((account.name.to_string(), !before));
             }
         }
         changed
@@ -300,6 +319,7 @@ impl Account {
                     authorization: k.authorization().clone(),
                     fingerprint: fingerprint(k.authorization()),
                     disabled: AtomicBool::new(false),
+                    refused_by_cluster: AtomicBool::new(false),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
@@ -393,13 +413,14 @@ mod tests {
         let refused: HashSet<String> = here.refused_fingerprints().into_iter().collect();
         assert_eq!(refused.len(), 1);
         assert!(refused.iter().all(|f| f.len() == 16 && !f.contains("k1")), "{refused:?}");
-        assert!(there.refuse_fingerprints(&refused).is_empty(), "a keeps another key");
+        assert!(there.follow_refusals(&refused).is_empty(), "a keeps another key: its serving did not change");
         assert_eq!(there.key("a").unwrap().0, 1 - first.0, "the same key is set aside there");
-        let b_key: HashSet<String> = {
-            here.key_refused("b", 0, refusal(401));
-            here.refused_fingerprints().into_iter().collect()
-        };
-        assert_eq!(there.refuse_fingerprints(&b_key), vec!["b".to_string()], "b serves no more");
+        assert!(there.refused_fingerprints().is_empty(), "there, it is the cluster's word, not its own");
+        here.key_refused("b", 0, refusal(401));
+        let both: HashSet<String> = here.refused_fingerprints().into_iter().collect();
+        assert_eq!(there.follow_refusals(&both), vec![("b".to_string(), false)], "b serves no more");
+        assert_eq!(there.follow_refusals(&refused), vec![("b".to_string(), true)], "the cluster forgot b's key");
+        assert!(there.available("b"));
 
         here.out_of_balance("a", refusal(402));
         assert_eq!(here.own_pauses(), (vec!["a".to_string()], vec![]));
@@ -408,7 +429,9 @@ mod tests {
         assert_eq!(there.own_pauses().0, Vec::<String>::new(), "paused on the cluster's word, not its own");
         assert!(there.follow_pauses(&paused).is_empty(), "no change");
         assert!(here.balance_read("a", Balance { available: true, infos: vec![] }));
-        assert_eq!(here.own_pauses(), (vec![], vec!["a".to_string()]), "the resume is told once");
+        assert_eq!(here.own_pauses(), (vec![], vec!["a".to_string()]), "the resume is to be told");
+        assert_eq!(here.own_pauses().1, vec!["a".to_string()], "until the cluster was told");
+        here.told_resumed(&["a".to_string()]);
         assert_eq!(here.own_pauses().1, Vec::<String>::new());
         assert_eq!(there.follow_pauses(&HashSet::new()), vec![("a".to_string(), true)], "resumed there too");
     }
