@@ -11,6 +11,12 @@ use sluice::cli::{self as command_line, Cli, ClientAction, Command};
 use sluice::config::{self, Config, Overrides};
 use sluice::{observe, proxy, server, service};
 
+/// jemalloc keeps its bookkeeping apart from the memory it hands out, so buffers a connection reserves
+/// but never fills (hyper's 8 KiB read and write buffers) stay out of RSS: 14 % less memory per waiting
+/// request than glibc's malloc at the same throughput (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// sysexits.h EX_USAGE: the configuration is unusable.
 const EXIT_CONFIG: u8 = 64;
 
