@@ -56,6 +56,30 @@ async fn concurrent_rate_takers_never_take_more_than_the_burst() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_faster_rate_is_not_held_back_by_a_slower_ones_debt() {
+    let redis = Redis::start().await;
+    let script = redis::Script::new(sluice::cluster::RATE_SCRIPT);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut take = async |interval_us: u64, burst: u32, wanted: u32, horizon_us: u64| {
+        let mut invocation = script.key("d:rate");
+        invocation.arg(interval_us).arg(burst).arg(wanted).arg(horizon_us);
+        let (taken, _first, _wait): (i64, i64, i64) = invocation.invoke_async(&mut connection).await.unwrap();
+        taken
+    };
+    // One a minute, a burst of 10 taken: ten minutes of debt at that rate.
+    assert_eq!(take(60_000_000, 10, 10, 0).await, 10);
+    // Reloaded to 100/s: tokens again within moments, not in ten minutes.
+    let started = tokio::time::Instant::now();
+    let mut taken = 0;
+    while taken == 0 && started.elapsed() < Duration::from_secs(5) {
+        taken = take(10_000, 1, 5, 500_000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(taken > 0, "the faster rate got tokens after {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_one_rate() {
     let redis = Redis::start().await;
     let mock = Mock::start(|_, _| Reply::json(200, completion("ok"))).await;

@@ -203,6 +203,13 @@ impl Limits {
         }
     }
 
+    /// The cluster task looked at the demand; `wanted`: something could use a token now.
+    pub fn rate_heard(&mut self, now: Instant, wanted: bool) {
+        if let TokenSource::Shared { batch, .. } = &mut self.source {
+            batch.heard(now, wanted);
+        }
+    }
+
     /// Whether the dispatcher found no shared token since the last batch.
     pub fn rate_starved(&self) -> bool {
         self.rate.is_some() && matches!(&self.source, TokenSource::Shared { batch, .. } if batch.starved())

@@ -32,7 +32,7 @@ pub use probe::JITTER;
 pub use queue::{ClientId, Priority, STARVATION_LIMIT};
 pub use quota::{ClientLimits, ClientView, Waiting};
 pub use state::{LaneDemand, OTHER_MODEL, UNKNOWN_MODEL};
-pub use tokens::{TOKEN_HORIZON, TOKEN_LIFE};
+pub use tokens::{TOKENS_HELD, TOKEN_HORIZON, TOKEN_LIFE};
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::config::{LimitsConfig, QueueConfig, RetryConfig};
@@ -358,10 +358,14 @@ impl Admission {
 
     /// What the cluster's shared GCRA needs to know (None: no rate, or tokens are not shared), and how
     /// many waiting requests a token would let go now (see `State::rate_usable`).
+    /// Asking tells admission the cluster task is alive (see `TOKEN_FALLBACK`).
     pub fn rate_demand(&self) -> Option<(RateDemand, u32)> {
-        let state = self.shared.lock();
-        let demand = state.limits.rate_demand(Instant::now())?;
-        Some((demand, u32::try_from(state.rate_usable()).unwrap_or(u32::MAX)))
+        let mut state = self.shared.lock();
+        let now = Instant::now();
+        let usable = state.rate_usable(now);
+        state.limits.rate_heard(now, usable > 0);
+        let demand = state.limits.rate_demand(now)?;
+        Some((demand, u32::try_from(usable).unwrap_or(u32::MAX)))
     }
 
     /// Puts the configured clients' quotas in force (at start and on reload); what each holds is kept.

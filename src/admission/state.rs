@@ -543,13 +543,15 @@ impl State {
         waiting
     }
 
-    /// How many waiting requests a rate token would let go now: per serving lane, its waiting requests
-    /// within its headroom (in a cluster, its leases), all within the queue and the global cap's room.
-    pub fn rate_usable(&self) -> usize {
+    /// How many waiting requests a rate token would let go now: per lane ready now (enabled, gate open,
+    /// pacing allowing), its waiting requests within its headroom (in a cluster, its leases), all within
+    /// the queue and the global cap's room.
+    pub fn rate_usable(&self, now: Instant) -> usize {
+        let ready = |lane: &&Lane| lane.readiness(now, self.limits.delays) == Readiness::Now;
         let lanes: usize = self
             .waiting_by_lane()
             .into_iter()
-            .filter_map(|(key, waiting)| self.lanes.get(key).filter(|l| l.enabled).map(|l| waiting.min(l.headroom())))
+            .filter_map(|(key, waiting)| self.lanes.get(key).filter(ready).map(|l| waiting.min(l.headroom())))
             .fold(0, usize::saturating_add);
         let room = self.limits.max_concurrency().saturating_sub(self.inflight);
         lanes.min(self.queued()).min(room)

@@ -21,7 +21,8 @@ pub const TOKEN_RECHECK: Duration = Duration::from_millis(250);
 /// A dispatcher starved this long with no answer from the cluster task falls back to its own GCRA.
 pub const TOKEN_FALLBACK: Duration = Duration::from_secs(2);
 /// The most tokens held at once (a reservation is also bounded by the burst and the horizon).
-const MOST_HELD: usize = 4096;
+pub const TOKENS_HELD: u32 = 4096;
+const MOST_HELD: usize = TOKENS_HELD as usize;
 
 /// Where tokens come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +102,15 @@ impl Batch {
         self.starved_since.is_some()
     }
 
+    /// The cluster task looked at the demand (it is alive); with nothing that could use a token, the
+    /// dispatcher is no longer starved.
+    pub fn heard(&mut self, now: Instant, wanted: bool) {
+        self.heard = Some(now);
+        if !wanted {
+            self.starved_since = None;
+        }
+    }
+
     /// Whether the dispatcher has been starved for `TOKEN_FALLBACK` without a word from the cluster task.
     pub fn abandoned(&self, now: Instant) -> bool {
         let long = |since: Option<Instant>| since.is_none_or(|at| now.saturating_duration_since(at) >= TOKEN_FALLBACK);
@@ -161,5 +171,11 @@ mod tests {
         assert!(batch.abandoned(now + TOKEN_FALLBACK * 2), "silent for two seconds, starved for four");
         batch.add(1, 0, Duration::from_millis(100), now + TOKEN_FALLBACK * 2);
         assert!(!batch.abandoned(now + TOKEN_FALLBACK * 2) && !batch.starved());
+        // Starved, then nothing waits any more: the task, looking, clears it (no fallback later).
+        let later = now + TOKEN_FALLBACK * 2 + Duration::from_millis(10);
+        assert_eq!(batch.take(later), None);
+        assert!(batch.take(later).is_some() && batch.starved());
+        batch.heard(later, false);
+        assert!(!batch.starved() && !batch.abandoned(later + TOKEN_FALLBACK * 2));
     }
 }

@@ -76,7 +76,7 @@ impl FactsTurn {
     }
 }
 
-/// FACTS: writes this ledger's totals of the day (a field `client␟ledger` each), adds refused keys and
+/// FACTS: writes this ledger's totals of the day (a field `client␟ledger` each, never lowered), adds refused keys and
 /// paused accounts to their sorted sets (each member lapsing `setback_ms` after it was last added),
 /// removes resumed accounts and lapsed members; publishes `facts` when a set changed. Returns {each
 /// client's sum over all ledgers (flat), refused fingerprints, paused accounts}.
@@ -89,7 +89,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local keep = tonumber(ARGV[2])
 local i = 5
 local n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do redis.call('HSET', KEYS[1], ARGV[i] .. '\31' .. ARGV[4], ARGV[i + 1]); i = i + 2 end
+for _ = 1, n do
+  -- A total only grows within its day (a restart from an older state file does not lower it).
+  local field = ARGV[i] .. '\31' .. ARGV[4]
+  if tonumber(ARGV[i + 1]) > tonumber(redis.call('HGET', KEYS[1], field) or '0') then
+    redis.call('HSET', KEYS[1], field, ARGV[i + 1])
+  end
+  i = i + 2
+end
 if n > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 local changed = 0
 for set = 2, 3 do
@@ -123,6 +130,9 @@ impl Session<'_> {
     pub(super) async fn share_facts(&mut self, turn: &mut FactsTurn) -> Result<(), redis::RedisError> {
         turn.next = Some(Instant::now() + FACTS_EVERY);
         let Some(local) = self.facts.local() else { return Ok(()) };
+        // What is no longer so here (a reload's fresh accounts) is told again should it happen again.
+        turn.refused.retain(|f| local.refused.contains(f));
+        turn.paused.retain(|a| local.paused.contains(a));
         let refused: Vec<&String> = local.refused.iter().filter(|f| !turn.refused.contains(*f)).collect();
         let paused: Vec<&String> = local.paused.iter().filter(|a| !turn.paused.contains(*a)).collect();
         let prefix = &self.settings.prefix;

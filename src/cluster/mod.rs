@@ -28,7 +28,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::admission::{Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT, TOKEN_HORIZON, TOKEN_LIFE};
+use crate::admission::{
+    Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT, TOKENS_HELD, TOKEN_HORIZON, TOKEN_LIFE,
+};
 use crate::config::{ClusterConfig, Config};
 use scripts::Scripts;
 
@@ -280,7 +282,11 @@ impl Session<'_> {
         loop {
             if heartbeat <= Instant::now() {
                 match self.heartbeat().await {
-                    Ok(members) => self.cluster.update(|v| v.members = members),
+                    Ok(members) => {
+                        self.cluster.update(|v| v.members = members);
+                        // The own GCRA, should the task fall silent, runs at this instance's share.
+                        self.admission.set_token_source(true, u32::try_from(members).unwrap_or(u32::MAX));
+                    }
                     Err(err) => return err,
                 }
                 heartbeat = Instant::now() + self.settings.ttl / 3;
@@ -332,7 +338,7 @@ impl Session<'_> {
         let interval = u64::try_from(demand.interval.as_micros()).unwrap_or(u64::MAX).max(1);
         // A burst, and what conforms within the horizon at the steady rate.
         let horizon = u32::try_from((millis(TOKEN_HORIZON) * 1000).div_ceil(interval)).unwrap_or(u32::MAX);
-        let wanted = (usable - demand.left).min(demand.burst.saturating_add(horizon));
+        let wanted = (usable - demand.left).min(demand.burst.saturating_add(horizon)).min(TOKENS_HELD - demand.left);
         let mut invocation = self.scripts.rate.key(format!("{}:rate", self.settings.prefix));
         invocation.arg(interval).arg(demand.burst).arg(wanted).arg(millis(TOKEN_HORIZON) * 1000);
         self.count();

@@ -159,12 +159,13 @@ local wanted, horizon = tonumber(ARGV[3]), math.max(0, tonumber(ARGV[4]))
 local tolerance = (burst - 1) * interval
 -- No caller owes more than a burst, a horizon and an interval ahead (a slower rate's debt, after a
 -- reload to a faster one, does not hold the new rate back).
-local tat = math.min(math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0')), now + tolerance + horizon + interval)
+local stored = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+local tat = math.min(stored, now + tolerance + horizon + interval)
 local first = tat - tolerance - now
 local free = math.floor((horizon - first) / interval) + 1
 local taken = math.max(0, math.min(wanted, free))
-if taken > 0 then
-  tat = tat + taken * interval
+tat = tat + taken * interval
+if taken > 0 or tat < stored then
   redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
 end
 return {taken, first, math.max(0, tat - tolerance - now - horizon)}

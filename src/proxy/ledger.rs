@@ -108,7 +108,9 @@ impl Ledger {
             *day = (Day::new(today, id), true);
         }
         if day.0.id.is_empty() {
+            // A state file from before ledger ids: the new id is written at the next save.
             day.0.id = new_id();
+            day.1 = true;
         }
         day
     }
