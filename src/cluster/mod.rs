@@ -14,6 +14,7 @@
 //! reconnects by itself. Keys are `sluice:{name}:…`, expire, and hold no secrets.
 
 mod facts;
+mod rate;
 mod scripts;
 
 pub use facts::{Facts, Local, Shared, FACTS as FACTS_SCRIPT};
@@ -28,9 +29,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::admission::{
-    Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT, TOKENS_HELD, TOKEN_HORIZON, TOKEN_LIFE,
-};
+use crate::admission::{Admission, ClusterHook, LaneDemand, LaneKey, Signal, INITIAL_LIMIT};
 use crate::config::{ClusterConfig, Config};
 use scripts::Scripts;
 
@@ -169,13 +168,6 @@ struct Lease {
     surplus_since: Option<Instant>,
 }
 
-/// When this instance may next take tokens of the shared rate, and when it should look again.
-#[derive(Default)]
-struct RateTurn {
-    not_before: Option<Instant>,
-    next: Option<Instant>,
-}
-
 /// What the task works with.
 struct Task {
     cluster: std::sync::Weak<Cluster>,
@@ -277,7 +269,7 @@ impl Session<'_> {
         if let Err(err) = self.claim_all(leases, false).await {
             return err;
         }
-        let mut tokens = RateTurn::default();
+        let mut tokens = rate::RateTurn::default();
         let mut facts = facts::FactsTurn::default();
         loop {
             if heartbeat <= Instant::now() {
@@ -319,39 +311,6 @@ impl Session<'_> {
                 }
             }
         }
-    }
-
-    /// Reserves tokens of `limits.rate` on the shared GCRA for the requests that could use one now (at
-    /// most a burst, conforming within `TOKEN_HORIZON`), unless it said none could be reserved yet;
-    /// `turn.next` is when to look again.
-    async fn take_tokens(&mut self, turn: &mut RateTurn) -> Result<(), redis::RedisError> {
-        let now = Instant::now();
-        turn.next = None;
-        let Some((demand, usable)) = self.admission.rate_demand() else { return Ok(()) };
-        if usable <= demand.left {
-            return Ok(());
-        }
-        if let Some(at) = turn.not_before.filter(|at| *at > now) {
-            turn.next = Some(at);
-            return Ok(());
-        }
-        let interval = u64::try_from(demand.interval.as_micros()).unwrap_or(u64::MAX).max(1);
-        // A burst, and what conforms within the horizon at the steady rate.
-        let horizon = u32::try_from((millis(TOKEN_HORIZON) * 1000).div_ceil(interval)).unwrap_or(u32::MAX);
-        let wanted = (usable - demand.left).min(demand.burst.saturating_add(horizon)).min(TOKENS_HELD - demand.left);
-        let mut invocation = self.scripts.rate.key(format!("{}:rate", self.settings.prefix));
-        invocation.arg(interval).arg(demand.burst).arg(wanted).arg(millis(TOKEN_HORIZON) * 1000);
-        self.count();
-        let (taken, first_us, wait_us): (u32, i64, u64) = invocation.invoke_async(&mut self.connection).await?;
-        self.admission.hand_over_tokens(taken, first_us, Duration::from_micros(interval));
-        if taken < wanted {
-            // Another could be reserved then; waiting half the horizon at least, the next reservation
-            // takes several at once (what was reserved covers the wait) instead of one per round trip.
-            let wait = Duration::from_micros(wait_us).clamp(TOKEN_HORIZON / 2, TOKEN_LIFE);
-            turn.not_before = Some(now + wait);
-            turn.next = turn.not_before;
-        }
-        Ok(())
     }
 
     async fn heartbeat(&mut self) -> Result<u64, redis::RedisError> {
