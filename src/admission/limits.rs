@@ -210,6 +210,11 @@ impl Limits {
         }
     }
 
+    /// Whether a rate is configured and its tokens come from a cluster's shared GCRA.
+    pub fn shares_rate(&self) -> bool {
+        self.rate.is_some() && matches!(self.source, TokenSource::Shared { .. })
+    }
+
     /// Whether the dispatcher found no shared token since the last batch.
     pub fn rate_starved(&self) -> bool {
         self.rate.is_some() && matches!(&self.source, TokenSource::Shared { batch, .. } if batch.starved())

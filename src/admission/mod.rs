@@ -362,6 +362,9 @@ impl Admission {
     pub fn rate_demand(&self) -> Option<(RateDemand, u32)> {
         let mut state = self.shared.lock();
         let now = Instant::now();
+        if !state.limits.shares_rate() {
+            return None;
+        }
         let usable = state.rate_usable(now);
         state.limits.rate_heard(now, usable > 0);
         let demand = state.limits.rate_demand(now)?;

@@ -275,9 +275,12 @@ impl Session<'_> {
             if heartbeat <= Instant::now() {
                 match self.heartbeat().await {
                     Ok(members) => {
+                        let before = self.cluster.view().members;
                         self.cluster.update(|v| v.members = members);
-                        // The own GCRA, should the task fall silent, runs at this instance's share.
-                        self.admission.set_token_source(true, u32::try_from(members).unwrap_or(u32::MAX));
+                        if members != before {
+                            // The own GCRA, should the task fall silent, runs at this instance's share.
+                            self.admission.set_token_source(true, u32::try_from(members).unwrap_or(u32::MAX));
+                        }
                     }
                     Err(err) => return err,
                 }

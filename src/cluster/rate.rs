@@ -33,10 +33,13 @@ impl Session<'_> {
         }
         let interval = u64::try_from(demand.interval.as_micros()).unwrap_or(u64::MAX).max(1);
         // A burst, and what conforms within the horizon at the steady rate.
-        let horizon = u32::try_from((millis(TOKEN_HORIZON) * 1000).div_ceil(interval)).unwrap_or(u32::MAX);
-        let wanted = (usable - demand.left).min(demand.burst.saturating_add(horizon)).min(TOKENS_HELD - demand.left);
+        let horizon_us = millis(TOKEN_HORIZON) * 1000;
+        let horizon = u32::try_from(horizon_us.div_ceil(interval)).unwrap_or(u32::MAX);
+        let wanted = (usable - demand.left)
+            .min(demand.burst.saturating_add(horizon))
+            .min(TOKENS_HELD.saturating_sub(demand.left));
         let mut invocation = self.scripts.rate.key(format!("{}:rate", self.settings.prefix));
-        invocation.arg(interval).arg(demand.burst).arg(wanted).arg(millis(TOKEN_HORIZON) * 1000);
+        invocation.arg(interval).arg(demand.burst).arg(wanted).arg(horizon_us);
         self.count();
         let (taken, first_us, wait_us): (u32, i64, u64) = invocation.invoke_async(&mut self.connection).await?;
         self.admission.hand_over_tokens(taken, first_us, Duration::from_micros(interval));

@@ -232,25 +232,15 @@ impl Accounts {
     /// Follows the cluster's refused keys: sets aside those in `refused`, takes back those set aside only
     /// on the cluster's word that are no longer. Returns the accounts whose serving changed, and how.
     pub fn follow_refusals(&self, refused: &HashSet<String>) -> Vec<(String, bool)> {
-        let mut changed = Vec::new();
-        for account in &self.accounts {
-            let before = account.available();
+        self.serving_changes(|account| {
             for key in &account.keys {
-                if refused.contains(&key.fingerprint) {
-                    if !key.disabled.swap(true, Ordering::Relaxed) {
-                        key.refused_by_cluster.store(true, Ordering::Relaxed);
-                        tracing::warn!(account = %account.name, "another instance saw a key of this account refused (401): it is set aside here too");
-                    }
-                } else if key.refused_by_cluster.swap(false, Ordering::Relaxed) {
-                    key.disabled.store(false, Ordering::Relaxed);
-                    tracing::info!(account = %account.name, "the cluster no longer holds a key of this account refused: it is used again");
+                match follow_word(&key.disabled, &key.refused_by_cluster, refused.contains(&key.fingerprint)) {
+                    Some(true) => tracing::warn!(account = %account.name, "another instance saw a key of this account refused (401): it is set aside here too"),
+                    Some(false) => tracing::info!(account = %account.name, "the cluster no longer holds a key of this account refused: it is used again"),
+                    None => {}
                 }
             }
-            if account.available() != before {
-                changed.push((account.name.to_string(), !before));
-            }
-        }
-        changed
+        })
     }
 
     /// Accounts paused here for their balance (402) — not those paused on the cluster's word — and those a
@@ -274,18 +264,21 @@ impl Accounts {
     /// Follows the cluster's paused accounts: pauses those in `paused`, resumes those paused only on the
     /// cluster's word that are no longer. Returns the accounts whose serving changed, and how.
     pub fn follow_pauses(&self, paused: &HashSet<String>) -> Vec<(String, bool)> {
+        self.serving_changes(|account| {
+            match follow_word(&account.paused, &account.paused_by_cluster, paused.contains(&*account.name)) {
+                Some(true) => tracing::warn!(account = %account.name, "another instance found the account out of balance (402): it is paused here too"),
+                Some(false) => tracing::info!(account = %account.name, "the cluster says the account's balance is available again"),
+                None => {}
+            }
+        })
+    }
+
+    /// Applies `follow` to every account; returns those whose serving it changed, and how.
+    fn serving_changes(&self, mut follow: impl FnMut(&Account)) -> Vec<(String, bool)> {
         let mut changed = Vec::new();
         for account in &self.accounts {
             let before = account.available();
-            if paused.contains(&*account.name) {
-                if !account.paused.swap(true, Ordering::Relaxed) {
-                    account.paused_by_cluster.store(true, Ordering::Relaxed);
-                    tracing::warn!(account = %account.name, "another instance found the account out of balance (402): it is paused here too");
-                }
-            } else if account.paused_by_cluster.swap(false, Ordering::Relaxed) {
-                account.paused.store(false, Ordering::Relaxed);
-                tracing::info!(account = %account.name, "the cluster says the account's balance is available again");
-            }
+            follow(account);
             if account.available() != before {
                 changed.push((account.name.to_string(), !before));
             }
@@ -340,6 +333,24 @@ impl Account {
 
     fn remember(&self, refusal: Refusal) {
         *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(refusal);
+    }
+}
+
+/// Follows the cluster's word on a setback (a refused key, a paused account): `held` by the cluster,
+/// it is set here too (marked `by_cluster`); no longer held, it is lifted only if it was set on the
+/// cluster's word. Returns Some(true) when it was set now, Some(false) when lifted now.
+fn follow_word(setback: &AtomicBool, by_cluster: &AtomicBool, held: bool) -> Option<bool> {
+    if held {
+        let newly = !setback.swap(true, Ordering::Relaxed);
+        if newly {
+            by_cluster.store(true, Ordering::Relaxed);
+        }
+        newly.then_some(true)
+    } else if by_cluster.swap(false, Ordering::Relaxed) {
+        setback.store(false, Ordering::Relaxed);
+        Some(false)
+    } else {
+        None
     }
 }
 
