@@ -78,7 +78,7 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     observe::init_logging(&config.log);
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listen = config.server.listen;
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
@@ -98,6 +98,10 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
         server::run(listener, proxy.clone(), service::shutdown_signal()).await;
         proxy.save_state();
         tracing::info!("sluice stopped");
-        Ok(())
-    })
+        Ok::<(), anyhow::Error>(())
+    });
+    // Requests the runtime still held end with it; then their lines are written before the process ends.
+    drop(runtime);
+    observe::flush_request_lines();
+    served
 }

@@ -136,7 +136,8 @@ async fn serve(
 ) -> Response<ResponseBody> {
     let in_progress = state.request_started();
     let http2 = request.version() == http::Version::HTTP_2;
-    let mut response = match CatchUnwind::new(route(shared, request, peer)).await {
+    // Boxed: the request is then a pointer in every frame it passes through, not a copy in each of them.
+    let mut response = match CatchUnwind::new(route(shared, Box::new(request), peer)).await {
         Ok(response) => response,
         Err(panic) => {
             shared.proxy.metrics().panicked();
@@ -170,7 +171,7 @@ impl Drop for Counted {
 }
 
 /// Reserved paths are answered here and never forwarded; everything else goes to the proxy.
-async fn route(shared: &Shared, request: Request<Incoming>, peer: SocketAddr) -> Response<ResponseBody> {
+async fn route(shared: &Shared, request: Box<Request<Incoming>>, peer: SocketAddr) -> Response<ResponseBody> {
     let path = request.uri().path();
     if let Some(endpoint) = Endpoint::of(path) {
         return endpoints::answer(endpoint, &request, &shared.proxy);

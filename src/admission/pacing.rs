@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
 /// What an upstream response said about its rate-limit window.
@@ -22,12 +22,17 @@ pub struct Window {
 impl Window {
     /// Reads the headers; `None` when the response carried none of them.
     pub fn from_headers(headers: &HeaderMap) -> Option<Self> {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+        // Names made once: a lookup by `&str` would parse the name on every response.
+        const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+        const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+        const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+        const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
         let window = Self {
-            remaining_requests: text("x-ratelimit-remaining-requests").and_then(|v| v.parse().ok()),
-            reset_requests: text("x-ratelimit-reset-requests").and_then(parse_go_duration),
-            remaining_tokens: text("x-ratelimit-remaining-tokens").and_then(|v| v.parse().ok()),
-            reset_tokens: text("x-ratelimit-reset-tokens").and_then(parse_go_duration),
+            remaining_requests: text(&REMAINING_REQUESTS).and_then(|v| v.parse().ok()),
+            reset_requests: text(&RESET_REQUESTS).and_then(parse_go_duration),
+            remaining_tokens: text(&REMAINING_TOKENS).and_then(|v| v.parse().ok()),
+            reset_tokens: text(&RESET_TOKENS).and_then(parse_go_duration),
         };
         (window != Self::default()).then_some(window)
     }

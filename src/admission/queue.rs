@@ -9,7 +9,7 @@
 //! A client held back by its own quota (`quota.rs`) is passed over: `peek_where` picks among the clients
 //! the caller accepts, so the others are served meanwhile and the held client keeps its place.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// How often a waiting class may be passed over before it is served anyway.
 pub const STARVATION_LIMIT: u32 = 8;
@@ -49,7 +49,7 @@ pub type ClientId = u64;
 /// One priority class: a FIFO per client and the ring of clients that have entries.
 #[derive(Default, Clone)]
 struct Class {
-    fifos: HashMap<ClientId, VecDeque<u64>>,
+    fifos: super::Map<ClientId, VecDeque<u64>>,
     ring: VecDeque<ClientId>,
     len: usize,
 }

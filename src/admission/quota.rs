@@ -53,7 +53,7 @@ struct Quota {
 /// The quotas of every configured client, by client id.
 #[derive(Default)]
 pub struct Quotas {
-    clients: HashMap<ClientId, Quota>,
+    clients: super::Map<ClientId, Quota>,
 }
 
 /// Whether a client's next request may be dispatched.

@@ -18,7 +18,7 @@ use super::pacing::Window;
 use super::probe::Readiness;
 use super::queue::{ClientId, FairQueue, Pick, Priority};
 use super::quota::{Quotas, Turn, Waiting};
-use super::Rejected;
+use super::{Map, Rejected};
 
 /// The lane of requests whose model could not be read (no JSON body, invalid JSON, no `model`).
 pub const UNKNOWN_MODEL: &str = "unknown";
@@ -111,11 +111,11 @@ pub struct Granted {
 pub struct State {
     pub limits: Limits,
     pub quotas: Quotas,
-    routes: HashMap<Arc<str>, Route>,
-    lanes: HashMap<LaneKey, Lane>,
+    routes: Map<Arc<str>, Route>,
+    lanes: Map<LaneKey, Lane>,
     /// Routes with waiting entries, served round-robin.
     ring: VecDeque<Arc<str>>,
-    waiters: HashMap<u64, Waiter>,
+    waiters: Map<u64, Waiter>,
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     depth: [usize; 3],
     inflight: usize,
@@ -139,10 +139,10 @@ impl State {
         Self {
             limits,
             quotas: Quotas::default(),
-            routes: HashMap::new(),
-            lanes: HashMap::new(),
+            routes: Map::default(),
+            lanes: Map::default(),
             ring: VecDeque::new(),
-            waiters: HashMap::new(),
+            waiters: Map::default(),
             deadlines: BinaryHeap::new(),
             depth: [0; 3],
             inflight: 0,

@@ -170,6 +170,12 @@ impl prometheus_client::collector::Collector for StateCollector {
             ConstCounter::new(row.probing_seconds).encode(probing_seconds.encode_family(&row.labels)?)?;
         }
         encode_clients(&snapshot, &mut encoder)?;
+        ConstCounter::new(super::lines_dropped()).encode(encoder.encode_descriptor(
+            "log_lines_dropped",
+            "Request log lines dropped because the log writer fell behind",
+            None,
+            MetricType::Counter,
+        )?)?;
         if let Some(cluster) = &self.cluster {
             encode_cluster(&cluster.view(), &mut encoder)?;
         }

@@ -15,7 +15,7 @@ pub use crate::config::ANONYMOUS;
 pub use cache_metrics::{CacheMetrics, CACHE_RESULTS};
 pub use client_metrics::{ClientMetrics, ClientTotals};
 pub use collector::{AccountsSource, Sources};
-pub use log::init_logging;
+pub use log::{flush_request_lines, init_logging, lines_dropped, LINES_HELD};
 pub use metrics::{model_label, Metrics, OUTCOMES};
 pub use recent::RecentSummary;
 pub use request_log::{Charge, End, RequestLog};

@@ -1,6 +1,6 @@
 //! The record of one request, completed along its path and closed when its response body ends or is
-//! dropped: then it writes the one log line at info (never keys, never bodies) and the end-of-response
-//! metrics (duration, tokens read from the body's tail, broken streams).
+//! dropped: then it records the end-of-response metrics (duration, tokens read from the body's tail,
+//! broken streams) and hands its one log line (never keys, never bodies) to the log writer (`log.rs`).
 
 use std::sync::Arc;
 
@@ -19,6 +19,12 @@ pub enum End {
     ClientGone,
     /// The upstream broke or stalled mid-way (SSE got an error event, other bodies were aborted).
     UpstreamBroken,
+}
+
+/// The client name of every caller that is no configured client, allocated once.
+fn anonymous() -> Arc<str> {
+    static ANONYMOUS: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(crate::config::ANONYMOUS));
+    ANONYMOUS.clone()
 }
 
 /// What is known about a request.
@@ -95,7 +101,7 @@ impl RequestLog {
             upstream: None,
             stream: false,
             client: 0,
-            client_name: std::sync::Arc::from(crate::config::ANONYMOUS),
+            client_name: anonymous(),
             attempts: 0,
             queue_ms: 0,
             upstream_status: None,
@@ -205,6 +211,92 @@ impl Drop for RequestLog {
             );
             (charge.0)(tokens);
         }
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return;
+        }
+        let line = RequestLine {
+            request_id: std::mem::take(&mut self.request_id),
+            method: std::mem::replace(&mut self.method, Method::GET),
+            path: std::mem::take(&mut self.path),
+            status: self.status,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            bytes: self.bytes,
+            end: self.end,
+            outcome: self.outcome,
+            cache: self.cache,
+            model: self.model.take(),
+            account: self.account.take(),
+            upstream: self.upstream.take(),
+            stream: self.stream,
+            client: self.client,
+            client_name: self.client_name.clone(),
+            attempts: self.attempts,
+            queue_ms: self.queue_ms,
+            upstream_status: self.upstream_status,
+            ttfb_ms: self.ttfb_ms,
+            usage,
+            error: self.error,
+        };
+        super::log::write_request_line(line);
+    }
+}
+
+/// The finished record's fields, owned: formatted and written by the log writer thread (`log.rs`).
+#[derive(Debug)]
+pub struct RequestLine {
+    request_id: String,
+    method: Method,
+    path: String,
+    status: u16,
+    duration_ms: u64,
+    bytes: u64,
+    end: End,
+    outcome: &'static str,
+    cache: &'static str,
+    model: Option<Arc<str>>,
+    account: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+    stream: bool,
+    client: u64,
+    client_name: Arc<str>,
+    attempts: u32,
+    queue_ms: u64,
+    upstream_status: Option<u16>,
+    ttfb_ms: Option<u64>,
+    usage: Option<super::usage::Usage>,
+    error: Option<&'static str>,
+}
+
+impl RequestLine {
+    #[cfg(test)]
+    pub(super) fn sample() -> Self {
+        Self {
+            request_id: "r".into(),
+            method: Method::POST,
+            path: "/v1/chat/completions".into(),
+            status: 200,
+            duration_ms: 1,
+            bytes: 2,
+            end: End::Complete,
+            outcome: "ok",
+            cache: "-",
+            model: None,
+            account: None,
+            upstream: None,
+            stream: false,
+            client: 3,
+            client_name: anonymous(),
+            attempts: 1,
+            queue_ms: 0,
+            upstream_status: Some(200),
+            ttfb_ms: Some(1),
+            usage: None,
+            error: None,
+        }
+    }
+
+    /// Writes the line at info (never keys, never bodies).
+    pub(super) fn emit(&self) {
         let end = match self.end {
             End::Complete => "complete",
             End::ClientGone => "client_gone",
@@ -215,7 +307,7 @@ impl Drop for RequestLog {
             method = %self.method,
             path = %self.path,
             status = self.status,
-            duration_ms = duration.as_millis() as u64,
+            duration_ms = self.duration_ms,
             bytes = self.bytes,
             end,
             outcome = self.outcome,
@@ -230,8 +322,8 @@ impl Drop for RequestLog {
             queue_ms = self.queue_ms,
             upstream_status = self.upstream_status,
             ttfb_ms = self.ttfb_ms,
-            prompt_tokens = usage.map(|u| u.prompt_tokens),
-            completion_tokens = usage.map(|u| u.completion_tokens),
+            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
+            completion_tokens = self.usage.map(|u| u.completion_tokens),
             error = self.error.unwrap_or("-"),
             "request"
         );

@@ -278,7 +278,8 @@ impl Proxy {
                 (Verdict::Deliver, Ok(response)) => {
                     let first_token = (has_next && seen.stream).then_some(config.fallback.first_token_timeout);
                     let start = tokio::select! {
-                        start = deliver::start(response, first_token, config.upstream.idle_timeout) => start,
+                        // Boxed too: its state is the largest of this loop's, and a queued request needs none.
+                        start = Box::pin(deliver::start(response, first_token, config.upstream.idle_timeout)) => start,
                         () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
                     };
                     match start {

@@ -29,6 +29,12 @@ pub fn readable_sse(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers: the fixed list, `keep-alive`, every `proxy-*`, and whatever `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // The common case, a request that carries none of them, is one look at each header.
+    let hop =
+        |name: &HeaderName| HOP_BY_HOP.contains(name) || name == "keep-alive" || name.as_str().starts_with("proxy-");
+    if !headers.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -256,8 +256,10 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Answers one client request (any path but the reserved ones).
-    pub async fn handle<B>(self: &Arc<Self>, request: Request<B>, peer: SocketAddr) -> Response<ResponseBody>
+    /// Answers one client request (any path but the reserved ones). The request comes boxed, and stays
+    /// so until its head and body are taken apart: each frame of a waiting request holds a pointer, not
+    /// a copy of its own.
+    pub async fn handle<B>(self: &Arc<Self>, request: Box<Request<B>>, peer: SocketAddr) -> Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
@@ -273,7 +275,6 @@ impl Proxy {
         // waited), the track counts it as cancelled.
         let mut track =
             Track { request_id, log, progress: Progress::default(), metrics: Some(self.metrics.clone()), cache: None };
-        track.log.client_name = Arc::from(observe::ANONYMOUS);
         let generation = self.current();
         let forwarded = self.forward(&generation, request, peer, &mut track).await;
         // Tokens and the log name the model that answered (a fallback's may not be the one asked for).
@@ -327,7 +328,7 @@ impl Proxy {
     async fn forward<B>(
         self: &Arc<Self>,
         generation: &Arc<Generation>,
-        request: Request<B>,
+        request: Box<Request<B>>,
         peer: SocketAddr,
         track: &mut Track,
     ) -> Result<Response<ResponseBody>, ProxyError>
@@ -366,7 +367,7 @@ impl Proxy {
         }
         // 4. Read the bounded body: retries re-send it and admission reads its model. It holds its share
         //    of the global body budget until the request ends.
-        let (mut parts, body) = request.into_parts();
+        let (mut parts, body) = (*request).into_parts();
         // Boxed, like the upstream send: a queued request then carries no room for this state.
         let (body, budget) = Box::pin(tokio::time::timeout(
             server.body_read_timeout,

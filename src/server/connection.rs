@@ -281,7 +281,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
 fn replace_error_response(head: &[u8]) -> Option<Bytes> {
     let rest = head.strip_prefix(b"HTTP/1.1 ").or_else(|| head.strip_prefix(b"HTTP/1.0 "))?;
     let status = rest.get(..3)?;
-    let empty = head.windows(18).any(|w| w.eq_ignore_ascii_case(b"content-length: 0\r"));
     let (line, message, kind): (&str, &str, &str) = match status {
         b"400" => ("400 Bad Request", "the request could not be parsed as HTTP", "sluice_bad_request"),
         b"414" => ("414 URI Too Long", "the request target is too long", "sluice_uri_too_long"),
@@ -293,7 +292,8 @@ fn replace_error_response(head: &[u8]) -> Option<Bytes> {
         b"505" => ("505 HTTP Version Not Supported", "this HTTP version is not supported", "sluice_bad_request"),
         _ => return None,
     };
-    if !empty {
+    // Looked for only in an error head: every response's head passes through here.
+    if !head.windows(18).any(|w| w.eq_ignore_ascii_case(b"content-length: 0\r")) {
         return None;
     }
     let body = error_json(message, kind);

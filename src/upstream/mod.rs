@@ -74,6 +74,9 @@ pub struct Upstream {
     origin: Arc<str>,
     /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
     base_path: Arc<str>,
+    /// `origin`'s parts, parsed once: every target is built on them.
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
     header_timeout: Duration,
     /// Connection failures, for a warning that is said at once and then at most once a minute.
     unreachable: Arc<Mutex<UnreachableLog>>,
@@ -121,6 +124,8 @@ impl Upstream {
             client,
             origin: Arc::from(format!("{scheme}://{authority}")),
             base_path: Arc::from(base.path().trim_end_matches('/')),
+            scheme: base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS),
+            authority: authority.clone(),
             header_timeout: config.header_timeout,
             unreachable: Arc::default(),
         })
@@ -169,8 +174,18 @@ impl Upstream {
         if !path_and_query.starts_with('/') {
             return None;
         }
-        let uri: Uri = format!("{}{}{}", self.origin, self.base_path, path_and_query).parse().ok()?;
-        (uri.authority().map(|a| a.as_str()) == self.origin.split("://").nth(1)).then_some(uri)
+        // The path is only ever a path: scheme and authority are the configured ones, whatever it holds.
+        let path_and_query: http::uri::PathAndQuery = if self.base_path.is_empty() {
+            path_and_query.parse().ok()?
+        } else {
+            format!("{}{path_and_query}", self.base_path).parse().ok()?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .ok()
     }
 
     /// Sends one request and waits for the response headers, at most `header_timeout`.
