@@ -155,6 +155,7 @@ async fn when_the_grace_period_ends_the_queue_gets_a_clear_503_and_sluice_exits_
     let mut daemon = Daemon::start(&config, &mock.url()).await;
     let (_stream, queued) = stream_and_queue(&daemon, &mock).await;
     daemon.signal("TERM");
+    let turned_away = queued.len();
     for request in queued {
         let answer = request.await.unwrap();
         assert_eq!(answer.status, 503);
@@ -163,6 +164,9 @@ async fn when_the_grace_period_ends_the_queue_gets_a_clear_503_and_sluice_exits_
     }
     assert_eq!(daemon.wait_exit().await.code(), Some(0));
     assert_eq!(mock.arrivals(), 1, "the queued requests never reached the upstream");
+    // The log writer wrote every line it was handed before the process ended.
+    let log = daemon.stderr();
+    assert_eq!(log.matches("error=\"sluice_shutting_down\"").count(), turned_away, "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
