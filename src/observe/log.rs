@@ -18,9 +18,10 @@ use tracing_subscriber::prelude::*;
 use super::request_log::RequestLine;
 use crate::config::{LogConfig, LogFormat};
 
-/// Request lines that may wait for the writer thread (about 200 bytes each): a burst the writer
-/// catches up with is kept whole; a writer stuck for longer loses lines rather than memory or time.
-pub const LINES_HELD: usize = 8192;
+/// Request lines that may wait for the writer thread (a few hundred bytes each, at most about 1.5 KB:
+/// path and model are cut): a burst the writer catches up with is kept whole — a default queue of
+/// 10,000 turned away at once among them; a writer stuck for longer loses lines, not memory or time.
+pub const LINES_HELD: usize = 16_384;
 
 /// How long a shutdown waits for the writer to write what it holds.
 const FLUSH_WAIT: Duration = Duration::from_secs(2);
@@ -37,22 +38,30 @@ thread_local! {
     static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
-/// Where formatted events go: the writer thread's batch, or stderr from any other thread.
+/// Where formatted events go: the writer thread's batch, or stderr from any other thread (whole
+/// events under stderr's lock, so a line is never split by another thread's).
 struct Output;
 
 impl Write for Output {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let batched = BATCH.with(|batch| match batch.borrow_mut().as_mut() {
-            Some(batch) => {
-                batch.extend_from_slice(bytes);
-                true
-            }
-            None => false,
-        });
+        self.write_all(bytes).map(|()| bytes.len())
+    }
+
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        // The batch exists on the writer thread only; should it be busy, the event goes straight out.
+        let batched = BATCH
+            .try_with(|batch| match batch.try_borrow_mut().as_deref_mut() {
+                Ok(Some(batch)) => {
+                    batch.extend_from_slice(bytes);
+                    true
+                }
+                _ => false,
+            })
+            .unwrap_or(false);
         if batched {
-            Ok(bytes.len())
+            Ok(())
         } else {
-            std::io::stderr().write(bytes)
+            std::io::stderr().lock().write_all(bytes)
         }
     }
 
@@ -61,19 +70,20 @@ impl Write for Output {
     }
 }
 
-/// Writes the batch gathered on this thread to stderr, and empties it.
-fn write_batch() {
-    BATCH.with(|batch| {
-        if let Some(batch) = batch.borrow_mut().as_mut() {
-            // Nowhere left to say it if stderr fails: the lines are gone either way.
-            let _ = std::io::stderr().write_all(batch);
+/// Writes the batch gathered on this thread to `sink`, and empties it (back to its usual size).
+fn write_batch(sink: &mut impl Write) {
+    let _ = BATCH.try_with(|batch| {
+        if let Ok(Some(batch)) = batch.try_borrow_mut().as_deref_mut() {
+            // Nowhere left to say it if the sink fails: the lines are gone either way.
+            let _ = sink.write_all(batch);
             batch.clear();
+            batch.shrink_to(BATCH_BYTES);
         }
     });
 }
 
 fn batch_len() -> usize {
-    BATCH.with(|batch| batch.borrow().as_ref().map_or(0, Vec::len))
+    BATCH.try_with(|batch| batch.try_borrow().map_or(0, |batch| batch.as_ref().map_or(0, Vec::len))).unwrap_or(0)
 }
 
 enum Message {
@@ -119,7 +129,9 @@ pub fn init_logging(config: &LogConfig) {
 impl LineWriter {
     fn start(held: usize) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::sync_channel(held);
-        std::thread::Builder::new().name("sluice-log".into()).spawn(move || write_lines(&receiver))?;
+        std::thread::Builder::new()
+            .name("sluice-log".into())
+            .spawn(move || write_lines(&receiver, &mut std::io::stderr()))?;
         Ok(Self { sender, dropped: AtomicU64::new(0) })
     }
 
@@ -155,28 +167,58 @@ impl LineWriter {
     }
 }
 
-fn write_lines(receiver: &Receiver<Message>) {
+fn write_lines(receiver: &Receiver<Message>, sink: &mut impl Write) {
     BATCH.with(|batch| *batch.borrow_mut() = Some(Vec::with_capacity(64 * 1024)));
+    let mut drops = DropReport::default();
     // Idle, the writer blocks; once woken it takes whatever is there, writes it, and gathers again.
     while let Ok(first) = receiver.recv() {
+        let mut taken = 0_usize;
         let mut next = Some(first);
         while let Some(message) = next {
+            taken += 1;
             match message {
                 Message::Line(line) => line.emit(),
                 Message::Flush(done) => {
-                    write_batch();
+                    write_batch(sink);
                     let _ = done.send(());
                 }
             }
             if batch_len() >= BATCH_BYTES {
-                write_batch();
+                write_batch(sink);
             }
             next = receiver.try_recv().ok();
         }
-        write_batch();
-        std::thread::sleep(GATHER);
+        drops.tell(lines_dropped());
+        write_batch(sink);
+        // A burst (many requests ending together, a whole queue turned away): straight back for more.
+        if taken < BURST {
+            std::thread::sleep(GATHER);
+        }
     }
-    write_batch();
+    write_batch(sink);
+}
+
+/// A drain this long is a burst: the writer does not pause after it.
+const BURST: usize = 512;
+
+/// Says when lines were dropped: at most once per `DROPS_TOLD_EVERY`, with the count since last told.
+#[derive(Default)]
+struct DropReport {
+    told: u64,
+    at: Option<std::time::Instant>,
+}
+
+const DROPS_TOLD_EVERY: Duration = Duration::from_secs(10);
+
+impl DropReport {
+    fn tell(&mut self, dropped: u64) {
+        let due = self.at.is_none_or(|at| at.elapsed() >= DROPS_TOLD_EVERY);
+        if dropped > self.told && due {
+            tracing::warn!(dropped = dropped - self.told, "request log lines dropped: the log's reader fell behind");
+            self.told = dropped;
+            self.at = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// Writes a request's line: on the writer thread when there is one, dropped and counted when its
@@ -197,12 +239,22 @@ pub fn lines_dropped() -> u64 {
 pub fn flush_request_lines() {
     if let Some(writer) = WRITER.get() {
         writer.flush(FLUSH_WAIT);
+        let dropped = lines_dropped();
+        if dropped > 0 {
+            tracing::warn!(dropped, "request log lines dropped since start: the log's reader fell behind");
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
+
+    fn line() -> Message {
+        Message::Line(Box::new(RequestLine::sample()))
+    }
 
     #[test]
     fn a_writer_that_falls_behind_drops_and_counts_and_a_flush_waits_for_what_it_holds() {
@@ -213,25 +265,57 @@ mod tests {
             writer.write(RequestLine::sample());
         }
         assert_eq!(writer.dropped.load(Ordering::Relaxed), 3, "two held, three dropped, none waited for");
-        // The thread catches up: a flush returns once both held lines are written.
-        let reader = std::thread::spawn(move || {
-            let mut lines = 0;
-            while let Ok(message) = receiver.recv() {
-                match message {
-                    Message::Line(_) => lines += 1,
-                    Message::Flush(done) => {
-                        let _ = done.send(());
-                        return lines;
-                    }
-                }
-            }
-            lines
-        });
-        writer.flush(Duration::from_secs(10));
-        assert_eq!(reader.join().ok(), Some(2));
-        // The thread gone: a line is written inline, not counted as dropped; a flush returns at once.
+        // A flush with nobody reading gives up after its wait instead of hanging.
+        let started = std::time::Instant::now();
+        writer.flush(Duration::from_millis(200));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop(receiver);
+        // The thread gone: the line is not counted as dropped (it is written inline).
         writer.write(RequestLine::sample());
-        writer.flush(Duration::from_secs(10));
         assert_eq!(writer.dropped.load(Ordering::Relaxed), 3);
+    }
+
+    /// What the writer thread wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    #[test]
+    fn the_writer_formats_lines_into_its_batch_and_a_flush_is_answered_after_they_are_written() {
+        let (sender, receiver) = mpsc::sync_channel(16);
+        let sink = Sink::default();
+        let mut out = sink.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(|| Output).with_ansi(false).finish();
+        let writer = std::thread::spawn(move || {
+            tracing::subscriber::with_default(subscriber, || write_lines(&receiver, &mut out));
+        });
+        for _ in 0..3 {
+            sender.send(line()).unwrap();
+        }
+        let (done, written) = mpsc::channel();
+        sender.send(Message::Flush(done)).unwrap();
+        written.recv_timeout(Duration::from_secs(10)).unwrap();
+        // Answered only once the three lines before it reached the sink.
+        let text = sink.text();
+        assert_eq!(text.matches(" request request_id=r ").count(), 3, "{text}");
+        assert_eq!(text.lines().count(), 3, "{text}");
+        drop(sender);
+        writer.join().unwrap();
     }
 }

@@ -217,14 +217,20 @@ impl Drop for RequestLog {
         let line = RequestLine {
             request_id: std::mem::take(&mut self.request_id),
             method: std::mem::replace(&mut self.method, Method::GET),
-            path: std::mem::take(&mut self.path),
+            path: cut(std::mem::take(&mut self.path), MAX_LOGGED_PATH),
             status: self.status,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
             bytes: self.bytes,
             end: self.end,
             outcome: self.outcome,
             cache: self.cache,
-            model: self.model.take(),
+            model: self.model.take().map(|model| {
+                if model.len() > MAX_LOGGED_MODEL {
+                    Arc::from(cut(model.to_string(), MAX_LOGGED_MODEL))
+                } else {
+                    model
+                }
+            }),
             account: self.account.take(),
             upstream: self.upstream.take(),
             stream: self.stream,
@@ -239,6 +245,21 @@ impl Drop for RequestLog {
         };
         super::log::write_request_line(line);
     }
+}
+
+/// The longest path and model name a log line carries (a client may send far longer ones); the rest is
+/// cut and marked with `…`.
+const MAX_LOGGED_PATH: usize = 1024;
+const MAX_LOGGED_MODEL: usize = 128;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let end = (0..=max).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// The finished record's fields, owned: formatted and written by the log writer thread (`log.rs`).
@@ -327,5 +348,19 @@ impl RequestLine {
             error = self.error.unwrap_or("-"),
             "request"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_paths_and_model_names_are_cut_at_a_character_boundary() {
+        assert_eq!(cut("abc".into(), 3), "abc");
+        assert_eq!(cut("abcd".into(), 3), "abc…");
+        // 'é' is two bytes: a cut inside it moves back to before it.
+        assert_eq!(cut("aé".into(), 2), "a…");
+        assert_eq!(cut("/x".repeat(5000), MAX_LOGGED_PATH).len(), MAX_LOGGED_PATH + '…'.len_utf8());
     }
 }
