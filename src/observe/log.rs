@@ -150,7 +150,7 @@ impl LineWriter {
     /// Waits, at most `wait`, until every line handed over so far is written.
     fn flush(&self, wait: Duration) {
         let (done, written) = mpsc::channel();
-        let deadline = std::time::Instant::now() + wait;
+        let deadline = std::time::Instant::now().checked_add(wait).unwrap_or_else(std::time::Instant::now);
         let mut message = Message::Flush(done);
         // A full channel: try again until the writer made room or the wait is over.
         loop {
