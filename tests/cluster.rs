@@ -44,8 +44,7 @@ async fn concurrent_claims_never_lease_more_than_the_limit() {
 async fn a_busy_instance_gives_up_its_share_to_another_that_wants_slots() {
     let redis = Redis::start().await;
     let script = redis::Script::new(sluice::cluster::CLAIM_SCRIPT);
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = redis.connection().await.unwrap();
     // instance, desired, floor (in flight) → (held, granted), for a lane whose limit is 10
     let mut claim = async |instance: &str, desired: u32, floor: u32| {
         let mut invocation = script.key("f:state");

@@ -59,8 +59,7 @@ async fn concurrent_rate_takers_never_take_more_than_the_burst() {
 async fn a_faster_rate_is_not_held_back_by_a_slower_ones_debt() {
     let redis = Redis::start().await;
     let script = redis::Script::new(sluice::cluster::RATE_SCRIPT);
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = redis.connection().await.unwrap();
     let mut take = async |interval_us: u64, burst: u32, wanted: u32, horizon_us: u64| {
         let mut invocation = script.key("d:rate");
         invocation.arg(interval_us).arg(burst).arg(wanted).arg(horizon_us);

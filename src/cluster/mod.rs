@@ -99,8 +99,8 @@ impl Cluster {
         self.view.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    fn update(&self, change: impl FnOnce(&mut View)) {
-        change(&mut self.view.lock().unwrap_or_else(PoisonError::into_inner));
+    fn update<R>(&self, change: impl FnOnce(&mut View) -> R) -> R {
+        change(&mut self.view.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -275,9 +275,7 @@ impl Session<'_> {
             if heartbeat <= Instant::now() {
                 match self.heartbeat().await {
                     Ok(members) => {
-                        let before = self.cluster.view().members;
-                        self.cluster.update(|v| v.members = members);
-                        if members != before {
+                        if self.cluster.update(|v| std::mem::replace(&mut v.members, members)) != members {
                             // The own GCRA, should the task fall silent, runs at this instance's share.
                             self.admission.set_token_source(true, u32::try_from(members).unwrap_or(u32::MAX));
                         }

@@ -96,7 +96,7 @@ const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(60);
 impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, BuildError> {
         let base: Uri = config.base_url.parse().map_err(|_| BuildError::BaseUrl(config.base_url.clone()))?;
-        let (Some(scheme), Some(authority)) = (base.scheme_str(), base.authority()) else {
+        let (Some(scheme), Some(authority)) = (base.scheme().cloned(), base.authority().cloned()) else {
             return Err(BuildError::BaseUrl(config.base_url.clone()));
         };
         let mut http = HttpConnector::new();
@@ -124,8 +124,8 @@ impl Upstream {
             client,
             origin: Arc::from(format!("{scheme}://{authority}")),
             base_path: Arc::from(base.path().trim_end_matches('/')),
-            scheme: base.scheme().cloned().unwrap_or(http::uri::Scheme::HTTPS),
-            authority: authority.clone(),
+            scheme,
+            authority,
             header_timeout: config.header_timeout,
             unreachable: Arc::default(),
         })
@@ -146,9 +146,8 @@ impl Upstream {
 
     /// A warning when the key would travel in clear text: `http://` to a host that is not loopback.
     pub fn cleartext_warning(&self, has_key: bool) -> Option<String> {
-        let (scheme, authority) = self.origin.split_once("://")?;
-        let host = authority.rsplit_once(':').map_or(authority, |(host, _)| host).trim_matches(['[', ']']);
-        (scheme == "http" && !egress::is_loopback(host) && has_key).then(|| {
+        let host = self.authority.host().trim_matches(['[', ']']);
+        (self.scheme.as_str() == "http" && !egress::is_loopback(host) && has_key).then(|| {
             format!("upstream.base_url is plain http:// to {host}: the API key travels unencrypted; use https://")
         })
     }
