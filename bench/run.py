@@ -179,6 +179,11 @@ def wrk(port, duration, connections=64):
     return json.loads(line[5:])
 
 
+def client_errors(*results):
+    """Answers other than 200 in loadgen (or sdk_load) results, all together."""
+    return sum(n for r in results for status, n in r["statuses"].items() if status != "200")
+
+
 def median_of(runs, key):
     return statistics.median(r[key] for r in runs)
 
@@ -273,7 +278,7 @@ def absorption(quick):
                                              capture_output=True, text=True, check=True)
                     result = json.loads(out_sdk.stdout)
                 counters = sim_counters(sim_port)
-            errors = sum(n for status, n in result["statuses"].items() if status != "200")
+            errors = client_errors(result)
             rows[name] = {
                 "errors": errors,
                 "goodput": result["throughput_rps"] / capacity,
@@ -334,7 +339,7 @@ def coldstart(quick):
         streams = requests // stream_every if stream_every else 0
         hold_ms = (requests - streams) * latency_ms + streams * (latency_ms + 100)
         ideal = hold_ms / 1000 / cap
-        errors = sum(n for status, n in result["statuses"].items() if status != "200")
+        errors = client_errors(result)
         row = {"case": name, "elapsed": result["elapsed_s"], "ideal": ideal, "ratio": result["elapsed_s"] / ideal,
                "share_429": counters["throttled"] / max(counters["arrivals"], 1), "errors": errors,
                "throttled": counters["throttled"], "arrivals": counters["arrivals"]}
@@ -364,7 +369,7 @@ def changing_capacity(quick):
         def share(indices):
             arrivals = sum(seconds[i]["arrivals"] for i in indices)
             return sum(seconds[i]["throttled"] for i in indices) / max(arrivals, 1)
-        errors = sum(n for status, n in result["statuses"].items() if status != "200")
+        errors = client_errors(result)
         rows[name] = {
             "errors": errors,
             "goodput": sum(accepted) / sum(capacity),
@@ -528,7 +533,7 @@ def cluster(quick):
             results, trips = instances_under_load(sim_port, count, shared, {}, seconds, workers // count)
             counters = sim_counters(sim_port)
         completed = sum(r["completed"] for r in results)
-        errors = sum(n for r in results for status, n in r["statuses"].items() if status != "200")
+        errors = client_errors(*results)
         rows[name] = {
             "errors": errors,
             "goodput": sum(r["throughput_rps"] for r in results) / capacity,
@@ -562,7 +567,7 @@ def cluster_rate(quick):
         completed = sum(r["completed"] for r in results)
         (t0, n0), (t1, n1) = steady
         rows[name] = {
-            "errors": sum(n for r in results for status, n in r["statuses"].items() if status != "200"),
+            "errors": client_errors(*results),
             "upstream_rps": (n1 - n0) / (t1 - t0),
             "p50": statistics.median(r["total_ms"]["p50"] for r in results),
             "p99": max(r["total_ms"]["p99"] for r in results),
@@ -636,6 +641,11 @@ def machine():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout.splitlines()[1].split()[1]
     return f"{os.cpu_count()} cores (`nproc`), {cpu}, {mem} memory (`free -h`), Linux {os.uname().release}"
+
+
+def trips_cell(name, row):
+    """Redis round trips per request, for a cluster's row of a report table."""
+    return f"{row['round_trips']:.2f}" if "cluster" in name else "–"
 
 
 def report(results, quick, command):
@@ -749,7 +759,7 @@ def report(results, quick, command):
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in cl["rows"].items():
-        trips = f"{r['round_trips']:.2f}" if "cluster" in name else "–"
+        trips = trips_cell(name, r)
         lines.append(f"| {name} | {r['errors']} | {100 * r['goodput']:.1f} % | {100 * r['share_429']:.1f} % "
                      f"| {r['p50']:.0f} ms | {r['p99']:.0f} ms | {trips} |")
     cr = cl["rate"]
@@ -761,7 +771,7 @@ def report(results, quick, command):
         "|---|---|---|---|---|---|",
     ]
     for name, r in cr["rows"].items():
-        trips = f"{r['round_trips']:.2f}" if "cluster" in name else "–"
+        trips = trips_cell(name, r)
         lines.append(f"| {name} | {r['errors']} | {r['upstream_rps']:.1f} | {r['p50']:.1f} ms | {r['p99']:.1f} ms | {trips} |")
     lines += ["",
         "## Faults: without and with a fallback", "",
