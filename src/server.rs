@@ -1,5 +1,6 @@
 //! The listener: accepts connections (one task each, at most `server.max_connections`) and serves
-//! HTTP/1.1 and h2c through hyper-util, with header size, read-time, idle and write-stall limits
+//! HTTP/1.1 (hyper's own connection when the first bytes can only be HTTP/1) and h2c (hyper-util's
+//! either-protocol connection), with header size, read-time, idle and write-stall limits
 //! (`connection.rs`); answers the reserved endpoints (`/healthz`, `/readyz`, `/favicon.ico` and the
 //! operator endpoints of `observe::endpoints`); hands every other request to the proxy, rescuing a panic
 //! into a 500; and on shutdown stops accepting, lets in-flight work finish within
@@ -11,24 +12,26 @@ mod relay;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::catch_unwind::{panic_message, CatchUnwind};
 use crate::error::ProxyError;
 use crate::observe::endpoints::{self, Endpoint};
-use crate::proxy::{Proxy, ResponseBody};
-use connection::{ConnIo, ConnLimits, ConnState};
+use crate::proxy::{BoxError, Proxy, ResponseBody};
+use connection::{ConnIo, ConnLimits, ConnState, Protocol};
 
 /// HTTP/2 keep-alive pings: how often, and how long an answer may take before the connection is closed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -37,8 +40,9 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// What the connection tasks share.
 struct Shared {
     proxy: Arc<Proxy>,
-    /// False once shutdown has begun: `/readyz` then answers 503.
-    ready: AtomicBool,
+    /// True once shutdown has begun: `/readyz` then answers 503, and connections that have not sent a
+    /// byte yet are closed.
+    draining: watch::Sender<bool>,
     /// Client connections open now.
     connections: AtomicUsize,
 }
@@ -47,6 +51,13 @@ struct Shared {
 /// and streams get up to `server.shutdown_grace` to finish.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let server_config = proxy.current().config.server.clone();
+    // Connections whose first bytes can only be HTTP/1 get hyper's HTTP/1 connection; the others the
+    // either-protocol one. Both read HTTP/1 with the same limits.
+    let mut http1 = http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(server_config.header_read_timeout)
+        .max_buf_size(server_config.max_header_bytes);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -59,7 +70,9 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT)
         .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
-    let shared = Arc::new(Shared { proxy, ready: AtomicBool::new(true), connections: AtomicUsize::new(0) });
+    let (draining, _) = watch::channel(false);
+    let shared = Arc::new(Shared { proxy, draining, connections: AtomicUsize::new(0) });
+    let builders = Arc::new((http1, builder));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -89,26 +102,47 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
             idle: config.config.server.idle_timeout,
             write_stall: config.config.upstream.idle_timeout,
         };
-        let io = TokioIo::new(ConnIo::new(stream, state.clone(), limits));
+        let io = ConnIo::new(stream, state.clone(), limits);
         let service = {
             let shared = shared.clone();
             service_fn(move |request| {
                 let shared = shared.clone();
                 let state = state.clone();
+                // Boxed before the future is made: hyper holds this future for the request's whole life,
+                // and an unboxed request would be stored in it twice (here and in `serve`'s frame).
+                let request = Box::new(request);
                 async move { Ok::<_, Infallible>(serve(&shared, request, peer, state).await) }
             })
         };
-        let connection = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let (builders, watcher, mut draining) = (builders.clone(), graceful.watcher(), shared.draining.subscribe());
         tokio::spawn(async move {
             let _counted = counted; // the connection counts until this task ends, however it ends
-            if let Err(err) = connection.await {
+            let protocol = tokio::select! {
+                protocol = io.sniff() => protocol,
+                _ = draining.wait_for(|draining| *draining) => return,
+            };
+            let (http1, builder) = &*builders;
+            // Each connection boxed: awaited in place, it would be stored twice in this task's future (the
+            // value and the awaited one), and the HTTP/2 one's room taken by every HTTP/1 connection.
+            let ended: Result<(), BoxError> = match protocol {
+                Ok(Protocol::Http1) => {
+                    let connection = http1.serve_connection(TokioIo::new(io), service);
+                    Box::pin(watcher.watch(connection)).await.map_err(BoxError::from)
+                }
+                Ok(Protocol::Undecided) => {
+                    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                    Box::pin(watcher.watch(connection)).await
+                }
+                Err(err) => Err(err.into()),
+            };
+            if let Err(err) = ended {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
         });
     }
     // Drain: /readyz says 503 from now on, no new connections; queued requests keep their place and
     // are dispatched, streams finish — for up to `shutdown_grace` (as in force now, after reloads).
-    shared.ready.store(false, Ordering::SeqCst);
+    shared.draining.send_replace(true);
     drop(listener);
     let grace = shared.proxy.current().config.server.shutdown_grace;
     tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining connections");
@@ -130,14 +164,13 @@ const FAREWELL: Duration = Duration::from_secs(2);
 /// HTTP/2 stream's body goes through a relay that notices a client granting no window.
 async fn serve(
     shared: &Shared,
-    request: Request<Incoming>,
+    request: Box<Request<Incoming>>,
     peer: SocketAddr,
     state: Arc<ConnState>,
 ) -> Response<ResponseBody> {
     let in_progress = state.request_started();
     let http2 = request.version() == http::Version::HTTP_2;
-    // Boxed: the request is then a pointer in every frame it passes through, not a copy in each of them.
-    let mut response = match CatchUnwind::new(route(shared, Box::new(request), peer)).await {
+    let mut response = match CatchUnwind::new(route(shared, request, peer)).await {
         Ok(response) => response,
         Err(panic) => {
             shared.proxy.metrics().panicked();
@@ -178,7 +211,7 @@ async fn route(shared: &Shared, request: Box<Request<Incoming>>, peer: SocketAdd
     }
     match path {
         "/healthz" => status_json(StatusCode::OK, "ok"),
-        "/readyz" if shared.ready.load(Ordering::SeqCst) => status_json(StatusCode::OK, "ready"),
+        "/readyz" if !*shared.draining.borrow() => status_json(StatusCode::OK, "ready"),
         "/readyz" => status_json(StatusCode::SERVICE_UNAVAILABLE, "shutting down"),
         // Browsers ask for it next to /dashboard: answered here, never forwarded with the key.
         "/favicon.ico" => ResponseBody::response(StatusCode::NO_CONTENT, "image/x-icon", Bytes::new()),

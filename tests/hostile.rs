@@ -63,6 +63,23 @@ async fn a_connection_that_sends_nothing_is_closed_and_one_that_sends_too_slowly
 }
 
 #[tokio::test]
+async fn a_request_whose_first_bytes_could_start_http2_is_still_served_as_http1() {
+    let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    let request = chat_request(r#"{"model":"m"}"#);
+    // "P" alone could begin HTTP/2's preface (hyper-util's sniff then waits for more); "PO" cannot.
+    for split in [1, 2, request.len()] {
+        let mut stream = TcpStream::connect(sluice.addr).await.unwrap();
+        stream.write_all(&request.as_bytes()[..split]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.write_all(&request.as_bytes()[split..]).await.unwrap();
+        let mut head = [0u8; 12];
+        tokio::time::timeout(LIMIT, stream.read_exact(&mut head)).await.unwrap().unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "split after {split} bytes: {}", String::from_utf8_lossy(&head));
+    }
+}
+
+#[tokio::test]
 async fn connections_beyond_the_cap_are_closed_at_once() {
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     let mut config = config_for(&mock);

@@ -148,6 +148,22 @@ async fn sigterm_drains_the_stream_and_the_queue_then_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_has_sent_nothing_is_closed_at_once_on_sigterm() {
+    let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
+    // Neither limit would close the silent connection before the test's own limit runs out.
+    let config = "[server]\nshutdown_grace = \"10m\"\nheader_read_timeout = \"10m\"\n";
+    let mut daemon = Daemon::start(config, &mock.url()).await;
+    let mut silent = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    assert!(daemon.wait_log("listening", 1).await, "{}", daemon.stderr());
+    daemon.signal("TERM");
+    let mut buf = [0u8; 16];
+    let read =
+        tokio::time::timeout(Duration::from_secs(20), tokio::io::AsyncReadExt::read(&mut silent, &mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the silent connection was kept open: {read:?}");
+    assert_eq!(daemon.wait_exit().await.code(), Some(0), "the drain waited for a connection with no request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_grace_period_ends_the_queue_gets_a_clear_503_and_sluice_exits_0() {
     let gate = Arc::new(Notify::new());
     let mock = Mock::start(held_stream(gate)).await;

@@ -3,7 +3,6 @@
 //! back to the queue, back off, or give up. Every wait is bounded by the request's deadline and by the
 //! end of a shutdown drain.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,7 +93,7 @@ pub struct Sent {
 /// Where a request stands on its current target (the primary, or a fallback).
 struct Leg<'a> {
     index: usize,
-    outgoing: Cow<'a, Outgoing>,
+    outgoing: LegRequest<'a>,
     /// The model asked for there.
     model: Option<String>,
     since: Instant,
@@ -102,6 +101,24 @@ struct Leg<'a> {
     failures: u32,
     /// Keeps waiting past `fallback.after`: its lane was busy, not throttled.
     patient: bool,
+}
+
+/// The request as a leg's target gets it: the client's own on the primary, a retargeted copy on a
+/// fallback — boxed, so that a request waiting for admission carries no room for a copy it rarely needs.
+enum LegRequest<'a> {
+    Primary(&'a Outgoing),
+    Fallback(Box<Outgoing>),
+}
+
+impl std::ops::Deref for LegRequest<'_> {
+    type Target = Outgoing;
+
+    fn deref(&self) -> &Outgoing {
+        match self {
+            Self::Primary(outgoing) => outgoing,
+            Self::Fallback(outgoing) => outgoing,
+        }
+    }
 }
 
 impl Proxy {
@@ -218,166 +235,175 @@ impl Proxy {
             }
             let (key_index, key) = key.unzip();
 
-            // 2. One attempt, bounded by the header timeout and the end of a drain.
-            progress.attempts += 1;
-            let sent = Instant::now();
-            let result = tokio::select! {
-                // Boxed: a queued request then carries no room for the (larger) send state.
-                result = Box::pin(target.upstream.send(leg.outgoing.attempt(key.as_ref()))) => result,
-                () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
-            };
-            let rtt = sent.elapsed();
-
-            // 3. Its outcome, told to the lane, the circuit and the metrics.
-            let outcome = match &result {
-                Ok(response) => {
-                    let status = response.status();
-                    progress.last_status = Some(status.as_u16());
-                    progress.throttled += u32::from(status == http::StatusCode::TOO_MANY_REQUESTS);
-                    progress.unreachable_since = None;
-                    target.upstream.reached();
-                    self.metrics.attempt(status.as_str(), permit.account(), Some(rtt));
-                    if let Some(window) = Window::from_headers(response.headers()) {
-                        permit.paced(window);
-                    }
-                    Outcome::of_response(status, response.headers(), rtt)
-                }
-                Err(err) => {
-                    self.metrics.attempt(err.label(), permit.account(), None);
-                    if matches!(err, SendError::Connect(_)) {
-                        progress.unreachable_since.get_or_insert(sent);
-                        target.upstream.unreachable(err);
-                    }
-                    Outcome::of_error(err)
-                }
-            };
-            let on_status = &config.retry.on_status;
-            if let Some(signal) = policy::signal(outcome, on_status) {
-                permit.report(signal);
-            }
-            // The circuit hears of the primary's answer — a deliverable one once its start was read.
-            let circuit = policy::circuit_failure(outcome, on_status).filter(|_| on_primary);
-
-            // 4. The verdict; a deliverable response's start is read first (`deliver.rs`).
-            let situation = Situation {
-                on_status,
-                keyed,
-                attempts: progress.attempts,
-                now: Instant::now(),
-                deadline,
-                unreachable_since: progress.unreachable_since,
-                unreachable_wait: config.upstream.unreachable_wait,
-                base_delay: config.retry.base_delay,
-                max_delay: config.retry.max_delay,
-            };
-            let verdict = policy::decide(outcome, &situation);
-            if verdict != Verdict::Deliver {
-                self.tell_circuit(circuit, &mut probe);
-            }
-            let (verdict, result) = match (verdict, result) {
-                (Verdict::Deliver, Ok(response)) => {
-                    let first_token = (has_next && seen.stream).then_some(config.fallback.first_token_timeout);
-                    let start = tokio::select! {
-                        // Boxed too: its state is the largest of this loop's, and a queued request needs none.
-                        start = Box::pin(deliver::start(response, first_token, config.upstream.idle_timeout)) => start,
-                        () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
-                    };
-                    match start {
-                        deliver::Start::Deliver { response, prefix, complete } => {
-                            self.tell_circuit(circuit, &mut probe);
-                            progress.ttfb = Some(rtt);
-                            progress.account = Some(Arc::from(permit.account()));
-                            progress.model = Some(Arc::from(permit.model()));
-                            return Ok(Sent { response, permit, prefix, complete, target: leg.index });
-                        }
-                        deliver::Start::Redo(why) => {
-                            self.tell_circuit(circuit.map(|_| true), &mut probe);
-                            if why == deliver::Redo::FirstToken && has_next {
-                                drop(permit);
-                                leg = self.next_leg(generation, outgoing, seen, &leg, "first_token", progress)?;
-                                continue;
-                            }
-                            (policy::decide(Outcome::Reset, &situation), Err(SendError::BodyCut))
-                        }
-                    }
-                }
-                (verdict, result) => (verdict, result),
-            };
-            let response = match (verdict, result) {
-                (Verdict::GiveUp(GiveUp::HeaderTimeout), _) if has_next && config.fallback.on_header_timeout => {
-                    drop(permit);
-                    leg = self.next_leg(generation, outgoing, seen, &leg, "header_timeout", progress)?;
-                    continue;
-                }
-                (Verdict::GiveUp(GiveUp::Unreachable), _) if has_next => {
-                    drop(permit);
-                    leg = self.next_leg(generation, outgoing, seen, &leg, "unreachable", progress)?;
-                    continue;
-                }
-                (Verdict::GiveUp(why), result) => {
-                    drop(permit);
-                    if why == GiveUp::Unreachable {
-                        // Everyone else waiting for this upstream has waited long enough too.
-                        self.admission.fail_waiting(target.pool.as_deref());
-                    }
-                    return Err(given_up(why, progress, result.err()));
-                }
-                (_, Ok(response)) => Some(response),
-                (_, Err(err)) => {
-                    last_error = Some(err);
-                    None
-                }
-            };
-            let account: Arc<str> = Arc::from(permit.account());
-            drop(permit); // the failed attempt's slot goes back before anyone waits
-            if let Some(response) = response {
-                last_error = None;
-                let refusal = Box::pin(drain(response)).await;
-                if let Verdict::Requeue(reason @ (RetryReason::KeyRefused | RetryReason::OutOfBalance)) = verdict {
-                    let out = match reason {
-                        RetryReason::KeyRefused => accounts.key_refused(&account, key_index.unwrap_or(0), refusal),
-                        _ => {
-                            accounts.out_of_balance(&account, refusal);
-                            Setback::AccountOut
-                        }
-                    };
-                    if out == Setback::AccountOut {
-                        self.admission.set_account_enabled(&account, false);
-                    }
-                }
-            }
-            let delay = match verdict {
-                Verdict::Requeue(reason) => {
-                    self.metrics.retry(reason.as_str());
-                    if matches!(reason, RetryReason::Throttled | RetryReason::Overloaded) {
-                        leg.patient = false; // throttled now: `fallback.after` counts again
-                    }
-                    None
-                }
-                Verdict::Backoff(reason, delay) => {
-                    self.metrics.retry(reason.as_str());
-                    leg.failures += 1;
-                    if leg.failures >= fallback::PERSISTENT && has_next {
-                        leg = self.next_leg(generation, outgoing, seen, &leg, "failing", progress)?;
-                        continue;
-                    }
-                    Some(delay)
-                }
-                Verdict::Deliver | Verdict::GiveUp(_) => None,
-            };
-            tracing::debug!(
-                attempt = progress.attempts,
-                status = progress.last_status,
-                delay_ms = delay.map(|d| d.as_millis() as u64),
-                "retrying upstream request"
-            );
-            if let Some(delay) = delay {
-                progress.wait();
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
+            // 2–4, an attempt and its outcome, in a future of their own, boxed: a request waiting for
+            // admission above carries no room for them. `None`: round again (a retry, or the next leg).
+            let turn: Result<Option<Sent>, ProxyError> = Box::pin(async {
+                // 2. One attempt, bounded by the header timeout and the end of a drain.
+                progress.attempts += 1;
+                let sent = Instant::now();
+                let result = tokio::select! {
+                    // Boxed: a queued request then carries no room for the (larger) send state.
+                    result = Box::pin(target.upstream.send(leg.outgoing.attempt(key.as_ref()))) => result,
                     () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
+                };
+                let rtt = sent.elapsed();
+
+                // 3. Its outcome, told to the lane, the circuit and the metrics.
+                let outcome = match &result {
+                    Ok(response) => {
+                        let status = response.status();
+                        progress.last_status = Some(status.as_u16());
+                        progress.throttled += u32::from(status == http::StatusCode::TOO_MANY_REQUESTS);
+                        progress.unreachable_since = None;
+                        target.upstream.reached();
+                        self.metrics.attempt(status.as_str(), permit.account(), Some(rtt));
+                        if let Some(window) = Window::from_headers(response.headers()) {
+                            permit.paced(window);
+                        }
+                        Outcome::of_response(status, response.headers(), rtt)
+                    }
+                    Err(err) => {
+                        self.metrics.attempt(err.label(), permit.account(), None);
+                        if matches!(err, SendError::Connect(_)) {
+                            progress.unreachable_since.get_or_insert(sent);
+                            target.upstream.unreachable(err);
+                        }
+                        Outcome::of_error(err)
+                    }
+                };
+                let on_status = &config.retry.on_status;
+                if let Some(signal) = policy::signal(outcome, on_status) {
+                    permit.report(signal);
                 }
-                progress.waited();
+                // The circuit hears of the primary's answer — a deliverable one once its start was read.
+                let circuit = policy::circuit_failure(outcome, on_status).filter(|_| on_primary);
+
+                // 4. The verdict; a deliverable response's start is read first (`deliver.rs`).
+                let situation = Situation {
+                    on_status,
+                    keyed,
+                    attempts: progress.attempts,
+                    now: Instant::now(),
+                    deadline,
+                    unreachable_since: progress.unreachable_since,
+                    unreachable_wait: config.upstream.unreachable_wait,
+                    base_delay: config.retry.base_delay,
+                    max_delay: config.retry.max_delay,
+                };
+                let verdict = policy::decide(outcome, &situation);
+                if verdict != Verdict::Deliver {
+                    self.tell_circuit(circuit, &mut probe);
+                }
+                let (verdict, result) = match (verdict, result) {
+                    (Verdict::Deliver, Ok(response)) => {
+                        let first_token = (has_next && seen.stream).then_some(config.fallback.first_token_timeout);
+                        let start = tokio::select! {
+                            // Boxed too: its state is the largest of this loop's, and a queued request needs none.
+                            start = Box::pin(deliver::start(response, first_token, config.upstream.idle_timeout)) => start,
+                            () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
+                        };
+                        match start {
+                            deliver::Start::Deliver { response, prefix, complete } => {
+                                self.tell_circuit(circuit, &mut probe);
+                                progress.ttfb = Some(rtt);
+                                progress.account = Some(Arc::from(permit.account()));
+                                progress.model = Some(Arc::from(permit.model()));
+                                return Ok(Some(Sent { response, permit, prefix, complete, target: leg.index }));
+                            }
+                            deliver::Start::Redo(why) => {
+                                self.tell_circuit(circuit.map(|_| true), &mut probe);
+                                if why == deliver::Redo::FirstToken && has_next {
+                                    drop(permit);
+                                    leg = self.next_leg(generation, outgoing, seen, &leg, "first_token", progress)?;
+                                    return Ok(None);
+                                }
+                                (policy::decide(Outcome::Reset, &situation), Err(SendError::BodyCut))
+                            }
+                        }
+                    }
+                    (verdict, result) => (verdict, result),
+                };
+                let response = match (verdict, result) {
+                    (Verdict::GiveUp(GiveUp::HeaderTimeout), _) if has_next && config.fallback.on_header_timeout => {
+                        drop(permit);
+                        leg = self.next_leg(generation, outgoing, seen, &leg, "header_timeout", progress)?;
+                        return Ok(None);
+                    }
+                    (Verdict::GiveUp(GiveUp::Unreachable), _) if has_next => {
+                        drop(permit);
+                        leg = self.next_leg(generation, outgoing, seen, &leg, "unreachable", progress)?;
+                        return Ok(None);
+                    }
+                    (Verdict::GiveUp(why), result) => {
+                        drop(permit);
+                        if why == GiveUp::Unreachable {
+                            // Everyone else waiting for this upstream has waited long enough too.
+                            self.admission.fail_waiting(target.pool.as_deref());
+                        }
+                        return Err(given_up(why, progress, result.err()));
+                    }
+                    (_, Ok(response)) => Some(response),
+                    (_, Err(err)) => {
+                        last_error = Some(err);
+                        None
+                    }
+                };
+                let account: Arc<str> = Arc::from(permit.account());
+                drop(permit); // the failed attempt's slot goes back before anyone waits
+                if let Some(response) = response {
+                    last_error = None;
+                    let refusal = Box::pin(drain(response)).await;
+                    if let Verdict::Requeue(reason @ (RetryReason::KeyRefused | RetryReason::OutOfBalance)) = verdict {
+                        let out = match reason {
+                            RetryReason::KeyRefused => accounts.key_refused(&account, key_index.unwrap_or(0), refusal),
+                            _ => {
+                                accounts.out_of_balance(&account, refusal);
+                                Setback::AccountOut
+                            }
+                        };
+                        if out == Setback::AccountOut {
+                            self.admission.set_account_enabled(&account, false);
+                        }
+                    }
+                }
+                let delay = match verdict {
+                    Verdict::Requeue(reason) => {
+                        self.metrics.retry(reason.as_str());
+                        if matches!(reason, RetryReason::Throttled | RetryReason::Overloaded) {
+                            leg.patient = false; // throttled now: `fallback.after` counts again
+                        }
+                        None
+                    }
+                    Verdict::Backoff(reason, delay) => {
+                        self.metrics.retry(reason.as_str());
+                        leg.failures += 1;
+                        if leg.failures >= fallback::PERSISTENT && has_next {
+                            leg = self.next_leg(generation, outgoing, seen, &leg, "failing", progress)?;
+                            return Ok(None);
+                        }
+                        Some(delay)
+                    }
+                    Verdict::Deliver | Verdict::GiveUp(_) => None,
+                };
+                tracing::debug!(
+                    attempt = progress.attempts,
+                    status = progress.last_status,
+                    delay_ms = delay.map(|d| d.as_millis() as u64),
+                    "retrying upstream request"
+                );
+                if let Some(delay) = delay {
+                    progress.wait();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
+                    }
+                    progress.waited();
+                }
+                Ok(None)
+            })
+            .await;
+            if let Some(sent) = turn? {
+                return Ok(sent);
             }
         }
     }
@@ -437,7 +463,10 @@ pub(super) fn retargeted(
     seen: &Inspection,
     index: usize,
 ) -> Result<Outgoing, ProxyError> {
-    Ok(leg(generation, outgoing, seen, index)?.outgoing.into_owned())
+    Ok(match leg(generation, outgoing, seen, index)?.outgoing {
+        LegRequest::Primary(outgoing) => outgoing.clone(),
+        LegRequest::Fallback(outgoing) => *outgoing,
+    })
 }
 
 /// A request's leg on target `index`: the request retargeted there (the primary's is the original).
@@ -450,9 +479,9 @@ fn leg<'a>(
     let target = &generation.targets[index];
     let model = seen.model.as_deref().and_then(|m| target.model_for(m)).map(str::to_string);
     let outgoing = if index == 0 {
-        Cow::Borrowed(outgoing)
+        LegRequest::Primary(outgoing)
     } else {
-        Cow::Owned(outgoing.retarget(&target.upstream, model.as_deref())?)
+        LegRequest::Fallback(Box::new(outgoing.retarget(&target.upstream, model.as_deref())?))
     };
     Ok(Leg { index, outgoing, model, since: Instant::now(), failures: 0, patient: false })
 }
