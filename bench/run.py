@@ -224,9 +224,15 @@ def overhead(quick):
 
 
 def memory(quick):
-    requests = "1000" if quick else "10000"
-    out = subprocess.run([QUEUE_HOLD, requests], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
+    """queue_hold's row for N waiting requests, then for N connections that send nothing."""
+    held = "1000" if quick else "10000"
+    rows = []
+    for what, env in [("requests queued", {}), ("idle connections (no request)", {"CONNECT_ONLY": "1"})]:
+        out = subprocess.run([QUEUE_HOLD, held], capture_output=True, text=True, check=True, env={**os.environ, **env})
+        cells = out.stdout.strip().splitlines()[-1].split("|")
+        cells[1] = f" {cells[1].strip()} {what} "
+        rows.append("|".join(cells))
+    return rows
 
 
 def limiter(quick):
@@ -676,8 +682,8 @@ def report(results, quick, command):
         f"saturation throughput {sl['sat_rps'] / ng['sat_rps']:.2f}× nginx, {sl['sat_rps'] / d['sat_rps']:.2f}× direct.", "",
         "## Memory and CPU of waiting requests", "",
         "`examples/queue_hold.rs` (see below for the breakdown):", "",
-        "| requests queued | answered early | RSS idle | RSS queued | RSS added | per request | CPU idle | CPU queued |",
-        "|---|---|---|---|---|---|---|---|", results["memory"], "",
+        "| held | answered early | RSS idle | RSS held | RSS added | per request or connection | CPU idle | CPU held |",
+        "|---|---|---|---|---|---|---|---|", *results["memory"], "",
         "## Limiter precision", "",
         f"`limits.rate = \"{l['rate']}/s\"`, burst 5, offered {l['offered']} req/s at a fixed rate: the simulator saw "
         f"{l['observed']:.2f} req/s over {l['seconds']} whole seconds, **{l['ratio']:.3f} × R**.", "",
