@@ -228,8 +228,7 @@ impl Admission {
     /// ends by the ticket's deadline even if the dispatcher never answers.
     pub async fn acquire(&self, ticket: Ticket<'_>) -> Result<Permit, Rejected> {
         let now = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        let id = {
+        let (id, rx) = {
             let mut state = self.shared.lock();
             if state.closed {
                 return Err(Rejected::ShuttingDown);
@@ -244,12 +243,14 @@ impl Admission {
             if ticket.deadline <= now {
                 return Err(Rejected::DeadlineExceeded { retry_after: state.retry_after_secs(&route, now) });
             }
+            // Made only for a request that waits: the fast path above needs no channel.
+            let (tx, rx) = oneshot::channel();
             match state.enqueue(route.clone(), ticket.client, ticket.priority, ticket.deadline, ticket.retry, tx) {
                 Ok(id) => {
                     if let Some(entry) = ticket.entry {
                         entry.set(id);
                     }
-                    id
+                    (id, rx)
                 }
                 Err(Full::Queue) => {
                     return Err(Rejected::QueueFull {

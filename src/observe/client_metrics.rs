@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use super::counters::Counters;
 use super::metrics::OUTCOMES;
 use super::usage::Usage;
 
@@ -36,19 +35,19 @@ pub struct ClientTotals {
 
 #[derive(Debug, Default)]
 pub struct ClientMetrics {
-    requests: Family<OutcomeLabels, Counter>,
-    tokens: Family<KindLabels, Counter>,
+    requests: Counters<OutcomeLabels>,
+    tokens: Counters<KindLabels>,
     totals: Mutex<BTreeMap<String, ClientTotals>>,
 }
 
 impl ClientMetrics {
     pub(super) fn register(&self, registry: &mut Registry) {
-        registry.register("client_requests", "Requests by client and final outcome", self.requests.clone());
-        registry.register("client_tokens", "Tokens by client and kind, from responses' usage", self.tokens.clone());
+        registry.register("client_requests", "Requests by client and final outcome", self.requests.family());
+        registry.register("client_tokens", "Tokens by client and kind, from responses' usage", self.tokens.family());
     }
 
     pub fn request(&self, client: &str, outcome: &'static str) {
-        self.requests.get_or_create(&OutcomeLabels { client: client.to_string(), outcome }).inc();
+        self.requests.inc_by([client, outcome, ""], 1, || OutcomeLabels { client: client.to_string(), outcome });
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
             self.with_totals(client, |t| t.requests[i] += 1);
         }
@@ -57,7 +56,7 @@ impl ClientMetrics {
     pub fn tokens(&self, client: &str, usage: &Usage) {
         for (kind, count) in usage.kinds() {
             if count > 0 {
-                self.tokens.get_or_create(&KindLabels { client: client.to_string(), kind }).inc_by(count);
+                self.tokens.inc_by([client, kind, ""], count, || KindLabels { client: client.to_string(), kind });
             }
         }
         self.with_totals(client, |t| t.tokens += usage.prompt_tokens + usage.completion_tokens);
@@ -65,7 +64,10 @@ impl ClientMetrics {
 
     fn with_totals(&self, client: &str, change: impl FnOnce(&mut ClientTotals)) {
         let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
-        change(totals.entry(client.to_string()).or_default());
+        match totals.get_mut(client) {
+            Some(client) => change(client),
+            None => change(totals.entry(client.to_string()).or_default()),
+        }
     }
 
     /// Every client's totals since start.

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::cache_metrics::CacheMetrics;
 use super::client_metrics::ClientMetrics;
 use super::collector::{Sources, StateCollector};
+use super::counters::Counters;
 use super::recent::{Recent, RecentSummary};
 use super::usage::Usage;
 use crate::admission::{Admission, UNKNOWN_MODEL};
@@ -97,8 +98,8 @@ pub struct Totals {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    attempts: Family<StatusLabels, Counter>,
+    requests: Counters<RequestLabels>,
+    attempts: Counters<StatusLabels>,
     absorbed_429: Counter,
     retries: Family<ReasonLabels, Counter>,
     stream_errors: Counter,
@@ -108,7 +109,7 @@ pub struct Metrics {
     queue_wait: Histogram,
     ttfb: Histogram,
     duration: Histogram,
-    tokens: Family<TokenLabels, Counter>,
+    tokens: Counters<TokenLabels>,
     /// The response cache's own metrics (in the same registry).
     pub cache: Arc<CacheMetrics>,
     /// Per configured client (and `anonymous`).
@@ -127,8 +128,8 @@ impl Metrics {
     pub fn new(admission: Admission, sources: Sources, cache: Arc<CacheMetrics>) -> Self {
         let mut registry = Registry::with_prefix("sluice");
         let metrics = Self {
-            requests: Family::default(),
-            attempts: Family::default(),
+            requests: Counters::default(),
+            attempts: Counters::default(),
             absorbed_429: Counter::default(),
             retries: Family::default(),
             stream_errors: Counter::default(),
@@ -138,7 +139,7 @@ impl Metrics {
             queue_wait: Histogram::new(WAIT_BUCKETS),
             ttfb: Histogram::new(LATENCY_BUCKETS),
             duration: Histogram::new(LATENCY_BUCKETS),
-            tokens: Family::default(),
+            tokens: Counters::default(),
             cache,
             clients: ClientMetrics::default(),
             totals: Totals::default(),
@@ -146,8 +147,8 @@ impl Metrics {
             started: Instant::now(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests by final outcome and model", metrics.requests.clone());
-        registry.register("upstream_attempts", "Upstream attempts by response status", metrics.attempts.clone());
+        registry.register("requests", "Requests by final outcome and model", metrics.requests.family());
+        registry.register("upstream_attempts", "Upstream attempts by response status", metrics.attempts.family());
         registry.register(
             "upstream_429_absorbed",
             "Upstream 429s that were retried and whose request then succeeded",
@@ -189,7 +190,7 @@ impl Metrics {
             "Time from a request's arrival to the end of its response body",
             metrics.duration.clone(),
         );
-        registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.clone());
+        registry.register("tokens", "Tokens by model and kind, from responses' usage", metrics.tokens.family());
         metrics.cache.register(&mut registry);
         metrics.clients.register(&mut registry);
         registry.register_collector(Box::new(StateCollector::new(admission, sources)));
@@ -217,12 +218,12 @@ impl Metrics {
     pub fn request_answered(
         &self,
         outcome: &'static str,
-        model: String,
+        model: &str,
         client: &str,
         waited: Duration,
         absorbed_429: u32,
     ) {
-        self.requests.get_or_create(&RequestLabels { outcome, model }).inc();
+        self.requests.inc_by([outcome, model, ""], 1, || RequestLabels { outcome, model: model.to_string() });
         self.clients.request(client, outcome);
         if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
             self.totals.requests[i].fetch_add(1, Ordering::Relaxed);
@@ -238,7 +239,10 @@ impl Metrics {
     /// An upstream attempt on `account` ended: `status` is the response status, or "connect_error",
     /// "reset", "timeout".
     pub fn attempt(&self, status: &str, account: &str, ttfb: Option<Duration>) {
-        self.attempts.get_or_create(&StatusLabels { status: status.to_string(), account: account.to_string() }).inc();
+        self.attempts.inc_by([status, account, ""], 1, || StatusLabels {
+            status: status.to_string(),
+            account: account.to_string(),
+        });
         self.totals.attempts.fetch_add(1, Ordering::Relaxed);
         let throttled = status == "429";
         if throttled {
@@ -282,7 +286,7 @@ impl Metrics {
     pub fn response_finished(
         &self,
         duration: Duration,
-        model: String,
+        model: &str,
         (account, client): (&str, &str),
         usage: Option<Usage>,
         broken: bool,
@@ -297,15 +301,18 @@ impl Metrics {
     }
 
     /// Tokens a response used (of `model` on `account`, for `client`).
-    pub fn tokens_used(&self, model: String, account: &str, client: &str, usage: &Usage) {
+    pub fn tokens_used(&self, model: &str, account: &str, client: &str, usage: &Usage) {
         self.clients.tokens(client, usage);
         self.totals.prompt_tokens.fetch_add(usage.prompt_tokens, Ordering::Relaxed);
         self.totals.completion_tokens.fetch_add(usage.completion_tokens, Ordering::Relaxed);
         self.recent().tokens(usage.prompt_tokens + usage.completion_tokens);
         for (kind, count) in usage.kinds() {
             if count > 0 {
-                let labels = TokenLabels { model: model.clone(), kind, account: account.to_string() };
-                self.tokens.get_or_create(&labels).inc_by(count);
+                self.tokens.inc_by([model, kind, account], count, || TokenLabels {
+                    model: model.to_string(),
+                    kind,
+                    account: account.to_string(),
+                });
             }
         }
     }

@@ -4,6 +4,7 @@
 mod cache_metrics;
 mod client_metrics;
 mod collector;
+mod counters;
 pub mod endpoints;
 mod log;
 mod metrics;

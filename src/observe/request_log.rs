@@ -197,7 +197,7 @@ impl Drop for RequestLog {
         let usage = self.usage.as_ref().and_then(UsageTail::usage);
         let duration = self.started.elapsed();
         if let Some(metrics) = &self.metrics {
-            let model = std::mem::take(&mut self.model_label);
+            let model = &self.model_label;
             let account = self.account.as_deref().unwrap_or("none");
             let client = &*self.client_name;
             let counted = usage.filter(|_| self.count_tokens);

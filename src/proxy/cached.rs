@@ -181,7 +181,7 @@ impl Proxy {
             (charge.0)(usage.map_or_else(estimate, |u| u.prompt_tokens.saturating_add(u.completion_tokens)));
         }
         if let Some(usage) = usage {
-            self.metrics.tokens_used(model, &account, &client, &usage);
+            self.metrics.tokens_used(&model, &account, &client, &usage);
             self.metrics.cache.saved(usage, call.followers() as u64);
         }
         if ending == Ending::Complete && status == StatusCode::OK {

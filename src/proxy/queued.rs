@@ -215,7 +215,7 @@ impl Settled {
 /// Counts the outcome and tells the body, for its log line.
 async fn settle(tx: &mpsc::Sender<Relay>, payer: Option<&Payer>, settled: Settled) {
     if let Some(payer) = payer {
-        let label = settled.model_label.clone().unwrap_or_else(|| payer.model_label.clone());
+        let label = settled.model_label.as_deref().unwrap_or(&payer.model_label);
         let progress = &settled.progress;
         payer.metrics.request_answered(settled.outcome, label, &payer.client, progress.waited, progress.throttled);
     }

@@ -27,7 +27,7 @@ impl Track {
         self.log.outcome = outcome;
         if let Some(metrics) = self.metrics.take() {
             let progress = &self.progress;
-            let (model, client) = (self.log.model_label.clone(), &*self.log.client_name);
+            let (model, client) = (&self.log.model_label, &*self.log.client_name);
             metrics.request_answered(outcome, model, client, progress.waited, progress.throttled);
         }
     }
