@@ -52,18 +52,19 @@ struct Shared {
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
     let server_config = proxy.current().config.server.clone();
     // Connections whose first bytes can only be HTTP/1 get hyper's HTTP/1 connection; the others the
-    // either-protocol one. Both read HTTP/1 with the same limits.
+    // either-protocol one. Both read HTTP/1 with the same limits, set in one place.
+    macro_rules! http1_limits {
+        ($builder:expr) => {
+            $builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(server_config.header_read_timeout)
+                .max_buf_size(server_config.max_header_bytes)
+        };
+    }
     let mut http1 = http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(server_config.header_read_timeout)
-        .max_buf_size(server_config.max_header_bytes);
+    http1_limits!(http1);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server_config.header_read_timeout)
-        .max_buf_size(server_config.max_header_bytes);
+    http1_limits!(builder.http1());
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -118,9 +119,11 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
         tokio::spawn(async move {
             let _counted = counted; // the connection counts until this task ends, however it ends
             let protocol = tokio::select! {
-                protocol = io.sniff() => protocol,
+                biased;
                 _ = draining.wait_for(|draining| *draining) => return,
+                protocol = io.sniff() => protocol,
             };
+            drop(draining);
             let (http1, builder) = &*builders;
             // Each connection boxed: awaited in place, it would be stored twice in this task's future (the
             // value and the awaited one), and the HTTP/2 one's room taken by every HTTP/1 connection.
@@ -130,7 +133,7 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
                     Box::pin(watcher.watch(connection)).await.map_err(BoxError::from)
                 }
                 Ok(Protocol::Undecided) => {
-                    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
+                    let connection = builder.serve_connection(TokioIo::new(io), service);
                     Box::pin(watcher.watch(connection)).await
                 }
                 Err(err) => Err(err.into()),

@@ -80,6 +80,23 @@ async fn a_request_whose_first_bytes_could_start_http2_is_still_served_as_http1(
 }
 
 #[tokio::test]
+async fn an_http2_preface_that_arrives_in_pieces_is_still_answered_as_http2() {
+    let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
+    let sluice = Sluice::start(config_for(&mock)).await;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let empty_settings = [0u8, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let mut stream = TcpStream::connect(sluice.addr).await.unwrap();
+    stream.write_all(&preface[..8]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(&preface[8..]).await.unwrap();
+    stream.write_all(&empty_settings).await.unwrap();
+    // An HTTP/2 server's first frame is its SETTINGS (type 4); an HTTP/1 server would answer "HTTP/1.1 ...".
+    let mut frame_head = [0u8; 9];
+    tokio::time::timeout(LIMIT, stream.read_exact(&mut frame_head)).await.unwrap().unwrap();
+    assert_eq!(frame_head[3], 0x4, "not an HTTP/2 SETTINGS frame: {frame_head:?}");
+}
+
+#[tokio::test]
 async fn connections_beyond_the_cap_are_closed_at_once() {
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     let mut config = config_for(&mock);

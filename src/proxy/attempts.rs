@@ -297,9 +297,10 @@ impl Proxy {
                 let (verdict, result) = match (verdict, result) {
                     (Verdict::Deliver, Ok(response)) => {
                         let first_token = (has_next && seen.stream).then_some(config.fallback.first_token_timeout);
+                        // Boxed too: its state is the largest of this loop's.
+                        let starting = Box::pin(deliver::start(response, first_token, config.upstream.idle_timeout));
                         let start = tokio::select! {
-                            // Boxed too: its state is the largest of this loop's, and a queued request needs none.
-                            start = Box::pin(deliver::start(response, first_token, config.upstream.idle_timeout)) => start,
+                            start = starting => start,
                             () = self.stop.wait() => return Err(ProxyError::ShuttingDown),
                         };
                         match start {

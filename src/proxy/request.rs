@@ -300,14 +300,18 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// `sluice-` and sixteen random hex digits (written by hand: `format!` cost more than the rest of this
 /// step).
 fn new_request_id() -> HeaderValue {
+    // Hex digits are always a valid header value; the fallback is never taken.
+    HeaderValue::from_bytes(&id_of(fastrand::u64(..))).unwrap_or(HeaderValue::from_static("sluice"))
+}
+
+/// `sluice-` and `n` as sixteen lowercase hex digits.
+fn id_of(n: u64) -> [u8; 23] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = *b"sluice-0000000000000000";
-    let random = fastrand::u64(..);
     for (i, digit) in id[7..].iter_mut().enumerate() {
-        *digit = HEX[(random >> (60 - 4 * i)) as usize & 0xf];
+        *digit = HEX[(n >> (60 - 4 * i)) as usize & 0xf];
     }
-    // Hex digits are always a valid header value; the fallback is never taken.
-    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("sluice"))
+    id
 }
 
 #[cfg(test)]
@@ -320,6 +324,9 @@ mod tests {
 
     #[test]
     fn a_new_request_id_is_sluice_and_sixteen_hex_digits_and_a_clients_own_is_kept() {
+        for n in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(id_of(n), format!("sluice-{n:016x}").as_bytes(), "{n:x}");
+        }
         let id = request_id(&HeaderMap::new());
         let id = id.to_str().unwrap();
         let digits = id.strip_prefix("sluice-").unwrap();

@@ -1,4 +1,5 @@
-//! One client connection's I/O, wrapped so that no peer can hold it without a bound:
+//! One client connection's I/O: which protocol its first bytes say it speaks (`sniff`, a peek that takes
+//! nothing), and a wrapper so that no peer can hold it without a bound:
 //! - the first request must arrive within `server.header_read_timeout` from accept (the protocol sniff
 //!   included: a connection that never sends a byte is closed);
 //! - a connection with no request in progress and no traffic for `server.idle_timeout` is closed;
