@@ -35,6 +35,12 @@ impl Key for Values<'_> {
     }
 }
 
+impl std::fmt::Debug for Owned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.values().fmt(f)
+    }
+}
+
 impl<'a> Borrow<dyn Key + 'a> for Owned {
     fn borrow(&self) -> &(dyn Key + 'a) {
         self
@@ -75,12 +81,6 @@ impl Eq for dyn Key + '_ {}
 pub struct Counters<L> {
     family: Family<L, Counter>,
     handles: RwLock<HashMap<Owned, Counter, foldhash::fast::RandomState>>,
-}
-
-impl std::fmt::Debug for Owned {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.values().fmt(f)
-    }
 }
 
 impl<L> Default for Counters<L>
