@@ -505,7 +505,10 @@ impl Permit {
                 "nothing of the lane gets through (throttled or failing): probing one request at a time"
             );
         }
-        self.shared.wake.notify_one();
+        // With nobody waiting there is nothing to dispatch: the next request to queue wakes it.
+        if reported.anyone_waiting {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// The upstream's response carried rate-limit headers: pace the lane by them.

@@ -86,6 +86,8 @@ pub struct Reported {
     pub change: Option<Change>,
     pub began_probing: bool,
     pub far_below: Option<(usize, usize)>,
+    /// Whether anyone waits (then the dispatcher should look: the lane's limit or gate may have moved).
+    pub anyone_waiting: bool,
 }
 
 /// What a lane wants of the cluster (`Admission::lane_demand`).
@@ -372,7 +374,8 @@ impl State {
     pub fn report(&mut self, lane: &LaneKey, dispatch: Dispatch, signal: Signal) -> Reported {
         let now = Instant::now();
         let delays = self.limits.delays;
-        let Some(entry) = self.lanes.get_mut(lane) else { return Reported::default() };
+        let anyone_waiting = self.queued() > 0;
+        let Some(entry) = self.lanes.get_mut(lane) else { return Reported { anyone_waiting, ..Reported::default() } };
         let (change, began_probing) = entry.report(now, dispatch, signal, delays);
         let decreased = matches!(change, Some(Change::Decreased { .. }));
         let far_below = if change.is_some() { entry.far_below_cap(decreased) } else { None };
@@ -381,7 +384,7 @@ impl State {
             Some(Change::Increased { .. } | Change::Restored { .. }) => self.limits.rate_up(now),
             None => {}
         }
-        Reported { change, began_probing, far_below }
+        Reported { change, began_probing, far_below, anyone_waiting }
     }
 
     /// Response headers of an attempt on `lane` carried rate-limit information.
