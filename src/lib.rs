@@ -13,4 +13,5 @@ pub mod observe;
 pub mod proxy;
 pub mod server;
 pub mod service;
+pub mod shard;
 pub mod upstream;

@@ -4,7 +4,9 @@
 //! (`connection.rs`); answers the reserved endpoints (`/healthz`, `/readyz`, `/favicon.ico` and the
 //! operator endpoints of `observe::endpoints`); hands every other request to the proxy, rescuing a panic
 //! into a 500; and on shutdown stops accepting, lets in-flight work finish within
-//! `server.shutdown_grace`, then tells whatever is left to answer at once.
+//! `server.shutdown_grace`, then tells whatever is left to answer at once. Each of the daemon's runtime
+//! threads serves its own listening socket through the one `Server`: the connection cap and the drain
+//! are shared.
 
 mod connection;
 mod relay;
@@ -50,113 +52,145 @@ struct Shared {
 /// Serves `listener` until `shutdown` completes, then drains: no new connections, in-flight requests
 /// and streams get up to `server.shutdown_grace` to finish.
 pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let server_config = proxy.current().config.server.clone();
-    // Connections whose first bytes can only be HTTP/1 get hyper's HTTP/1 connection; the others the
-    // either-protocol one. Both read HTTP/1 with the same limits, set in one place.
-    macro_rules! http1_limits {
-        ($builder:expr) => {
-            $builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(server_config.header_read_timeout)
-                .max_buf_size(server_config.max_header_bytes)
-        };
+    Server::new(proxy).serve(listener, shutdown).await;
+}
+
+/// The server every runtime thread accepting on the listener shares: the connection count, the drain,
+/// and the connection builders.
+pub struct Server {
+    shared: Arc<Shared>,
+    /// Connections whose first bytes can only be HTTP/1 get hyper's HTTP/1 connection; the others the
+    /// either-protocol one.
+    builders: Arc<(http1::Builder, auto::Builder<TokioExecutor>)>,
+    header_read_timeout: Duration,
+}
+
+impl Server {
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        let server_config = proxy.current().config.server.clone();
+        // Both builders read HTTP/1 with the same limits, set in one place.
+        macro_rules! http1_limits {
+            ($builder:expr) => {
+                $builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(server_config.header_read_timeout)
+                    .max_buf_size(server_config.max_header_bytes)
+            };
+        }
+        let mut http1 = http1::Builder::new();
+        http1_limits!(http1);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        http1_limits!(builder.http1());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
+        let (draining, _) = watch::channel(false);
+        Self {
+            shared: Arc::new(Shared { proxy, draining, connections: AtomicUsize::new(0) }),
+            builders: Arc::new((http1, builder)),
+            header_read_timeout: server_config.header_read_timeout,
+        }
     }
-    let mut http1 = http1::Builder::new();
-    http1_limits!(http1);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    http1_limits!(builder.http1());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_PING_INTERVAL)
-        .keep_alive_timeout(H2_PING_TIMEOUT)
-        .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
-    let (draining, _) = watch::channel(false);
-    let shared = Arc::new(Shared { proxy, draining, connections: AtomicUsize::new(0) });
-    let builders = Arc::new((http1, builder));
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors and the like: pause instead of spinning, keep serving.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Over the cap: closed at once, before any work is done for it.
-        let config = shared.proxy.current();
-        let max = config.config.server.max_connections;
-        let Some(counted) = Counted::take(&shared, max) else {
-            tracing::debug!(%peer, max, "connection refused: server.max_connections reached");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let state = Arc::new(ConnState::default());
-        let limits = ConnLimits {
-            first_request: server_config.header_read_timeout,
-            idle: config.config.server.idle_timeout,
-            write_stall: config.config.upstream.idle_timeout,
-        };
-        let io = ConnIo::new(stream, state.clone(), limits);
-        let service = {
-            let shared = shared.clone();
-            service_fn(move |request| {
+
+    /// Accepts on `listener` (one of several runtime threads may share it) until `shutdown` completes,
+    /// then drains what this thread serves: no new connections, in-flight requests and streams get up to
+    /// `server.shutdown_grace` to finish.
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let shared = &self.shared;
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors and the like: pause instead of spinning, keep serving.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            // Over the cap: closed at once, before any work is done for it.
+            let config = shared.proxy.current();
+            let max = config.config.server.max_connections;
+            let Some(counted) = Counted::take(shared, max) else {
+                tracing::debug!(%peer, max, "connection refused: server.max_connections reached");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let state = Arc::new(ConnState::default());
+            let limits = ConnLimits {
+                first_request: self.header_read_timeout,
+                idle: config.config.server.idle_timeout,
+                write_stall: config.config.upstream.idle_timeout,
+            };
+            let io = ConnIo::new(stream, state.clone(), limits);
+            let service = {
                 let shared = shared.clone();
-                let state = state.clone();
-                // Boxed before the future is made: hyper holds this future for the request's whole life,
-                // and an unboxed request would be stored in it twice (here and in `serve`'s frame).
-                let request = Box::new(request);
-                async move { Ok::<_, Infallible>(serve(&shared, request, peer, state).await) }
-            })
-        };
-        let (builders, watcher, mut draining) = (builders.clone(), graceful.watcher(), shared.draining.subscribe());
-        tokio::spawn(async move {
-            let _counted = counted; // the connection counts until this task ends, however it ends
-            let protocol = tokio::select! {
-                biased;
-                _ = draining.wait_for(|draining| *draining) => return,
-                protocol = io.sniff() => protocol,
+                service_fn(move |request| {
+                    let shared = shared.clone();
+                    let state = state.clone();
+                    // Boxed before the future is made: hyper holds this future for the request's whole
+                    // life, and an unboxed request would be stored in it twice (here and in `serve`'s frame).
+                    let request = Box::new(request);
+                    async move { Ok::<_, Infallible>(serve(&shared, request, peer, state).await) }
+                })
             };
-            drop(draining);
-            let (http1, builder) = &*builders;
-            // Each connection boxed: awaited in place, it would be stored twice in this task's future (the
-            // value and the awaited one), and the HTTP/2 one's room taken by every HTTP/1 connection.
-            let ended: Result<(), BoxError> = match protocol {
-                Ok(Protocol::Http1) => {
-                    let connection = http1.serve_connection(TokioIo::new(io), service);
-                    Box::pin(watcher.watch(connection)).await.map_err(BoxError::from)
+            let (builders, watcher, mut draining) =
+                (self.builders.clone(), graceful.watcher(), shared.draining.subscribe());
+            tokio::spawn(async move {
+                let _counted = counted; // the connection counts until this task ends, however it ends
+                let protocol = tokio::select! {
+                    biased;
+                    _ = draining.wait_for(|draining| *draining) => return,
+                    protocol = io.sniff() => protocol,
+                };
+                drop(draining);
+                let (http1, builder) = &*builders;
+                // Each connection boxed: awaited in place, it would be stored twice in this task's future
+                // (the value and the awaited one), and the HTTP/2 one's room taken by every HTTP/1 connection.
+                let ended: Result<(), BoxError> = match protocol {
+                    Ok(Protocol::Http1) => {
+                        let connection = http1.serve_connection(TokioIo::new(io), service);
+                        Box::pin(watcher.watch(connection)).await.map_err(BoxError::from)
+                    }
+                    Ok(Protocol::Undecided) => {
+                        let connection = builder.serve_connection(TokioIo::new(io), service);
+                        Box::pin(watcher.watch(connection)).await
+                    }
+                    Err(err) => Err(err.into()),
+                };
+                if let Err(err) = ended {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
                 }
-                Ok(Protocol::Undecided) => {
-                    let connection = builder.serve_connection(TokioIo::new(io), service);
-                    Box::pin(watcher.watch(connection)).await
-                }
-                Err(err) => Err(err.into()),
-            };
-            if let Err(err) = ended {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
-            }
-        });
-    }
-    // Drain: /readyz says 503 from now on, no new connections; queued requests keep their place and
-    // are dispatched, streams finish — for up to `shutdown_grace` (as in force now, after reloads).
-    shared.draining.send_replace(true);
-    drop(listener);
-    let grace = shared.proxy.current().config.server.shutdown_grace;
-    tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining connections");
-    let drained = graceful.shutdown();
-    tokio::pin!(drained);
-    if tokio::time::timeout(grace, &mut drained).await.is_err() {
-        // Whoever is still on its way answers now: a clear 503, or an error event for a stream.
-        let left = shared.proxy.admission().snapshot();
-        tracing::warn!(queued = left.queued, in_flight = left.inflight, "shutdown grace ended; answering what is left");
-        shared.proxy.stop_all();
-        let _ = tokio::time::timeout(FAREWELL, &mut drained).await;
+            });
+        }
+        // Drain: /readyz says 503 from now on, no new connections; queued requests keep their place and
+        // are dispatched, streams finish — for up to `shutdown_grace` (as in force now, after reloads).
+        let first = !shared.draining.send_replace(true);
+        drop(listener);
+        let grace = shared.proxy.current().config.server.shutdown_grace;
+        if first {
+            tracing::info!(grace = %humantime::format_duration(grace), "shutting down: draining connections");
+        }
+        let drained = graceful.shutdown();
+        tokio::pin!(drained);
+        if tokio::time::timeout(grace, &mut drained).await.is_err() {
+            // Whoever is still on its way answers now: a clear 503, or an error event for a stream.
+            let left = shared.proxy.admission().snapshot();
+            tracing::warn!(
+                queued = left.queued,
+                in_flight = left.inflight,
+                "shutdown grace ended; answering what is left"
+            );
+            shared.proxy.stop_all();
+            let _ = tokio::time::timeout(FAREWELL, &mut drained).await;
+        }
     }
 }
 

@@ -148,6 +148,50 @@ async fn sigterm_drains_the_stream_and_the_queue_then_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_streams_of_every_runtime_then_exits_0() {
+    const STREAMS: usize = 16;
+    let gate = Arc::new(Notify::new());
+    let mock = {
+        let gate = gate.clone();
+        Mock::start(move |_, _| {
+            Reply::sse(vec![chunk_event("one"), Chunk::Gate(gate.clone()), data("data: [DONE]\n\n")], Ending::Complete)
+        })
+        .await
+    };
+    // Four runtimes, each accepting on a socket of its own: sixteen connections land on several of them
+    // (all on one: a chance of 4^-15).
+    let config = "[limits]\nmax_concurrency = 64\nadaptive = false\n";
+    let mut daemon = Daemon::start_with_env(config, &mock.url(), &[("TOKIO_WORKER_THREADS", "4")]).await;
+    assert!(daemon.wait_log("runtimes=4", 1).await, "{}", daemon.stderr());
+    let url = daemon.url("/v1/chat/completions");
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut stream = send("POST", &url, &[], r#"{"model":"m","stream":true}"#).await.into_body();
+        next_chunk(&mut stream).await.unwrap().unwrap();
+        streams.push(stream);
+    }
+
+    daemon.signal("TERM");
+    assert!(daemon.next_notification().await.contains("STOPPING=1"));
+    // Opens the gate for every stream that waits at it, until all are through.
+    let opener = tokio::spawn(async move {
+        loop {
+            gate.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    for mut stream in streams {
+        let mut rest = Vec::new();
+        while let Some(chunk) = next_chunk(&mut stream).await {
+            rest.extend_from_slice(&chunk.unwrap());
+        }
+        assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"), "a stream was cut: {rest:?}");
+    }
+    opener.abort();
+    assert_eq!(daemon.wait_exit().await.code(), Some(0), "{}", daemon.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_has_sent_nothing_is_closed_at_once_on_sigterm() {
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     // Neither limit would close the silent connection before the test's own limit runs out.

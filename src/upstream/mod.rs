@@ -69,7 +69,8 @@ pub enum BuildError {
 /// The upstream: where requests go and the client that takes them there.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Bounded<HttpsConnector<Egress>>, Full<Bytes>>,
+    /// One pooled client per runtime (`shard`): a request uses connections its own thread drives.
+    clients: Arc<[PooledClient]>,
     /// `scheme://authority` of `base_url`.
     origin: Arc<str>,
     /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
@@ -81,6 +82,8 @@ pub struct Upstream {
     /// Connection failures, for a warning that is said at once and then at most once a minute.
     unreachable: Arc<Mutex<UnreachableLog>>,
 }
+
+type PooledClient = Client<Bounded<HttpsConnector<Egress>>, Full<Bytes>>;
 
 /// The current run of connection failures: since when, when it was last told, and how many since.
 #[derive(Debug, Default)]
@@ -115,13 +118,11 @@ impl Upstream {
             .enable_http2()
             .wrap_connector(egress.clone());
         let connector = Bounded::new(https, egress, config.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let mut pool = Client::builder(TokioExecutor::new());
+        pool.pool_idle_timeout(config.pool_idle_timeout).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
+        let clients = (0..crate::shard::count()).map(|_| pool.build(connector.clone())).collect();
         Ok(Self {
-            client,
+            clients,
             origin: Arc::from(format!("{scheme}://{authority}")),
             base_path: Arc::from(base.path().trim_end_matches('/')),
             scheme,
@@ -189,7 +190,9 @@ impl Upstream {
 
     /// Sends one request and waits for the response headers, at most `header_timeout`.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
-        match tokio::time::timeout(self.header_timeout, self.client.request(request)).await {
+        // Never empty (`shard::count` is at least one); the index is below its length.
+        let client = &self.clients[crate::shard::index(self.clients.len())];
+        match tokio::time::timeout(self.header_timeout, client.request(request)).await {
             Err(_) => Err(SendError::HeaderTimeout(self.header_timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
