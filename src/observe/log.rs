@@ -10,10 +10,13 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
 
 use super::request_log::RequestLine;
 use crate::config::{LogConfig, LogFormat};
@@ -106,17 +109,12 @@ static WRITER: OnceLock<LineWriter> = OnceLock::new();
 /// the config, so parsing cannot fail here; should it anyway, `info` is used.
 pub fn init_logging(config: &LogConfig) {
     let filter: Targets = config.level.parse().unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
-    let registry = tracing_subscriber::registry().with(filter);
-    let layer = tracing_subscriber::fmt::layer().with_writer(|| Output);
-    let result = match config.format {
-        LogFormat::Text => registry.with(layer.with_ansi(false)).try_init(),
-        LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
-    };
+    let result = tracing_subscriber::registry().with(filter).with(format_layer(config.format, || Output)).try_init();
     if let Err(err) = result {
         eprintln!("sluice: logging was already set up: {err}");
         return;
     }
-    match LineWriter::start(LINES_HELD) {
+    match LineWriter::start(LINES_HELD, config.format) {
         Ok(writer) => {
             let _ = WRITER.set(writer);
         }
@@ -126,12 +124,25 @@ pub fn init_logging(config: &LogConfig) {
     }
 }
 
+/// The formatting layer of `format`, writing to `writer`: the one setup of the log's two formats.
+pub(super) fn format_layer<S, W>(format: LogFormat, writer: W) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(layer.with_ansi(false)),
+        LogFormat::Json => Box::new(layer.json().flatten_event(true)),
+    }
+}
+
 impl LineWriter {
-    fn start(held: usize) -> std::io::Result<Self> {
+    fn start(held: usize, format: LogFormat) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::sync_channel(held);
         std::thread::Builder::new()
             .name("sluice-log".into())
-            .spawn(move || write_lines(&receiver, &mut std::io::stderr()))?;
+            .spawn(move || write_lines(&receiver, &mut std::io::stderr(), format))?;
         Ok(Self { sender, dropped: AtomicU64::new(0) })
     }
 
@@ -167,7 +178,26 @@ impl LineWriter {
     }
 }
 
-fn write_lines(receiver: &Receiver<Message>, sink: &mut impl Write) {
+/// Formats a request's line into this thread's batch, by hand in the log's `format`; through tracing
+/// should the batch be busy (it cannot be, short of a bug).
+fn format_line(line: &RequestLine, format: LogFormat) {
+    let written = BATCH
+        .try_with(|batch| match batch.try_borrow_mut().as_deref_mut() {
+            Ok(Some(batch)) => {
+                if RequestLine::enabled() {
+                    line.write_to(format, SystemTime::now(), batch);
+                }
+                true
+            }
+            _ => false,
+        })
+        .unwrap_or(false);
+    if !written {
+        line.emit();
+    }
+}
+
+fn write_lines(receiver: &Receiver<Message>, sink: &mut impl Write, format: LogFormat) {
     BATCH.with(|batch| *batch.borrow_mut() = Some(Vec::with_capacity(64 * 1024)));
     let mut drops = DropReport::default();
     // Idle, the writer blocks; once woken it takes whatever is there, writes it, and gathers again.
@@ -177,7 +207,7 @@ fn write_lines(receiver: &Receiver<Message>, sink: &mut impl Write) {
         while let Some(message) = next {
             taken += 1;
             match message {
-                Message::Line(line) => line.emit(),
+                Message::Line(line) => format_line(&line, format),
                 Message::Flush(done) => {
                     write_batch(sink);
                     let _ = done.send(());
@@ -303,7 +333,7 @@ mod tests {
         let mut out = sink.clone();
         let subscriber = tracing_subscriber::fmt().with_writer(|| Output).with_ansi(false).finish();
         let writer = std::thread::spawn(move || {
-            tracing::subscriber::with_default(subscriber, || write_lines(&receiver, &mut out));
+            tracing::subscriber::with_default(subscriber, || write_lines(&receiver, &mut out, LogFormat::Text));
         });
         for _ in 0..3 {
             sender.send(line()).unwrap();
@@ -315,6 +345,24 @@ mod tests {
         let text = sink.text();
         assert_eq!(text.matches(" request request_id=r ").count(), 3, "{text}");
         assert_eq!(text.lines().count(), 3, "{text}");
+        drop(sender);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_level_that_leaves_out_info_leaves_out_the_request_lines() {
+        let (sender, receiver) = mpsc::sync_channel(16);
+        let sink = Sink::default();
+        let mut out = sink.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(|| Output).with_max_level(tracing::Level::WARN).finish();
+        let writer = std::thread::spawn(move || {
+            tracing::subscriber::with_default(subscriber, || write_lines(&receiver, &mut out, LogFormat::Json));
+        });
+        sender.send(line()).unwrap();
+        let (done, written) = mpsc::channel();
+        sender.send(Message::Flush(done)).unwrap();
+        written.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(sink.text(), "", "written although the level is warn");
         drop(sender);
         writer.join().unwrap();
     }

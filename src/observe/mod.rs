@@ -6,6 +6,7 @@ mod client_metrics;
 mod collector;
 mod counters;
 pub mod endpoints;
+mod line_format;
 mod log;
 mod metrics;
 mod recent;

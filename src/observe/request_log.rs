@@ -265,27 +265,27 @@ fn cut(mut text: String, max: usize) -> String {
 /// The finished record's fields, owned: formatted and written by the log writer thread (`log.rs`).
 #[derive(Debug)]
 pub struct RequestLine {
-    request_id: String,
-    method: Method,
-    path: String,
-    status: u16,
-    duration_ms: u64,
-    bytes: u64,
-    end: End,
-    outcome: &'static str,
-    cache: &'static str,
-    model: Option<Arc<str>>,
-    account: Option<Arc<str>>,
-    upstream: Option<Arc<str>>,
-    stream: bool,
-    client: u64,
-    client_name: Arc<str>,
-    attempts: u32,
-    queue_ms: u64,
-    upstream_status: Option<u16>,
-    ttfb_ms: Option<u64>,
-    usage: Option<super::usage::Usage>,
-    error: Option<&'static str>,
+    pub(super) request_id: String,
+    pub(super) method: Method,
+    pub(super) path: String,
+    pub(super) status: u16,
+    pub(super) duration_ms: u64,
+    pub(super) bytes: u64,
+    pub(super) end: End,
+    pub(super) outcome: &'static str,
+    pub(super) cache: &'static str,
+    pub(super) model: Option<Arc<str>>,
+    pub(super) account: Option<Arc<str>>,
+    pub(super) upstream: Option<Arc<str>>,
+    pub(super) stream: bool,
+    pub(super) client: u64,
+    pub(super) client_name: Arc<str>,
+    pub(super) attempts: u32,
+    pub(super) queue_ms: u64,
+    pub(super) upstream_status: Option<u16>,
+    pub(super) ttfb_ms: Option<u64>,
+    pub(super) usage: Option<super::usage::Usage>,
+    pub(super) error: Option<&'static str>,
 }
 
 impl RequestLine {
@@ -316,13 +316,25 @@ impl RequestLine {
         }
     }
 
-    /// Writes the line at info (never keys, never bodies).
-    pub(super) fn emit(&self) {
-        let end = match self.end {
+    pub(super) fn end(&self) -> &'static str {
+        match self.end {
             End::Complete => "complete",
             End::ClientGone => "client_gone",
             End::UpstreamBroken => "upstream_broken",
-        };
+        }
+    }
+
+    /// The target of the line's event (this module), which the log's level filters on.
+    pub(super) const TARGET: &'static str = module_path!();
+
+    /// Whether the log takes the line (`log.level` lets this module's info through).
+    pub(super) fn enabled() -> bool {
+        tracing::enabled!(tracing::Level::INFO)
+    }
+
+    /// Writes the line at info through tracing (never keys, never bodies).
+    pub(super) fn emit(&self) {
+        let end = self.end();
         tracing::info!(
             request_id = %self.request_id,
             method = %self.method,
