@@ -10,6 +10,7 @@
 
 mod connection;
 mod relay;
+pub mod runtimes;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -195,7 +196,7 @@ impl Server {
 }
 
 /// After the grace period, how long the last answers get to reach their clients.
-const FAREWELL: Duration = Duration::from_secs(2);
+pub const FAREWELL: Duration = Duration::from_secs(2);
 
 /// One request: counted on its connection until its response ends, and rescued should it panic. An
 /// HTTP/2 stream's body goes through a relay that notices a client granting no window.

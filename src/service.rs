@@ -25,16 +25,24 @@ pub fn ready() {
     notify(&[NotifyState::Ready]);
 }
 
-/// Sends `WATCHDOG=1` at half the interval systemd asked for (`WatchdogSec=`), from the runtime that
-/// serves requests: if it stalls, the pings stop and systemd restarts sluice.
-pub fn spawn_watchdog() {
+/// Sends `WATCHDOG=1` at half the interval systemd asked for (`WatchdogSec=`), while `alive` (made for
+/// that interval) says every runtime serving requests is alive: if one stalls, the pings stop and
+/// systemd restarts sluice.
+pub fn spawn_watchdog<A: Fn() -> bool + Send + 'static>(alive: impl FnOnce(Duration) -> A) {
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tracing::info!(interval = %humantime::format_duration(interval), "systemd watchdog enabled");
+        let alive = alive(interval / 2);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval / 2);
+            let mut stalled = false;
             loop {
                 tick.tick().await;
-                notify(&[NotifyState::Watchdog]);
+                if alive() {
+                    stalled = false;
+                    notify(&[NotifyState::Watchdog]);
+                } else if !std::mem::replace(&mut stalled, true) {
+                    tracing::error!("a runtime serving requests stopped answering: the watchdog is no longer fed");
+                }
             }
         });
     }

@@ -1,7 +1,7 @@
-//! Which of sluice's runtime threads this is. The daemon runs one single-threaded runtime per core,
-//! each accepting on the shared listener and serving its connections start to end, so a request never
-//! waits for another thread to be woken; state that outlives a connection and is costly to share across
-//! threads (the upstream connection pools) is kept once per runtime and found by this index.
+//! Which of sluice's runtime threads this is. The daemon serves with one single-threaded runtime per
+//! core (`server::runtimes`), each serving its connections start to end, so a request never waits for
+//! another thread to be woken; what would be driven by another thread otherwise (the upstream
+//! connection pools) is kept once per runtime and found by this index.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -35,6 +35,21 @@ async fn ready_is_notified_once_the_listener_accepts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_fed_while_every_runtime_serves() {
+    let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
+    // WatchdogSec=2s: a ping a second while every serving runtime beats; five pings outlast the three
+    // seconds of room a runtime that never beat would have.
+    let env = [("WATCHDOG_USEC", "2000000"), ("TOKIO_WORKER_THREADS", "3")];
+    let mut daemon = Daemon::start_with_env("", &mock.url(), &env).await;
+    let mut pings = 0;
+    while pings < 5 {
+        let notification = daemon.next_notification().await;
+        pings += usize::from(notification.contains("WATCHDOG=1"));
+    }
+    assert!(daemon.stderr().contains("systemd watchdog enabled"), "{}", daemon.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_passes_against_sluice_and_fails_when_nothing_listens() {
     let mock = Mock::start(|_, _| Reply::json(200, "{}")).await;
     let daemon = Daemon::start("", &mock.url()).await;
