@@ -96,9 +96,9 @@ impl Server {
         }
     }
 
-    /// Accepts on `listener` (one of several runtime threads may share it) until `shutdown` completes,
-    /// then drains what this thread serves: no new connections, in-flight requests and streams get up to
-    /// `server.shutdown_grace` to finish.
+    /// Accepts on `listener` (each serving runtime has its own, on the same port) until `shutdown`
+    /// completes, then drains what this thread serves: no new connections, in-flight requests and
+    /// streams get up to `server.shutdown_grace` to finish.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let shared = &self.shared;
         let graceful = GracefulShutdown::new();

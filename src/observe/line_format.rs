@@ -2,7 +2,6 @@
 //! for the same event (the test below holds the two to the same bytes), without the per-field
 //! visitor and formatting layers that made the line the largest cost of a request on the writer thread.
 
-use std::fmt::Display;
 use std::io::Write;
 use std::time::SystemTime;
 
@@ -18,20 +17,20 @@ impl RequestLine {
         line.display("request_id", &self.request_id);
         line.display("method", self.method.as_str());
         line.display("path", &self.path);
-        line.plain("status", self.status);
-        line.plain("duration_ms", self.duration_ms);
-        line.plain("bytes", self.bytes);
+        line.number("status", self.status);
+        line.number("duration_ms", self.duration_ms);
+        line.number("bytes", self.bytes);
         line.str("end", self.end());
         line.str("outcome", self.outcome);
         line.str("cache", self.cache);
         line.str("model", self.model.as_deref().unwrap_or("-"));
         line.str("account", self.account.as_deref().unwrap_or("-"));
         line.str("upstream", self.upstream.as_deref().unwrap_or("-"));
-        line.plain("stream", self.stream);
+        line.bool("stream", self.stream);
         line.hex("client", self.client);
         line.str("client_name", &self.client_name);
-        line.plain("attempts", self.attempts);
-        line.plain("queue_ms", self.queue_ms);
+        line.number("attempts", self.attempts);
+        line.number("queue_ms", self.queue_ms);
         line.maybe("upstream_status", self.upstream_status);
         line.maybe("ttfb_ms", self.ttfb_ms);
         line.maybe("prompt_tokens", self.usage.map(|u| u.prompt_tokens));
@@ -64,11 +63,10 @@ impl<'a> Fields<'a> {
 
     /// Starts a field: text `name=`, JSON `,"name":`.
     fn name(&mut self, name: &str) {
-        if self.json {
-            let _ = write!(self.out, ",\"{name}\":");
-        } else {
-            let _ = write!(self.out, " {name}=");
-        }
+        let (before, after): (&[u8], &[u8]) = if self.json { (b",\"", b"\":") } else { (b" ", b"=") };
+        self.out.extend_from_slice(before);
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(after);
     }
 
     /// A field recorded with `%` (Display): bare in text, a string in JSON.
@@ -83,9 +81,17 @@ impl<'a> Fields<'a> {
 
     /// A `u64` as 16 hex digits, recorded with `format_args!` (a Display): as `display`.
     pub fn hex(&mut self, name: &str, value: u64) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         self.name(name);
-        let quote = if self.json { "\"" } else { "" };
-        let _ = write!(self.out, "{quote}{value:016x}{quote}");
+        let mut hex = [0u8; 16];
+        for (at, digit) in hex.iter_mut().enumerate() {
+            let nibble = (value >> (60 - 4 * at)) & 0xf;
+            *digit = DIGITS[usize::try_from(nibble).unwrap_or(0)];
+        }
+        let quote: &[u8] = if self.json { b"\"" } else { b"" };
+        self.out.extend_from_slice(quote);
+        self.out.extend_from_slice(&hex);
+        self.out.extend_from_slice(quote);
     }
 
     /// A string field: Debug-quoted in text, a string in JSON.
@@ -93,21 +99,44 @@ impl<'a> Fields<'a> {
         self.name(name);
         if self.json {
             string(self.out, value);
+        } else if value.bytes().all(|b| matches!(b, b' '..=b'~') && b != b'"' && b != b'\\') {
+            // What Debug would write, without its walk through each character's escape.
+            self.out.push(b'"');
+            self.out.extend_from_slice(value.as_bytes());
+            self.out.push(b'"');
         } else {
             let _ = write!(self.out, "{value:?}");
         }
     }
 
-    /// A number or a boolean: bare in both.
-    pub fn plain(&mut self, name: &str, value: impl Display) {
+    /// A number: bare in both.
+    pub fn number(&mut self, name: &str, value: impl Into<u64>) {
         self.name(name);
-        let _ = write!(self.out, "{value}");
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut left: u64 = value.into();
+        loop {
+            at -= 1;
+            // The remainder of a division by ten: a digit, in range whatever `left` is.
+            digits[at] = b'0' + u8::try_from(left % 10).unwrap_or(0);
+            left /= 10;
+            if left == 0 {
+                break;
+            }
+        }
+        self.out.extend_from_slice(&digits[at..]);
+    }
+
+    /// A boolean: bare in both.
+    pub fn bool(&mut self, name: &str, value: bool) {
+        self.name(name);
+        self.out.extend_from_slice(if value { b"true" } else { b"false" });
     }
 
     /// An optional number: left out when None, as tracing leaves out an `Option` field.
-    pub fn maybe(&mut self, name: &str, value: Option<impl Display>) {
+    pub fn maybe(&mut self, name: &str, value: Option<impl Into<u64>>) {
         if let Some(value) = value {
-            self.plain(name, value);
+            self.number(name, value);
         }
     }
 
