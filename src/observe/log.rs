@@ -1,17 +1,20 @@
 //! Log output: tracing-subscriber to stderr, text or JSON, filtered by `log.level` — and the writer
 //! thread that formats and writes the one line per request off the request's path. The request hands
-//! its finished record to a bounded channel; when the writer falls behind (a slow journald, a blocked
+//! its finished record to a bounded channel (tokio's, used from plain threads: it takes room as lines
+//! wait, not all of it up front); when the writer falls behind (a slow journald, a blocked
 //! pipe), lines are dropped and counted (`sluice_log_lines_dropped_total`), never waited for. The
 //! writer gathers what arrives for a moment and writes it with one call: a request costs neither a
-//! write nor a wake-up of the writer of its own.
+//! write nor a wake-up of the writer of its own. The line itself is written by hand (`line_format.rs`).
 
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::{Receiver, Sender};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
@@ -97,7 +100,7 @@ enum Message {
 
 /// The request's end of the writer thread's channel.
 struct LineWriter {
-    sender: SyncSender<Message>,
+    sender: Sender<Message>,
     dropped: AtomicU64,
 }
 
@@ -139,10 +142,10 @@ where
 
 impl LineWriter {
     fn start(held: usize, format: LogFormat) -> std::io::Result<Self> {
-        let (sender, receiver) = mpsc::sync_channel(held);
+        let (sender, receiver) = tokio::sync::mpsc::channel(held);
         std::thread::Builder::new()
             .name("sluice-log".into())
-            .spawn(move || write_lines(&receiver, &mut std::io::stderr(), format))?;
+            .spawn(move || write_lines(receiver, &mut std::io::stderr(), format))?;
         Ok(Self { sender, dropped: AtomicU64::new(0) })
     }
 
@@ -153,8 +156,8 @@ impl LineWriter {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
             // The thread is gone (it cannot end short of a bug): the line is written here instead.
-            Err(TrySendError::Disconnected(Message::Line(line))) => line.emit(),
-            Err(TrySendError::Disconnected(Message::Flush(_))) => {}
+            Err(TrySendError::Closed(Message::Line(line))) => line.emit(),
+            Err(TrySendError::Closed(Message::Flush(_))) => {}
         }
     }
 
@@ -197,11 +200,11 @@ fn format_line(line: &RequestLine, format: LogFormat) {
     }
 }
 
-fn write_lines(receiver: &Receiver<Message>, sink: &mut impl Write, format: LogFormat) {
+fn write_lines(mut receiver: Receiver<Message>, sink: &mut impl Write, format: LogFormat) {
     BATCH.with(|batch| *batch.borrow_mut() = Some(Vec::with_capacity(64 * 1024)));
     let mut drops = DropReport::default();
     // Idle, the writer blocks; once woken it takes whatever is there, writes it, and gathers again.
-    while let Ok(first) = receiver.recv() {
+    while let Some(first) = receiver.blocking_recv() {
         let mut taken = 0_usize;
         let mut next = Some(first);
         while let Some(message) = next {
@@ -289,7 +292,7 @@ mod tests {
     #[test]
     fn a_writer_that_falls_behind_drops_and_counts_and_a_flush_waits_for_what_it_holds() {
         // A writer whose thread is held up: a channel of two, with no one reading yet.
-        let (sender, receiver) = mpsc::sync_channel(2);
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
         let writer = LineWriter { sender, dropped: AtomicU64::new(0) };
         for _ in 0..5 {
             writer.write(RequestLine::sample());
@@ -328,18 +331,18 @@ mod tests {
 
     #[test]
     fn the_writer_formats_lines_into_its_batch_and_a_flush_is_answered_after_they_are_written() {
-        let (sender, receiver) = mpsc::sync_channel(16);
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
         let sink = Sink::default();
         let mut out = sink.clone();
         let subscriber = tracing_subscriber::fmt().with_writer(|| Output).with_ansi(false).finish();
         let writer = std::thread::spawn(move || {
-            tracing::subscriber::with_default(subscriber, || write_lines(&receiver, &mut out, LogFormat::Text));
+            tracing::subscriber::with_default(subscriber, || write_lines(receiver, &mut out, LogFormat::Text));
         });
         for _ in 0..3 {
-            sender.send(line()).unwrap();
+            sender.try_send(line()).unwrap();
         }
         let (done, written) = mpsc::channel();
-        sender.send(Message::Flush(done)).unwrap();
+        sender.try_send(Message::Flush(done)).map_err(|_| "full").unwrap();
         written.recv_timeout(Duration::from_secs(10)).unwrap();
         // Answered only once the three lines before it reached the sink.
         let text = sink.text();
@@ -351,16 +354,16 @@ mod tests {
 
     #[test]
     fn a_level_that_leaves_out_info_leaves_out_the_request_lines() {
-        let (sender, receiver) = mpsc::sync_channel(16);
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
         let sink = Sink::default();
         let mut out = sink.clone();
         let subscriber = tracing_subscriber::fmt().with_writer(|| Output).with_max_level(tracing::Level::WARN).finish();
         let writer = std::thread::spawn(move || {
-            tracing::subscriber::with_default(subscriber, || write_lines(&receiver, &mut out, LogFormat::Json));
+            tracing::subscriber::with_default(subscriber, || write_lines(receiver, &mut out, LogFormat::Json));
         });
-        sender.send(line()).unwrap();
+        sender.try_send(line()).unwrap();
         let (done, written) = mpsc::channel();
-        sender.send(Message::Flush(done)).unwrap();
+        sender.try_send(Message::Flush(done)).map_err(|_| "full").unwrap();
         written.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(sink.text(), "", "written although the level is warn");
         drop(sender);
