@@ -85,10 +85,14 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     shard::enter(serving);
     let control = runtimes::single_threaded().context("cannot start the runtime")?;
     let served = control.block_on(async {
+        // Watched before anything is served: a stop that comes early still drains and saves.
+        let stop = service::shutdown_signal();
         let listen = config.server.listen;
         let listeners = runtimes::bind(listen, serving).with_context(|| format!("cannot listen on {listen}"))?;
         let local = listeners.first().map(std::net::TcpListener::local_addr).transpose()?;
         let proxy = Arc::new(proxy::Proxy::new(config).context("cannot set up the upstream client")?);
+        #[cfg(unix)]
+        service::spawn_reloader(proxy.clone(), overrides);
         let server = Arc::new(server::Server::new(proxy.clone()));
         let mut runtimes = runtimes::Serving::start(listeners, server).await?;
         let current = proxy.current();
@@ -100,11 +104,9 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
             version = env!("CARGO_PKG_VERSION"),
             "sluice is listening"
         );
-        #[cfg(unix)]
-        service::spawn_reloader(proxy.clone(), overrides);
         service::spawn_watchdog(|interval| runtimes.alive_within(interval));
         service::ready();
-        service::shutdown_signal().await;
+        stop.await;
         // Every runtime drains within the grace and the farewell; the margin is for a stuck one.
         let grace = proxy.current().config.server.shutdown_grace;
         runtimes.drain(grace.saturating_add(server::FAREWELL).saturating_add(DRAIN_MARGIN)).await;

@@ -48,29 +48,34 @@ pub fn spawn_watchdog<A: Fn() -> bool + Send + 'static>(alive: impl FnOnce(Durat
     }
 }
 
-/// Completes on SIGTERM or SIGINT, after telling systemd that sluice is stopping.
-pub async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Watches SIGTERM and SIGINT from now on (a signal that arrives before the returned future is awaited
+/// is not lost); the future completes on either, after telling systemd that sluice is stopping.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let watched = {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    };
+    async move {
+        #[cfg(unix)]
+        match watched {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
                 tokio::select! {
-                    _ = interrupt => {}
                     _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
                 }
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops sluice");
-                let _ = interrupt.await;
+            (terminate, interrupt) => {
+                let err = terminate.err().or(interrupt.err()).map(|err| err.to_string()).unwrap_or_default();
+                tracing::warn!(error = %err, "cannot watch SIGTERM and SIGINT; falling back to Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("stop signal received");
+        notify(&[NotifyState::Stopping]);
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
-    tracing::info!("stop signal received");
-    notify(&[NotifyState::Stopping]);
 }
 
 /// Reloads the config on every SIGHUP (`systemctl reload sluice`).

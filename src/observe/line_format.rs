@@ -10,10 +10,11 @@ use crate::config::LogFormat;
 
 impl RequestLine {
     /// Writes the line into `out` as `emit` would have it written in `format`, stamped `at`: the same
-    /// fields, in the same order (a test holds the two to the same bytes).
-    pub(super) fn write_to(&self, format: LogFormat, at: SystemTime, out: &mut Vec<u8>) {
+    /// fields, in the same order (a test holds the two to the same bytes). False, with nothing written,
+    /// for a time the stamp cannot be written for (before 1970, after 9999): `emit` writes that one.
+    pub(super) fn write_to(&self, format: LogFormat, at: SystemTime, out: &mut Vec<u8>) -> bool {
         let target = Self::TARGET;
-        let mut line = Fields::start(out, format, at, target, "request");
+        let Some(mut line) = Fields::start(out, format, at, target, "request") else { return false };
         line.display("request_id", &self.request_id);
         line.display("method", self.method.as_str());
         line.display("path", &self.path);
@@ -37,8 +38,12 @@ impl RequestLine {
         line.maybe("completion_tokens", self.usage.map(|u| u.completion_tokens));
         line.str("error", self.error.unwrap_or("-"));
         line.finish(target);
+        true
     }
 }
+
+/// The first moment of the year 10000, in seconds since 1970: RFC 3339 has four digits for the year.
+const YEAR_10000: u64 = 253_402_300_800;
 
 /// An info line being written into `out`: a start, fields in order, a finish.
 pub(super) struct Fields<'a> {
@@ -48,8 +53,13 @@ pub(super) struct Fields<'a> {
 
 // Writing into a `Vec` cannot fail: the results of `write!` below are ignored for that reason.
 impl<'a> Fields<'a> {
-    /// Starts an info line of `target` stamped `at`, its message first.
-    pub fn start(out: &'a mut Vec<u8>, format: LogFormat, at: SystemTime, target: &str, message: &str) -> Self {
+    /// Starts an info line of `target` stamped `at`, its message first; None for a time out of RFC
+    /// 3339's range (the formatter would fail or panic on it).
+    pub fn start(out: &'a mut Vec<u8>, format: LogFormat, at: SystemTime, target: &str, message: &str) -> Option<Self> {
+        let since_1970 = at.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+        if since_1970.as_secs() >= YEAR_10000 {
+            return None;
+        }
         let stamp = humantime::format_rfc3339_micros(at);
         let json = format == LogFormat::Json;
         if json {
@@ -58,7 +68,7 @@ impl<'a> Fields<'a> {
         } else {
             let _ = write!(out, "{stamp}  INFO {target}: {message}");
         }
-        Self { out, json }
+        Some(Self { out, json })
     }
 
     /// Starts a field: text `name=`, JSON `,"name":`.
@@ -207,7 +217,7 @@ mod tests {
         every_field.upstream = Some(Arc::from("fallback:b"));
         every_field.stream = true;
         every_field.client = u64::MAX - 5;
-        every_field.client_name = Arc::from("name\twith tab");
+        every_field.client_name = Arc::from("name\twith tab, \x1b[31m, \u{85}, \x7f");
         every_field.attempts = 4;
         every_field.queue_ms = 12_345;
         every_field.upstream_status = Some(429);
@@ -225,9 +235,23 @@ mod tests {
                     }
                 };
                 let mut by_hand = Vec::new();
-                line.write_to(format, humantime::parse_rfc3339(&stamp).unwrap(), &mut by_hand);
+                assert!(line.write_to(format, humantime::parse_rfc3339(&stamp).unwrap(), &mut by_hand));
                 assert_eq!(String::from_utf8(by_hand).unwrap(), reference, "{format:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_time_the_stamp_cannot_be_written_for_is_left_to_tracing() {
+        let line = RequestLine::sample();
+        let mut out = Vec::new();
+        let before_1970 = SystemTime::UNIX_EPOCH.checked_sub(std::time::Duration::from_secs(1)).unwrap();
+        assert!(!line.write_to(LogFormat::Text, before_1970, &mut out));
+        let year_10000 = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(YEAR_10000);
+        assert!(!line.write_to(LogFormat::Json, year_10000, &mut out));
+        assert!(out.is_empty(), "a partial line was left behind");
+        let last_second = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(YEAR_10000 - 1);
+        assert!(line.write_to(LogFormat::Text, last_second, &mut out));
+        assert!(String::from_utf8(out).unwrap().starts_with("9999-12-31T23:59:59.000000Z  INFO "));
     }
 }

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
@@ -44,8 +44,10 @@ thread_local! {
     static BATCH: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
-/// Where formatted events go: the writer thread's batch, or stderr from any other thread (whole
-/// events under stderr's lock, so a line is never split by another thread's).
+/// Where formatted events go: the writer thread's batch; from any other thread, to the writer through
+/// its channel (a stalled stderr never holds up a thread that serves requests), or straight to stderr
+/// when there is no writer (before it starts, after the last flush) — whole events under stderr's lock,
+/// so a line is never split by another thread's.
 struct Output;
 
 impl Write for Output {
@@ -54,17 +56,7 @@ impl Write for Output {
     }
 
     fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        // The batch exists on the writer thread only; should it be busy, the event goes straight out.
-        let batched = BATCH
-            .try_with(|batch| match batch.try_borrow_mut().as_deref_mut() {
-                Ok(Some(batch)) => {
-                    batch.extend_from_slice(bytes);
-                    true
-                }
-                _ => false,
-            })
-            .unwrap_or(false);
-        if batched {
+        if batch(bytes) || WRITER.get().is_some_and(|writer| writer.hand_over(bytes)) {
             Ok(())
         } else {
             std::io::stderr().lock().write_all(bytes)
@@ -88,12 +80,27 @@ fn write_batch(sink: &mut impl Write) {
     });
 }
 
+/// Adds `bytes` to this thread's batch: true on the writer thread (should the batch be busy, false).
+fn batch(bytes: &[u8]) -> bool {
+    BATCH
+        .try_with(|batch| match batch.try_borrow_mut().as_deref_mut() {
+            Ok(Some(batch)) => {
+                batch.extend_from_slice(bytes);
+                true
+            }
+            _ => false,
+        })
+        .unwrap_or(false)
+}
+
 fn batch_len() -> usize {
     BATCH.try_with(|batch| batch.try_borrow().map_or(0, |batch| batch.as_ref().map_or(0, Vec::len))).unwrap_or(0)
 }
 
 enum Message {
     Line(Box<RequestLine>),
+    /// Another event, formatted on the thread that emitted it.
+    Event(Box<[u8]>),
     /// Answered once every line sent before it is written.
     Flush(mpsc::Sender<()>),
 }
@@ -102,6 +109,8 @@ enum Message {
 struct LineWriter {
     sender: Sender<Message>,
     dropped: AtomicU64,
+    /// Set by the last flush: from then on events go straight to stderr (nobody would write them).
+    flushed: AtomicBool,
 }
 
 /// The writer, once started (`init_logging`); without it (tests, the library used alone) lines are
@@ -146,7 +155,7 @@ impl LineWriter {
         std::thread::Builder::new()
             .name("sluice-log".into())
             .spawn(move || write_lines(receiver, &mut std::io::stderr(), format))?;
-        Ok(Self { sender, dropped: AtomicU64::new(0) })
+        Ok(Self { sender, dropped: AtomicU64::new(0), flushed: AtomicBool::new(false) })
     }
 
     fn write(&self, line: RequestLine) {
@@ -157,7 +166,23 @@ impl LineWriter {
             }
             // The thread is gone (it cannot end short of a bug): the line is written here instead.
             Err(TrySendError::Closed(Message::Line(line))) => line.emit(),
-            Err(TrySendError::Closed(Message::Flush(_))) => {}
+            Err(TrySendError::Closed(Message::Flush(_) | Message::Event(_))) => {}
+        }
+    }
+
+    /// Hands a formatted event to the writer: true once it is taken or dropped (counted with the
+    /// request lines), false when it should go straight out (the writer is gone or done).
+    fn hand_over(&self, bytes: &[u8]) -> bool {
+        if self.flushed.load(Ordering::Relaxed) {
+            return false;
+        }
+        match self.sender.try_send(Message::Event(bytes.into())) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
         }
     }
 
@@ -186,12 +211,7 @@ impl LineWriter {
 fn format_line(line: &RequestLine, format: LogFormat) {
     let written = BATCH
         .try_with(|batch| match batch.try_borrow_mut().as_deref_mut() {
-            Ok(Some(batch)) => {
-                if RequestLine::enabled() {
-                    line.write_to(format, SystemTime::now(), batch);
-                }
-                true
-            }
+            Ok(Some(batch)) => !RequestLine::enabled() || line.write_to(format, SystemTime::now(), batch),
             _ => false,
         })
         .unwrap_or(false);
@@ -211,6 +231,9 @@ fn write_lines(mut receiver: Receiver<Message>, sink: &mut impl Write, format: L
             taken += 1;
             match message {
                 Message::Line(line) => format_line(&line, format),
+                Message::Event(bytes) => {
+                    batch(&bytes);
+                }
                 Message::Flush(done) => {
                     write_batch(sink);
                     let _ = done.send(());
@@ -272,6 +295,7 @@ pub fn lines_dropped() -> u64 {
 pub fn flush_request_lines() {
     if let Some(writer) = WRITER.get() {
         writer.flush(FLUSH_WAIT);
+        writer.flushed.store(true, Ordering::Relaxed);
         let dropped = lines_dropped();
         if dropped > 0 {
             tracing::warn!(dropped, "request log lines dropped since start: the log's reader fell behind");
@@ -293,7 +317,7 @@ mod tests {
     fn a_writer_that_falls_behind_drops_and_counts_and_a_flush_waits_for_what_it_holds() {
         // A writer whose thread is held up: a channel of two, with no one reading yet.
         let (sender, receiver) = tokio::sync::mpsc::channel(2);
-        let writer = LineWriter { sender, dropped: AtomicU64::new(0) };
+        let writer = LineWriter { sender, dropped: AtomicU64::new(0), flushed: AtomicBool::new(false) };
         for _ in 0..5 {
             writer.write(RequestLine::sample());
         }
@@ -368,5 +392,21 @@ mod tests {
         assert_eq!(sink.text(), "", "written although the level is warn");
         drop(sender);
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn events_of_other_threads_reach_stderr_through_the_writer_until_its_last_flush() {
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let writer = LineWriter { sender, dropped: AtomicU64::new(0), flushed: AtomicBool::new(false) };
+        let sink = Sink::default();
+        let mut out = sink.clone();
+        let thread = std::thread::spawn(move || write_lines(receiver, &mut out, LogFormat::Text));
+        assert!(writer.hand_over(b"an event\n"), "taken by the writer");
+        writer.flush(Duration::from_secs(10));
+        assert_eq!(sink.text(), "an event\n");
+        writer.flushed.store(true, Ordering::Relaxed);
+        assert!(!writer.hand_over(b"after the end\n"), "after the last flush an event goes straight out");
+        drop(writer);
+        thread.join().unwrap();
     }
 }

@@ -36,8 +36,15 @@ pub fn count() -> usize {
         }
         parsed
     });
-    configured.or_else(|| std::thread::available_parallelism().ok().map(usize::from)).unwrap_or(1)
+    let count = configured.or_else(|| std::thread::available_parallelism().ok().map(usize::from)).unwrap_or(1);
+    if count > MAX_RUNTIMES {
+        tracing::warn!(count, max = MAX_RUNTIMES, "TOKIO_WORKER_THREADS is more than sluice runs; using the most");
+    }
+    count.min(MAX_RUNTIMES)
 }
+
+/// The most serving runtimes sluice starts, whatever `TOKIO_WORKER_THREADS` says.
+const MAX_RUNTIMES: usize = 256;
 
 /// A single-threaded runtime with I/O and timers.
 pub fn single_threaded() -> std::io::Result<tokio::runtime::Runtime> {
@@ -46,25 +53,29 @@ pub fn single_threaded() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// `count` listeners on `addr`, each its own socket on the same port when there are several. Anything
 /// already listening there makes it fail, as a plain bind would: the sockets that share the port are
-/// bound only once a socket without sharing could be.
+/// bound only once a socket that does not share it could be (bound, never listening: no connection
+/// can reach it and be reset).
 pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let socket = |addr: SocketAddr, share: bool| -> std::io::Result<TcpListener> {
+    let socket = |addr: SocketAddr, share: bool| -> std::io::Result<TcpSocket> {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         #[cfg(target_os = "linux")]
         socket.set_reuseport(share)?;
         socket.bind(addr)?;
-        socket.listen(1024)
+        Ok(socket)
     };
-    let first = socket(addr, false)?;
+    let plain = socket(addr, false)?;
     if count <= 1 {
-        return Ok(vec![first.into_std()?]);
+        return Ok(vec![plain.listen(BACKLOG)?.into_std()?]);
     }
     // Port 0 picks a port once: the group takes the one the plain bind was given.
-    let bound = first.local_addr()?;
-    drop(first);
-    (0..count).map(|_| socket(bound, true)?.into_std()).collect()
+    let bound = plain.local_addr()?;
+    drop(plain);
+    (0..count).map(|_| socket(bound, true)?.listen(BACKLOG)?.into_std()).collect()
 }
+
+/// Connections the kernel may hold for a listener before it accepts them (as tokio's `bind`).
+const BACKLOG: u32 = 1024;
 
 /// The serving runtimes, once started.
 pub struct Serving {
@@ -144,10 +155,11 @@ impl Serving {
                         }
                     });
                     server.serve(listener, async move { drop(stopped.wait_for(|stop| *stop).await) }).await;
-                    beat.abort();
                     let _ = drained_tx.send(());
-                    // Tasks of this runtime may still serve another's requests: it runs until all leave.
+                    // Tasks of this runtime may still serve another's requests: it runs (and beats) until
+                    // all leave.
                     drop(left.wait_for(|leave| *leave).await);
+                    beat.abort();
                 });
                 runtime.shutdown_timeout(SHUTDOWN_WAIT);
                 let _ = ended_tx.send(());
