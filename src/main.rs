@@ -88,13 +88,14 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
         // Watched before anything is served: a stop that comes early still drains and saves.
         let stop = service::shutdown_signal();
         let listen = config.server.listen;
-        let listeners = runtimes::bind(listen, serving).with_context(|| format!("cannot listen on {listen}"))?;
-        let local = listeners.first().map(std::net::TcpListener::local_addr).transpose()?;
+        let mut listeners = runtimes::bind(listen, serving).with_context(|| format!("cannot listen on {listen}"))?;
+        let local = listeners.sockets.first().map(std::net::TcpListener::local_addr).transpose()?;
         let proxy = Arc::new(proxy::Proxy::new(config).context("cannot set up the upstream client")?);
         #[cfg(unix)]
         service::spawn_reloader(proxy.clone(), overrides);
         let server = Arc::new(server::Server::new(proxy.clone()));
-        let mut runtimes = runtimes::Serving::start(listeners, server).await?;
+        // `listeners` keeps the port's name until the end.
+        let mut runtimes = runtimes::Serving::start(std::mem::take(&mut listeners.sockets), server).await?;
         let current = proxy.current();
         tracing::info!(
             listen = %local.map_or_else(|| listen.to_string(), |addr| addr.to_string()),

@@ -51,11 +51,19 @@ pub fn single_threaded() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
+/// The listening sockets of the serving runtimes, and what keeps their port to this process.
+pub struct Listeners {
+    pub sockets: Vec<std::net::TcpListener>,
+    /// With several sockets: a Unix socket in the abstract namespace named after the address, held for
+    /// the process's life, so that two sluices started at the same moment cannot both join the port.
+    _exclusive: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
 /// `count` listeners on `addr`, each its own socket on the same port when there are several. Anything
 /// already listening there makes it fail, as a plain bind would: the sockets that share the port are
 /// bound only once a socket that does not share it could be (bound, never listening: no connection
-/// can reach it and be reset).
-pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+/// can reach it and be reset), and only by the one sluice holding the address's name.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Listeners> {
     let socket = |addr: SocketAddr, share: bool| -> std::io::Result<TcpSocket> {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
@@ -64,14 +72,38 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::Tcp
         socket.bind(addr)?;
         Ok(socket)
     };
-    let plain = socket(addr, false)?;
     if count <= 1 {
-        return Ok(vec![plain.listen(BACKLOG)?.into_std()?]);
+        let sockets = vec![socket(addr, false)?.listen(BACKLOG)?.into_std()?];
+        return Ok(Listeners { sockets, _exclusive: None });
     }
+    let exclusive = if addr.port() == 0 { None } else { Some(exclusive(addr)?) };
+    let plain = socket(addr, false)?;
     // Port 0 picks a port once: the group takes the one the plain bind was given.
     let bound = plain.local_addr()?;
     drop(plain);
-    (0..count).map(|_| socket(bound, true)?.listen(BACKLOG)?.into_std()).collect()
+    let sockets = (0..count).map(|_| socket(bound, true)?.listen(BACKLOG)?.into_std()).collect::<Result<_, _>>()?;
+    Ok(Listeners { sockets, _exclusive: exclusive })
+}
+
+/// Takes the name of `addr` for this process (Linux's abstract Unix sockets: gone with the process).
+fn exclusive(addr: SocketAddr) -> std::io::Result<Box<dyn std::any::Any + Send + Sync>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt;
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("sluice-listen-{addr}"))?;
+        match std::os::unix::net::UnixListener::bind_addr(&name) {
+            Ok(held) => Ok(Box::new(held)),
+            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                Err(std::io::Error::new(err.kind(), format!("another sluice is starting on {addr}")))
+            }
+            Err(err) => Err(err),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = addr;
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "several listening sockets need Linux"))
+    }
 }
 
 /// Connections the kernel may hold for a listener before it accepts them (as tokio's `bind`).
@@ -210,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_runtime_gets_a_listener_on_the_one_port_and_a_taken_port_is_refused() {
-        let listeners = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let listeners = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap().sockets;
         assert_eq!(listeners.len(), 3);
         let port = listeners[0].local_addr().unwrap().port();
         assert!(listeners.iter().all(|listener| listener.local_addr().unwrap().port() == port));
@@ -229,6 +261,19 @@ mod tests {
         let taken = SocketAddr::from(([127, 0, 0, 1], port));
         assert!(bind(taken, 3).is_err(), "a group joined a port that was already listened on");
         assert!(bind(taken, 1).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_second_group_on_a_named_port_is_refused_while_the_first_holds_its_name() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut first = bind(addr, 2).unwrap();
+        // As if the first were between its probe and its group: nothing listens, only the name is held.
+        first.sockets.clear();
+        let second = bind(addr, 2).err().expect("a second group joined the port");
+        assert!(second.to_string().contains("another sluice"), "{second}");
+        drop(first);
+        assert!(bind(addr, 2).is_ok(), "the name goes with the one that held it");
     }
 
     #[test]
