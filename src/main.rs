@@ -79,6 +79,8 @@ fn check_config(config: &Config) -> anyhow::Result<()> {
 
 fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     observe::init_logging(&config.log);
+    // However `run` ends (an error, a panic), what the log writer holds is written before the process ends.
+    let _flush = FlushLogOnDrop;
     let serving = runtimes::count();
     // The control runtime (this thread) has an upstream pool of its own, after the serving runtimes'.
     shard::set_count(serving + 1);
@@ -86,16 +88,16 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
     let control = runtimes::single_threaded().context("cannot start the runtime")?;
     let served = control.block_on(async {
         // Watched before anything is served: a stop that comes early still drains and saves.
-        let stop = service::shutdown_signal();
+        let stop = service::shutdown_signal().context("cannot watch the stop signals")?;
         let listen = config.server.listen;
-        let mut listeners = runtimes::bind(listen, serving).with_context(|| format!("cannot listen on {listen}"))?;
-        let local = listeners.sockets.first().map(std::net::TcpListener::local_addr).transpose()?;
+        let listeners = runtimes::bind(listen, serving).with_context(|| format!("cannot listen on {listen}"))?;
+        let local = listeners.first().map(std::net::TcpListener::local_addr).transpose()?;
         let proxy = Arc::new(proxy::Proxy::new(config).context("cannot set up the upstream client")?);
+        let server = Arc::new(server::Server::new(proxy.clone()));
+        let mut runtimes = runtimes::Serving::start(listeners, server).await?;
+        // Once the runtimes accept: a reload says READY again, which must not come before they do.
         #[cfg(unix)]
         service::spawn_reloader(proxy.clone(), overrides);
-        let server = Arc::new(server::Server::new(proxy.clone()));
-        // `listeners` keeps the port's name until the end.
-        let mut runtimes = runtimes::Serving::start(std::mem::take(&mut listeners.sockets), server).await?;
         let current = proxy.current();
         tracing::info!(
             listen = %local.map_or_else(|| listen.to_string(), |addr| addr.to_string()),
@@ -116,10 +118,18 @@ fn run(config: Config, overrides: Overrides) -> anyhow::Result<()> {
         tracing::info!("sluice stopped");
         Ok::<(), anyhow::Error>(())
     });
-    // Tasks the control runtime still held end with it; then the lines are written before the process ends.
+    // Tasks the control runtime still held end with it; then `_flush` has the lines written.
     control.shutdown_timeout(Duration::from_secs(1));
-    observe::flush_request_lines();
     served
+}
+
+/// Writes what the log writer holds when dropped.
+struct FlushLogOnDrop;
+
+impl Drop for FlushLogOnDrop {
+    fn drop(&mut self) {
+        observe::flush_request_lines();
+    }
 }
 
 /// Past the grace and the farewell, how long the stop waits for a runtime that has not drained.

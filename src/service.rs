@@ -49,33 +49,52 @@ pub fn spawn_watchdog<A: Fn() -> bool + Send + 'static>(alive: impl FnOnce(Durat
 }
 
 /// Watches SIGTERM and SIGINT from now on (a signal that arrives before the returned future is awaited
-/// is not lost); the future completes on either, after telling systemd that sluice is stopping.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+/// is not lost); the future completes on either, after telling systemd that sluice is stopping. Should
+/// one of them not be watchable, the other still stops sluice; neither is an error.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let watched = {
+    let (mut terminate, mut interrupt) = {
         use tokio::signal::unix::{signal, SignalKind};
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    };
-    async move {
-        #[cfg(unix)]
-        match watched {
-            (Ok(mut terminate), Ok(mut interrupt)) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
-            }
+        let (terminate, interrupt) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        match (terminate, interrupt) {
+            (Err(err), Err(_)) => return Err(err),
             (terminate, interrupt) => {
-                let err = terminate.err().or(interrupt.err()).map(|err| err.to_string()).unwrap_or_default();
-                tracing::warn!(error = %err, "cannot watch SIGTERM and SIGINT; falling back to Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
+                if let Err(err) = &terminate {
+                    tracing::warn!(error = %err, "cannot watch SIGTERM; only SIGINT stops sluice");
+                }
+                if let Err(err) = &interrupt {
+                    tracing::warn!(error = %err, "cannot watch SIGINT; only SIGTERM stops sluice");
+                }
+                (terminate.ok(), interrupt.ok())
+            }
+        }
+    };
+    Ok(async move {
+        #[cfg(unix)]
+        {
+            // A stream that could not be made never completes: the other one decides.
+            let term = async {
+                match terminate.as_mut() {
+                    Some(stream) => drop(stream.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match interrupt.as_mut() {
+                    Some(stream) => drop(stream.recv().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = term => {}
+                () = int => {}
             }
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("stop signal received");
         notify(&[NotifyState::Stopping]);
-    }
+    })
 }
 
 /// Reloads the config on every SIGHUP (`systemctl reload sluice`).

@@ -172,7 +172,7 @@ impl prometheus_client::collector::Collector for StateCollector {
         encode_clients(&snapshot, &mut encoder)?;
         ConstCounter::new(super::lines_dropped()).encode(encoder.encode_descriptor(
             "log_lines_dropped",
-            "Request log lines dropped because the log writer fell behind",
+            "Log lines (request lines and other events) dropped because the log writer fell behind",
             None,
             MetricType::Counter,
         )?)?;

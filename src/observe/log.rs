@@ -270,7 +270,7 @@ impl DropReport {
     fn tell(&mut self, dropped: u64) {
         let due = self.at.is_none_or(|at| at.elapsed() >= DROPS_TOLD_EVERY);
         if dropped > self.told && due {
-            tracing::warn!(dropped = dropped - self.told, "request log lines dropped: the log's reader fell behind");
+            tracing::warn!(dropped = dropped - self.told, "log lines dropped: the log's reader fell behind");
             self.told = dropped;
             self.at = Some(std::time::Instant::now());
         }
@@ -298,7 +298,7 @@ pub fn flush_request_lines() {
         writer.flushed.store(true, Ordering::Relaxed);
         let dropped = lines_dropped();
         if dropped > 0 {
-            tracing::warn!(dropped, "request log lines dropped since start: the log's reader fell behind");
+            tracing::warn!(dropped, "log lines dropped since start: the log's reader fell behind");
         }
     }
 }

@@ -38,7 +38,7 @@ pub fn count() -> usize {
     });
     let count = configured.or_else(|| std::thread::available_parallelism().ok().map(usize::from)).unwrap_or(1);
     if count > MAX_RUNTIMES {
-        tracing::warn!(count, max = MAX_RUNTIMES, "TOKIO_WORKER_THREADS is more than sluice runs; using the most");
+        tracing::warn!(count, max = MAX_RUNTIMES, "more serving runtimes asked for than sluice runs; using the most");
     }
     count.min(MAX_RUNTIMES)
 }
@@ -51,19 +51,12 @@ pub fn single_threaded() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
-/// The listening sockets of the serving runtimes, and what keeps their port to this process.
-pub struct Listeners {
-    pub sockets: Vec<std::net::TcpListener>,
-    /// With several sockets: a Unix socket in the abstract namespace named after the address, held for
-    /// the process's life, so that two sluices started at the same moment cannot both join the port.
-    _exclusive: Option<Box<dyn std::any::Any + Send + Sync>>,
-}
-
 /// `count` listeners on `addr`, each its own socket on the same port when there are several. Anything
 /// already listening there makes it fail, as a plain bind would: the sockets that share the port are
 /// bound only once a socket that does not share it could be (bound, never listening: no connection
-/// can reach it and be reset), and only by the one sluice holding the address's name.
-pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Listeners> {
+/// can reach it and be reset), and only while this process holds the port's name, so that two sluices
+/// binding at the same moment cannot both pass that check.
+pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let socket = |addr: SocketAddr, share: bool| -> std::io::Result<TcpSocket> {
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
@@ -73,35 +66,44 @@ pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Listeners> {
         Ok(socket)
     };
     if count <= 1 {
-        let sockets = vec![socket(addr, false)?.listen(BACKLOG)?.into_std()?];
-        return Ok(Listeners { sockets, _exclusive: None });
+        return Ok(vec![socket(addr, false)?.listen(BACKLOG)?.into_std()?]);
     }
-    let exclusive = if addr.port() == 0 { None } else { Some(exclusive(addr)?) };
+    // Held until the group listens: from then on the plain bind of anyone else fails.
+    let _binding = if addr.port() == 0 { None } else { Some(port_name(addr.port())?) };
     let plain = socket(addr, false)?;
     // Port 0 picks a port once: the group takes the one the plain bind was given.
     let bound = plain.local_addr()?;
     drop(plain);
-    let sockets = (0..count).map(|_| socket(bound, true)?.listen(BACKLOG)?.into_std()).collect::<Result<_, _>>()?;
-    Ok(Listeners { sockets, _exclusive: exclusive })
+    (0..count).map(|_| socket(bound, true)?.listen(BACKLOG)?.into_std()).collect()
 }
 
-/// Takes the name of `addr` for this process (Linux's abstract Unix sockets: gone with the process).
-fn exclusive(addr: SocketAddr) -> std::io::Result<Box<dyn std::any::Any + Send + Sync>> {
+/// How long a sluice waits for another that is binding the same port.
+const PORT_NAME_WAIT: Duration = Duration::from_secs(2);
+
+/// Takes the name of `port` for this process while it binds (a datagram socket in Linux's abstract
+/// namespace, gone with its holder), waiting up to `PORT_NAME_WAIT` for another holder to finish.
+fn port_name(port: u16) -> std::io::Result<Box<dyn std::any::Any>> {
     #[cfg(target_os = "linux")]
     {
         use std::os::linux::net::SocketAddrExt;
-        let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("sluice-listen-{addr}"))?;
-        match std::os::unix::net::UnixListener::bind_addr(&name) {
-            Ok(held) => Ok(Box::new(held)),
-            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-                Err(std::io::Error::new(err.kind(), format!("another sluice is starting on {addr}")))
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("sluice-binding-port-{port}"))?;
+        let until = Instant::now() + PORT_NAME_WAIT;
+        loop {
+            match std::os::unix::net::UnixDatagram::bind_addr(&name) {
+                Ok(held) => return Ok(Box::new(held)),
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+                    return Err(std::io::Error::new(err.kind(), format!("another sluice is binding port {port}")));
+                }
+                Err(err) => return Err(err),
             }
-            Err(err) => Err(err),
         }
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = addr;
+        let _ = port;
         Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "several listening sockets need Linux"))
     }
 }
@@ -242,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_runtime_gets_a_listener_on_the_one_port_and_a_taken_port_is_refused() {
-        let listeners = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap().sockets;
+        let listeners = bind("127.0.0.1:0".parse().unwrap(), 3).unwrap();
         assert_eq!(listeners.len(), 3);
         let port = listeners[0].local_addr().unwrap().port();
         assert!(listeners.iter().all(|listener| listener.local_addr().unwrap().port() == port));
@@ -264,16 +266,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_group_on_a_named_port_is_refused_while_the_first_holds_its_name() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut first = bind(addr, 2).unwrap();
-        // As if the first were between its probe and its group: nothing listens, only the name is held.
-        first.sockets.clear();
-        let second = bind(addr, 2).err().expect("a second group joined the port");
-        assert!(second.to_string().contains("another sluice"), "{second}");
-        drop(first);
-        assert!(bind(addr, 2).is_ok(), "the name goes with the one that held it");
+    async fn a_group_waits_for_another_binding_the_port_and_then_is_refused() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        // Another sluice between its check and its group: it holds the port's name, nothing listens yet.
+        let other = port_name(addr.port()).unwrap();
+        let refused = bind(addr, 2).expect_err("a group joined a port another sluice is binding");
+        assert!(refused.to_string().contains("another sluice is binding port"), "{refused}");
+        drop(other);
+        let group = bind(addr, 2).unwrap();
+        assert_eq!(group.len(), 2, "once the other is done, the port is free to take");
+        assert!(port_name(addr.port()).is_ok(), "the name is given back once the group listens");
     }
 
     #[test]
