@@ -19,13 +19,7 @@ variants = json.loads(sys.argv[1])  # {"name": {"ENV": "v"}}
 rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 sim_proc, sim_port = b.sim("--latency", "0ms")
 with sim_proc:
-    procs = {}
-    default_bin = b.SLUICE
-    for name, env in variants.items():
-        env = dict(env)
-        b.SLUICE = env.pop("BIN", default_bin)
-        procs[name] = b.sluice(sim_port, adaptive=False, extra=env)
-    b.SLUICE = default_bin
+    procs = b.sluice_variants(sim_port, variants)
     n_proc, n_port = b.nginx(sim_port)
     for p, _ in procs.values():
         p.__enter__()

@@ -29,13 +29,7 @@ def cpu_seconds(pid):
 
 sim_proc, sim_port = b.sim("--latency", "0ms")
 with sim_proc:
-    procs = {}
-    default_bin = b.SLUICE
-    for name, env in variants.items():
-        env = dict(env)
-        b.SLUICE = env.pop("BIN", default_bin)
-        procs[name] = b.sluice(sim_port, adaptive=False, extra=env)
-    b.SLUICE = default_bin
+    procs = b.sluice_variants(sim_port, variants)
     for p, _ in procs.values():
         p.__enter__()
     try:

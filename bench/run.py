@@ -108,6 +108,22 @@ def sluice(upstream_port, *, adaptive=True, extra=None, config=None):
     return Process(args, port, env), port
 
 
+def sluice_variants(upstream_port, variants):
+    """sluice once per variant for the side-by-side scripts (ab.py, cpu.py): {name: {"ENV": "v", "BIN":
+    "/path"}} → {name: (process, port)}, none started yet. "BIN" runs another binary than the release one."""
+    global SLUICE
+    procs = {}
+    default_bin = SLUICE
+    try:
+        for name, env in variants.items():
+            env = dict(env)
+            SLUICE = env.pop("BIN", default_bin)
+            procs[name] = sluice(upstream_port, adaptive=False, extra=env)
+    finally:
+        SLUICE = default_bin
+    return procs
+
+
 TWO_ACCOUNTS = """
 [[upstream.accounts]]
 name = "a"

@@ -170,38 +170,23 @@ fn string(out: &mut Vec<u8>, value: &str) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use http::Method;
     use tracing_subscriber::prelude::*;
 
     use super::*;
+    use crate::observe::log::tests::Sink;
     use crate::observe::request_log::End;
     use crate::observe::usage::Usage;
 
-    /// What a subscriber wrote.
-    #[derive(Clone, Default)]
-    struct Written(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Written {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().map_err(|_| std::io::ErrorKind::Other)?.extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The line as tracing-subscriber writes `emit`'s event, set up as the daemon sets it up.
     fn through_tracing(line: &RequestLine, format: LogFormat) -> String {
-        let written = Written::default();
+        let written = Sink::default();
         let sink = written.clone();
         let layer = super::super::log::format_layer(format, move || sink.clone());
         tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), || line.emit());
-        let bytes = written.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        written.text()
     }
 
     #[test]

@@ -304,7 +304,7 @@ pub fn flush_request_lines() {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
@@ -332,9 +332,9 @@ mod tests {
         assert_eq!(writer.dropped.load(Ordering::Relaxed), 3);
     }
 
-    /// What the writer thread wrote, shared with the test.
+    /// What a writer (the writer thread, a subscriber) wrote, shared with the test.
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    pub(in crate::observe) struct Sink(Arc<Mutex<Vec<u8>>>);
 
     impl Write for Sink {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -348,7 +348,7 @@ mod tests {
     }
 
     impl Sink {
-        fn text(&self) -> String {
+        pub(in crate::observe) fn text(&self) -> String {
             String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
         }
     }
