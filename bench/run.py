@@ -11,8 +11,9 @@ Scenarios: overhead (direct vs sluice vs nginx, wrk at saturation and a fixed 1k
 queued requests), limiter precision, persistent throttling (attempts per second by queue depth, sluice
 against the openai SDK's own retries), deep-queue cold start, absorption of a hidden concurrency cap
 (with the openai SDK's own retries as the baseline), adaptive vs static limits under a changing capacity,
-streaming time to first byte, the cache (hit against miss latency, memory and Redis; coalescing), faults
-with and without a fallback, 1 against 3 instances (alone and as one cluster). Upstream: examples/sluice_sim.rs; load: wrk (Debian) and examples/loadgen.rs.
+streaming time to first byte, an HTTP/2 upstream's stream limit, the cache (hit against miss latency, memory and Redis; coalescing), faults
+with and without a fallback, 1 against 3 instances (alone and as one cluster). Upstream: examples/sluice_sim.rs (examples/h2_upstream.rs for HTTP/2); load: wrk (Debian) and
+examples/loadgen.rs. BENCH_SLUICE_BIN=/path runs another sluice binary (a before/after comparison).
 """
 
 import argparse
@@ -34,10 +35,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps"], cwd=ROOT,
                                    capture_output=True, text=True, check=True).stdout)["target_directory"]
 RELEASE = os.path.join(TARGET, "release")
-SLUICE = os.path.join(RELEASE, "sluice")
+SLUICE = os.environ.get("BENCH_SLUICE_BIN") or os.path.join(RELEASE, "sluice")
 SIM = os.path.join(RELEASE, "examples", "sluice_sim")
 LOADGEN = os.path.join(RELEASE, "examples", "loadgen")
 QUEUE_HOLD = os.path.join(RELEASE, "examples", "queue_hold")
+H2_UPSTREAM = os.path.join(RELEASE, "examples", "h2_upstream")
+TEST_CA = os.path.join(ROOT, "tests", "fixtures", "tls", "ca.pem")
 PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 TMP = tempfile.mkdtemp(prefix="sluice-bench-")
 
@@ -90,7 +93,7 @@ def sim(*flags):
     return Process([SIM, "--listen", f"127.0.0.1:{port}", *flags], port), port
 
 
-def sluice(upstream_port, *, adaptive=True, extra=None, config=None):
+def sluice(upstream_port, *, adaptive=True, extra=None, config=None, url=None):
     port = free_port()
     env = {
         "SLUICE_LIMITS__ADAPTIVE": "true" if adaptive else "false",
@@ -99,7 +102,7 @@ def sluice(upstream_port, *, adaptive=True, extra=None, config=None):
         "SLUICE_LOG__LEVEL": "info",
     }
     env.update(extra or {})
-    args = [SLUICE, "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    args = [SLUICE, "--listen", f"127.0.0.1:{port}", "--upstream", url or f"http://127.0.0.1:{upstream_port}"]
     if config:
         path = os.path.join(TMP, f"sluice-{port}.toml")
         with open(path, "w") as f:
@@ -657,6 +660,32 @@ def streaming(quick):
     return {name: r["first_byte_ms"] | {"total_p50": r["total_ms"]["p50"]} for name, r in rows.items()}
 
 
+def h2_streams(quick):
+    """An HTTP/2 upstream (TLS, ALPN h2) that allows 10 streams per connection and answers in 50 ms; 64
+    closed-loop workers through sluice on its defaults: throughput against the ideal 64 / 50 ms, latency,
+    and how many connections the upstream accepted."""
+    streams, latency_ms, workers, seconds = 10, 50, 64, (3 if quick else 15)
+    port = free_port()
+    upstream = subprocess.Popen([H2_UPSTREAM, "--listen", f"127.0.0.1:{port}", "--streams", str(streams),
+                                 "--latency", f"{latency_ms}ms"], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_port(port)
+        s_proc, s_port = sluice(port, url=f"https://localhost:{port}",
+                                extra={"SLUICE_UPSTREAM__CA_FILE": TEST_CA, "SLUICE_UPSTREAM__PROXY": "none"})
+        with s_proc:
+            loadgen(s_port, 1, "--clients", "1")  # the first answer tells sluice the upstream speaks h2
+            r = loadgen(s_port, seconds, "--clients", str(workers))
+    finally:
+        upstream.terminate()
+        out, _ = upstream.communicate(timeout=10)
+    rps = r["throughput_rps"]
+    row = {"streams": streams, "latency_ms": latency_ms, "workers": workers, "rps": rps,
+           "ideal": workers * 1000 / latency_ms, "p50": r["total_ms"]["p50"], "p99": r["total_ms"]["p99"],
+           "errors": client_errors(r), "connections": json.loads(out.strip().splitlines()[-1])["connections"]}
+    log(f"h2 streams: {row}")
+    return row
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 def machine():
@@ -753,6 +782,16 @@ def report(results, quick, command):
         lines.append(f"| {name} | {r['p50']:.2f} ms | {r['p90']:.2f} ms | {r['p99']:.2f} ms | {r['total_p50']:.1f} ms |")
     delta = (s['sluice']['p50'] - s['direct']['p50']) * 1000
     lines.append(f"\nsluice − direct, median time to first byte: {delta:+.0f} µs (run-to-run noise is of the same order).")
+    h = results["h2"]
+    lines += ["",
+        "## An HTTP/2 upstream's stream limit", "",
+        f"`examples/h2_upstream.rs`: TLS, HTTP/2 only, {h['streams']} streams per connection, every answer after "
+        f"{h['latency_ms']} ms; {h['workers']} closed-loop", "workers through sluice on its defaults.", "",
+        "| req/s | × ideal (workers ÷ latency) | p50 | p99 | client errors | upstream connections |",
+        "|---|---|---|---|---|---|",
+        f"| {h['rps']:.0f} | {h['rps'] / h['ideal']:.2f} | {h['p50']:.1f} ms | {h['p99']:.1f} ms | {h['errors']} "
+        f"| {h['connections']} |",
+    ]
     k = results["cache"]
     lines += ["",
         "## Cache: hit against miss", "",
@@ -821,11 +860,11 @@ def main():
             sys.exit(f"bench: {tool} not found (Debian package {tool}; scripts/install-test-deps installs it)")
     log("bench: building release binaries")
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "sluice", "--example", "sluice_sim",
-                    "--example", "loadgen", "--example", "queue_hold"], cwd=ROOT, check=True)
+                    "--example", "loadgen", "--example", "queue_hold", "--example", "h2_upstream"], cwd=ROOT, check=True)
     results = {}
     for name, scenario in [("overhead", overhead), ("memory", memory), ("limiter", limiter), ("persistent", persistent),
                            ("coldstart", coldstart), ("absorption", absorption), ("changing", changing_capacity),
-                           ("streaming", streaming), ("cache", cache), ("faults", faults), ("cluster", cluster)]:
+                           ("streaming", streaming), ("h2", h2_streams), ("cache", cache), ("faults", faults), ("cluster", cluster)]:
         if args.only and name not in args.only.split(","):
             continue
         log(f"bench: {name}")

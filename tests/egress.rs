@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sluice::config::{Config, ProxyUrl};
 use support::daemon::Daemon;
-use support::egress::{basic, test_ca, tls_front, ConnectProxy, Policy, MOCK_HOST};
+use support::egress::{basic, test_ca, tls_front, ConnectProxy, H2Upstream, Policy, MOCK_HOST};
 use support::*;
 
 fn through(mock: &Mock, proxy: &str) -> Config {
@@ -103,4 +103,63 @@ async fn a_private_ca_is_refused_by_default_and_trusted_with_ca_file() {
     let tunnelled = Sluice::start(config).await;
     assert_eq!(chat(&tunnelled, "deepseek-v4-flash", &[]).await.status, 200);
     assert_eq!(proxy.tunnels(), vec![format!("localhost:{}", front.port())]);
+}
+
+/// Sends `n` chat requests to `url` at once; every one must be answered 200.
+async fn all_at_once(url: &str, n: usize) {
+    let body = r#"{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"hi"}]}"#;
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move { call("POST", &url, &[("content-type", "application/json")], body).await })
+        })
+        .collect();
+    for answer in calls {
+        let answer = answer.await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+}
+
+/// sluice forwarding to `upstream` over TLS, trusting the test CA.
+async fn through_tls(upstream: &H2Upstream) -> Sluice {
+    let unused = Mock::start(|_, _| Reply::json(200, completion("unused"))).await;
+    let mut config = config_for(&unused);
+    config.upstream.base_url = format!("https://localhost:{}", upstream.addr.port());
+    config.upstream.ca_file = Some(test_ca());
+    Sluice::start(config).await
+}
+
+#[tokio::test]
+async fn an_http2_upstream_gets_another_connection_when_its_stream_limit_is_reached() {
+    let upstream = H2Upstream::start(2).await;
+    let sluice = through_tls(&upstream).await;
+    // The first answer tells sluice the upstream speaks h2; the second opens sluice's own h2
+    // connection, whose SETTINGS say two streams.
+    for _ in 0..2 {
+        let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(upstream.connections(), 2);
+    let url = sluice.url("/v1/chat/completions");
+    upstream.hold_for(6);
+    all_at_once(&url, 6).await;
+    assert_eq!(upstream.peak(), 6, "all six in flight at once: none waited inside a full connection");
+    assert_eq!(upstream.connections(), 2 + 2, "two more connections of two streams each, no more");
+    // The answers' streams were given back: four more at once fit in the connections there are.
+    upstream.hold_for(4);
+    all_at_once(&url, 4).await;
+    assert_eq!(upstream.connections(), 4, "no connection opened for streams that were given back");
+}
+
+#[tokio::test]
+async fn an_http2_upstream_that_closes_its_connections_after_each_answer_costs_no_request() {
+    let upstream = H2Upstream::start_closing(10, Some(1)).await;
+    let sluice = through_tls(&upstream).await;
+    for _ in 0..4 {
+        let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    let url = sluice.url("/v1/chat/completions");
+    all_at_once(&url, 6).await;
+    assert!(upstream.connections() >= 4, "a connection per answer at least for the first four");
 }

@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Response;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::circuit::Start;
@@ -21,7 +20,7 @@ use super::{Generation, Proxy};
 use crate::admission::{Permit, Rejected, Ticket, Window};
 use crate::error::ProxyError;
 use crate::upstream::accounts::{Accounts, Refusal, Setback};
-use crate::upstream::SendError;
+use crate::upstream::{SendError, UpstreamBody};
 
 /// How a request fared so far: reported in `x-sluice-attempts`, `x-sluice-queue-ms` and the log.
 #[derive(Debug, Default, Clone)]
@@ -80,7 +79,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(1);
 /// A deliverable response: the slot it holds, what of its body was read already (`deliver.rs`), and
 /// the target that answered.
 pub struct Sent {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub permit: Permit,
     /// Body bytes already read, to come before the rest.
     pub prefix: Vec<Bytes>,
@@ -539,7 +538,7 @@ fn given_up(why: GiveUp, progress: &Progress, last_error: Option<SendError>) -> 
 
 /// Reads what is left of a response that will not be delivered, briefly, so the connection can be reused;
 /// returns it as a refusal (what a 401 or 402 said).
-async fn drain(response: Response<Incoming>) -> Refusal {
+async fn drain(response: Response<UpstreamBody>) -> Refusal {
     let (parts, body) = response.into_parts();
     let body = Limited::new(body, DRAIN_LIMIT);
     let bytes = match tokio::time::timeout(DRAIN_TIME, body.collect()).await {

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::cached::Outcome;
@@ -22,6 +21,7 @@ use crate::admission::Permit;
 use crate::cache::Member;
 use crate::error::error_event;
 use crate::observe::{End, RequestLog};
+use crate::upstream::UpstreamBody;
 
 /// The error type of a body whose upstream broke.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -75,7 +75,7 @@ pub struct Settled {
 struct UpstreamStream {
     /// Bytes read before the response was delivered (`deliver.rs`), sent first.
     prefix: std::collections::VecDeque<Bytes>,
-    incoming: Incoming,
+    incoming: UpstreamBody,
     idle_timeout: Duration,
     /// Fires when no frame came for `idle_timeout`; re-armed lazily from `last_frame`.
     idle: Pin<Box<Sleep>>,
@@ -110,7 +110,7 @@ impl ResponseBody {
     /// turns on event alignment and the error event.
     pub fn upstream(
         prefix: Vec<Bytes>,
-        incoming: Incoming,
+        incoming: UpstreamBody,
         idle_timeout: Duration,
         sse: bool,
         stop: StopWatch,

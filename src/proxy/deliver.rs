@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::events;
+use crate::upstream::UpstreamBody;
 
 /// A non-streaming body held until complete, at most this large (larger ones flow as they arrive).
 pub const MAX_HELD: usize = 1024 * 1024;
@@ -25,7 +25,7 @@ pub const MAX_HELD: usize = 1024 * 1024;
 pub enum Start {
     /// Deliver it: `prefix` (already read) comes before the rest of `response`'s body; `complete` when
     /// the prefix is the whole body.
-    Deliver { response: Response<Incoming>, prefix: Vec<Bytes>, complete: bool },
+    Deliver { response: Response<UpstreamBody>, prefix: Vec<Bytes>, complete: bool },
     /// Nothing reached the client and the body failed, or no content came in time: another attempt.
     Redo(Redo),
 }
@@ -41,7 +41,7 @@ pub enum Redo {
 
 /// Reads the start of `response` as the rules above say. `first_token`: the limit for a stream's first
 /// content, when a fallback could take over. `idle`: the longest silence inside a body.
-pub async fn start(mut response: Response<Incoming>, first_token: Option<Duration>, idle: Duration) -> Start {
+pub async fn start(mut response: Response<UpstreamBody>, first_token: Option<Duration>, idle: Duration) -> Start {
     let headers = response.headers();
     let media = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let encoded =
@@ -67,13 +67,13 @@ pub async fn start(mut response: Response<Incoming>, first_token: Option<Duratio
     })
 }
 
-fn deliver(response: Response<Incoming>, prefix: Vec<Bytes>, complete: bool) -> Start {
+fn deliver(response: Response<UpstreamBody>, prefix: Vec<Bytes>, complete: bool) -> Start {
     Start::Deliver { response, prefix, complete }
 }
 
 /// Reads a JSON body until it is complete, a blank line arrives first (keep-alive: deliver now), or it
 /// grows past `MAX_HELD`. None when it broke or stalled before.
-async fn hold_json(response: &mut Response<Incoming>, idle: Duration) -> Option<(Vec<Bytes>, bool)> {
+async fn hold_json(response: &mut Response<UpstreamBody>, idle: Duration) -> Option<(Vec<Bytes>, bool)> {
     let mut held: Vec<Bytes> = Vec::new();
     let mut size = 0;
     loop {
@@ -102,7 +102,7 @@ async fn hold_json(response: &mut Response<Incoming>, idle: Duration) -> Option<
 }
 
 /// Reads a stream until its first content event, within `limit` (and `idle` between chunks).
-async fn first_content(mut response: Response<Incoming>, limit: Duration, idle: Duration) -> Start {
+async fn first_content(mut response: Response<UpstreamBody>, limit: Duration, idle: Duration) -> Start {
     let deadline = Instant::now().checked_add(limit).unwrap_or_else(Instant::now);
     let mut held: Vec<Bytes> = Vec::new();
     let mut pending: Vec<u8> = Vec::new();

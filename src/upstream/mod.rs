@@ -1,6 +1,6 @@
-//! How sluice reaches the upstream: the one shared client — hyper-util's pooled client over rustls (ring
-//! provider, the roots of `tls.rs`, HTTP/1.1 and h2 chosen by ALPN), directly or through a proxy
-//! (`egress.rs`) — the rule that builds every target URL from
+//! How sluice reaches the upstream: hyper-util's pooled client over rustls (ring provider, the roots of
+//! `tls.rs`, HTTP/1.1 and h2 chosen by ALPN), directly or through a proxy (`egress.rs`), and once the
+//! upstream speaks h2 the connections of `h2pool.rs`; the rule that builds every target URL from
 //! `upstream.base_url`, and the header timeout; the accounts and their keys' health (`accounts.rs`) and
 //! their balance (`balance.rs`). Send errors are typed so the retry loop knows what may have reached the
 //! upstream.
@@ -8,16 +8,17 @@
 pub mod accounts;
 pub mod balance;
 mod egress;
+mod h2pool;
 mod tls;
 
 use std::error::Error as StdError;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -25,6 +26,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use egress::{Bounded, Egress};
+pub use h2pool::UpstreamBody;
+use h2pool::{H2Pool, Sent};
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,10 @@ pub enum BuildError {
 pub struct Upstream {
     /// One pooled client per runtime (`shard`): a request uses connections its own thread drives.
     clients: Arc<[PooledClient]>,
+    /// Per runtime as well: the h2 connections used once the upstream has answered over h2.
+    h2: Arc<[H2Pool]>,
+    /// The upstream's last response came over h2 (ALPN): requests go through `h2`.
+    speaks_h2: Arc<AtomicBool>,
     /// `scheme://authority` of `base_url`.
     origin: Arc<str>,
     /// `base_url`'s path without a trailing slash ("" for the default), prefixed to every request path.
@@ -83,7 +90,8 @@ pub struct Upstream {
     unreachable: Arc<Mutex<UnreachableLog>>,
 }
 
-type PooledClient = Client<Bounded<HttpsConnector<Egress>>, Full<Bytes>>;
+type Connector = Bounded<HttpsConnector<Egress>>;
+type PooledClient = Client<Connector, Full<Bytes>>;
 
 /// The current run of connection failures: since when, when it was last told, and how many since.
 #[derive(Debug, Default)]
@@ -121,8 +129,19 @@ impl Upstream {
         let mut pool = Client::builder(TokioExecutor::new());
         pool.pool_idle_timeout(config.pool_idle_timeout).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
         let clients = (0..crate::shard::count()).map(|_| pool.build(connector.clone())).collect();
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| BuildError::BaseUrl(config.base_url.clone()))?;
+        let h2 = (0..crate::shard::count())
+            .map(|_| H2Pool::new(connector.clone(), origin.clone(), config.connect_timeout, config.pool_idle_timeout))
+            .collect();
         Ok(Self {
             clients,
+            h2,
+            speaks_h2: Arc::default(),
             origin: Arc::from(format!("{scheme}://{authority}")),
             base_path: Arc::from(base.path().trim_end_matches('/')),
             scheme,
@@ -189,14 +208,37 @@ impl Upstream {
     }
 
     /// Sends one request and waits for the response headers, at most `header_timeout`.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, SendError> {
-        // Never empty (`shard::count` is at least one); the index is below its length.
-        let client = &self.clients[crate::shard::index(self.clients.len())];
-        match tokio::time::timeout(self.header_timeout, client.request(request)).await {
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
+        match tokio::time::timeout(self.header_timeout, self.send_now(request)).await {
             Err(_) => Err(SendError::HeaderTimeout(self.header_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
-            Ok(Err(err)) => Err(SendError::Reset(error_chain(&err))),
+            Ok(sent) => sent,
+        }
+    }
+
+    /// Sends over this runtime's h2 connections once the upstream speaks h2, else (and to find out)
+    /// through hyper-util's pool.
+    async fn send_now(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
+        // Never empty (`shard::count` is at least one); the index is below its length.
+        let shard = crate::shard::index(self.clients.len());
+        let request = match self.speaks_h2.load(Ordering::Relaxed) {
+            true => match self.h2[shard].send(request).await? {
+                Sent::Response(response) => return Ok(response),
+                Sent::NotOffered(request) => {
+                    self.speaks_h2.store(false, Ordering::Relaxed);
+                    request
+                }
+            },
+            false => request,
+        };
+        match self.clients[shard].request(request).await {
+            Ok(response) => {
+                if response.version() == http::Version::HTTP_2 {
+                    self.speaks_h2.store(true, Ordering::Relaxed);
+                }
+                Ok(response.map(UpstreamBody::unpooled))
+            }
+            Err(err) if err.is_connect() => Err(SendError::Connect(error_chain(&err))),
+            Err(err) => Err(SendError::Reset(error_chain(&err))),
         }
     }
 }

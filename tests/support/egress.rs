@@ -116,8 +116,8 @@ pub fn test_ca() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem")
 }
 
-/// A TLS front for `backend` (the mock): HTTPS on a port of its own, plain bytes behind it.
-pub async fn tls_front(backend: SocketAddr) -> SocketAddr {
+/// The test server certificate (for `localhost` and 127.0.0.1) behind an acceptor offering `alpn`.
+pub fn tls_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
@@ -125,13 +125,19 @@ pub async fn tls_front(backend: SocketAddr) -> SocketAddr {
         CertificateDer::pem_file_iter(dir.join("server.pem")).unwrap().map(Result::unwrap).collect();
     let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// A TLS front for `backend` (the mock): HTTPS on a port of its own, plain bytes behind it.
+pub async fn tls_front(backend: SocketAddr) -> SocketAddr {
+    let acceptor = tls_acceptor(&[]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -145,4 +151,109 @@ pub async fn tls_front(backend: SocketAddr) -> SocketAddr {
         }
     });
     addr
+}
+
+/// An HTTPS upstream that speaks only HTTP/2 (ALPN `h2`) and allows `streams` concurrent streams per
+/// connection. Each request is held until `hold_for` requests are in flight at once (or 5 s pass), then
+/// answered with a completion; it counts connections and the most requests in flight at once.
+pub struct H2Upstream {
+    pub addr: SocketAddr,
+    counts: Arc<H2Counts>,
+}
+
+#[derive(Default)]
+struct H2Counts {
+    connections: std::sync::atomic::AtomicUsize,
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    hold_for: std::sync::atomic::AtomicUsize,
+    released: tokio::sync::Notify,
+}
+
+impl H2Upstream {
+    pub async fn start(streams: u32) -> H2Upstream {
+        Self::start_closing(streams, None).await
+    }
+
+    /// As `start`, and each connection is closed (GOAWAY, then the end of its streams) once it has
+    /// answered `answers` requests.
+    pub async fn start_closing(streams: u32, answers: Option<usize>) -> H2Upstream {
+        use std::sync::atomic::Ordering::SeqCst;
+        let acceptor = tls_acceptor(&[b"h2"]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts = Arc::new(H2Counts::default());
+        counts.hold_for.store(1, SeqCst);
+        let shared = Arc::clone(&counts);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, counts) = (acceptor.clone(), Arc::clone(&shared));
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(client).await else { return };
+                    counts.connections.fetch_add(1, SeqCst);
+                    let (answered, enough) =
+                        (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Arc::new(tokio::sync::Notify::new()));
+                    let (count, done) = (Arc::clone(&answered), Arc::clone(&enough));
+                    let service = hyper::service::service_fn(move |_request| {
+                        let (counts, count, done) = (Arc::clone(&counts), Arc::clone(&count), Arc::clone(&done));
+                        async move {
+                            let response = counts.answer().await;
+                            if answers.is_some_and(|answers| count.fetch_add(1, SeqCst) + 1 >= answers) {
+                                done.notify_one();
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let connection = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(streams)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => return,
+                        () = enough.notified() => connection.as_mut().graceful_shutdown(),
+                    }
+                    let _ = connection.await;
+                });
+            }
+        });
+        H2Upstream { addr, counts }
+    }
+
+    /// From now on each request is held until `requests` are in flight at once.
+    pub fn hold_for(&self, requests: usize) {
+        self.counts.hold_for.store(requests, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// TLS connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.counts.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most requests that were in flight at once.
+    pub fn peak(&self) -> usize {
+        self.counts.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl H2Counts {
+    async fn answer(&self) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Listening before counting itself in: a release in between is not missed.
+        let released = self.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        if now >= self.hold_for.load(SeqCst) {
+            self.released.notify_waiters();
+        } else {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), released).await;
+        }
+        self.in_flight.fetch_sub(1, SeqCst);
+        let body = super::completion("over h2");
+        http::Response::builder()
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap()
+    }
 }
