@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -675,13 +676,15 @@ def h2_streams(quick):
         with s_proc:
             loadgen(s_port, 1, "--clients", "1")  # the first answer tells sluice the upstream speaks h2
             r = loadgen(s_port, seconds, "--clients", str(workers))
+            with urllib.request.urlopen(f"http://127.0.0.1:{s_port}/status", timeout=5) as response:
+                retries = json.load(response)["totals"]["retries"]
     finally:
-        upstream.terminate()
+        upstream.send_signal(signal.SIGINT)  # it prints its count on SIGINT
         out, _ = upstream.communicate(timeout=10)
     rps = r["throughput_rps"]
     row = {"streams": streams, "latency_ms": latency_ms, "workers": workers, "rps": rps,
            "ideal": workers * 1000 / latency_ms, "p50": r["total_ms"]["p50"], "p99": r["total_ms"]["p99"],
-           "errors": client_errors(r), "connections": json.loads(out.strip().splitlines()[-1])["connections"]}
+           "errors": client_errors(r), "retries": retries, "connections": json.loads(out.strip().splitlines()[-1])["connections"]}
     log(f"h2 streams: {row}")
     return row
 
@@ -787,10 +790,10 @@ def report(results, quick, command):
         "## An HTTP/2 upstream's stream limit", "",
         f"`examples/h2_upstream.rs`: TLS, HTTP/2 only, {h['streams']} streams per connection, every answer after "
         f"{h['latency_ms']} ms; {h['workers']} closed-loop", "workers through sluice on its defaults.", "",
-        "| req/s | × ideal (workers ÷ latency) | p50 | p99 | client errors | upstream connections |",
-        "|---|---|---|---|---|---|",
+        "| req/s | × ideal (workers ÷ latency) | p50 | p99 | client errors | retried attempts | upstream connections |",
+        "|---|---|---|---|---|---|---|",
         f"| {h['rps']:.0f} | {h['rps'] / h['ideal']:.2f} | {h['p50']:.1f} ms | {h['p99']:.1f} ms | {h['errors']} "
-        f"| {h['connections']} |",
+        f"| {h['retries']} | {h['connections']} |",
     ]
     k = results["cache"]
     lines += ["",

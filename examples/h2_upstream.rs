@@ -1,7 +1,7 @@
 //! h2_upstream: an HTTPS upstream for the HTTP/2 benchmark. It speaks only HTTP/2 (ALPN `h2`), allows
 //! `--streams` concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS), answers every
 //! request with a small completion after `--latency`, and prints the connections it accepted when it is
-//! stopped (SIGTERM or Ctrl-C). Its certificate is the test one (`tests/fixtures/tls`: `localhost`,
+//! stopped (SIGINT, Ctrl-C). Its certificate is the test one (`tests/fixtures/tls`: `localhost`,
 //! signed by `ca.pem`, which sluice is given as `upstream.ca_file`). Not part of the daemon.
 //!
 //! cargo run --release --example h2_upstream -- --listen 127.0.0.1:9443 --streams 10 --latency 50ms
@@ -67,10 +67,8 @@ async fn main() -> anyhow::Result<()> {
             });
         }
     };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         () = serving => {}
-        _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     println!("{{\"connections\": {}}}", connections.load(Ordering::Relaxed));

@@ -102,11 +102,12 @@ async fn a_private_ca_is_refused_by_default_and_trusted_with_ca_file() {
     config.upstream.proxy = Some(ProxyUrl::new(proxy.url()));
     let tunnelled = Sluice::start(config).await;
     assert_eq!(chat(&tunnelled, "deepseek-v4-flash", &[]).await.status, 200);
-    assert_eq!(proxy.tunnels(), vec![format!("localhost:{}", front.port())]);
+    // Two tunnels to the front: HTTP/2 tried first (its ALPN chose HTTP/1.1), then HTTP/1.1.
+    assert_eq!(proxy.tunnels(), vec![format!("localhost:{}", front.port()); 2]);
 }
 
 /// Sends `n` chat requests to `url` at once; every one must be answered 200.
-async fn all_at_once(url: &str, n: usize) {
+async fn all_at_once(url: &str, n: usize) -> Vec<Answer> {
     let body = r#"{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"hi"}]}"#;
     let calls: Vec<_> = (0..n)
         .map(|_| {
@@ -114,10 +115,13 @@ async fn all_at_once(url: &str, n: usize) {
             tokio::spawn(async move { call("POST", &url, &[("content-type", "application/json")], body).await })
         })
         .collect();
+    let mut answers = Vec::with_capacity(n);
     for answer in calls {
         let answer = answer.await.unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text());
+        answers.push(answer);
     }
+    answers
 }
 
 /// sluice forwarding to `upstream` over TLS, trusting the test CA.
@@ -133,22 +137,19 @@ async fn through_tls(upstream: &H2Upstream) -> Sluice {
 async fn an_http2_upstream_gets_another_connection_when_its_stream_limit_is_reached() {
     let upstream = H2Upstream::start(2).await;
     let sluice = through_tls(&upstream).await;
-    // The first answer tells sluice the upstream speaks h2; the second opens sluice's own h2
-    // connection, whose SETTINGS say two streams.
-    for _ in 0..2 {
-        let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
-        assert_eq!(answer.status, 200, "{}", answer.text());
-    }
-    assert_eq!(upstream.connections(), 2);
+    // The first answer opens a connection, whose SETTINGS say two streams.
+    let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(upstream.connections(), 1);
     let url = sluice.url("/v1/chat/completions");
     upstream.hold_for(6);
     all_at_once(&url, 6).await;
     assert_eq!(upstream.peak(), 6, "all six in flight at once: none waited inside a full connection");
-    assert_eq!(upstream.connections(), 2 + 2, "two more connections of two streams each, no more");
+    assert_eq!(upstream.connections(), 3, "two more connections of two streams each, no more");
     // The answers' streams were given back: four more at once fit in the connections there are.
     upstream.hold_for(4);
     all_at_once(&url, 4).await;
-    assert_eq!(upstream.connections(), 4, "no connection opened for streams that were given back");
+    assert_eq!(upstream.connections(), 3, "no connection opened for streams that were given back");
 }
 
 #[tokio::test]
@@ -158,8 +159,19 @@ async fn an_http2_upstream_that_closes_its_connections_after_each_answer_costs_n
     for _ in 0..4 {
         let answer = chat(&sluice, "deepseek-v4-flash", &[]).await;
         assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.header("x-sluice-attempts"), "1", "no retry was needed");
     }
-    let url = sluice.url("/v1/chat/completions");
-    all_at_once(&url, 6).await;
-    assert!(upstream.connections() >= 4, "a connection per answer at least for the first four");
+    assert_eq!(upstream.connections(), 4, "a connection per answer");
+    all_at_once(&sluice.url("/v1/chat/completions"), 6).await;
+}
+
+#[tokio::test]
+async fn the_first_burst_on_a_new_http2_connection_keeps_to_the_servers_limit() {
+    let upstream = H2Upstream::start(2).await;
+    let sluice = through_tls(&upstream).await;
+    // Six at once on a pool that has seen no SETTINGS yet: none may be refused by the server (a stream
+    // it refuses would come back as a failed attempt and be retried).
+    for answer in all_at_once(&sluice.url("/v1/chat/completions"), 6).await {
+        assert_eq!(answer.header("x-sluice-attempts"), "1", "refused by the server and retried");
+    }
 }

@@ -76,7 +76,8 @@ pub struct Upstream {
     clients: Arc<[PooledClient]>,
     /// Per runtime as well: the h2 connections used once the upstream has answered over h2.
     h2: Arc<[H2Pool]>,
-    /// The upstream's last response came over h2 (ALPN): requests go through `h2`.
+    /// Requests go through `h2`: from the start for `https://` (until a connection's ALPN says
+    /// HTTP/1.1), and once a response came over h2 through hyper-util's pool.
     speaks_h2: Arc<AtomicBool>,
     /// `scheme://authority` of `base_url`.
     origin: Arc<str>,
@@ -141,7 +142,7 @@ impl Upstream {
         Ok(Self {
             clients,
             h2,
-            speaks_h2: Arc::default(),
+            speaks_h2: Arc::new(AtomicBool::new(scheme == http::uri::Scheme::HTTPS)),
             origin: Arc::from(format!("{scheme}://{authority}")),
             base_path: Arc::from(base.path().trim_end_matches('/')),
             scheme,
@@ -215,8 +216,8 @@ impl Upstream {
         }
     }
 
-    /// Sends over this runtime's h2 connections once the upstream speaks h2, else (and to find out)
-    /// through hyper-util's pool.
+    /// Sends over this runtime's h2 connections while the upstream speaks h2, else through
+    /// hyper-util's pool.
     async fn send_now(&self, request: Request<Full<Bytes>>) -> Result<Response<UpstreamBody>, SendError> {
         // Never empty (`shard::count` is at least one); the index is below its length.
         let shard = crate::shard::index(self.clients.len());
