@@ -4,7 +4,8 @@
 # (cpu-clock, 499 Hz, DWARF call stacks) for 6 s of it; inferno draws the SVG. Manual tool, not run by
 # CI: needs perf (Debian linux-perf), wrk and inferno (`cargo install inferno`).
 #
-#   bash bench/flamegraph.sh OUT.svg [TITLE]          # BIN=/path/to/sluice to profile another build
+#   bash bench/flamegraph.sh OUT.svg [TITLE]    # BIN=/path/to/sluice profiles another build;
+#                                                # FOLDED=/path keeps the folded stacks
 set -euo pipefail
 OUT=${1:?usage: bench/flamegraph.sh OUT.svg [TITLE]}
 TITLE=${2:-sluice under wrk saturation (perf cpu-clock)}
@@ -39,4 +40,5 @@ wait $WRK_PID
 grep "Requests/sec" "$WORK/wrk.txt" >&2
 perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "$WORK/folded"
 inferno-flamegraph --minwidth 0.2 --title "$TITLE" < "$WORK/folded" > "$OUT"
+if [ -n "${FOLDED:-}" ]; then cp "$WORK/folded" "$FOLDED"; fi
 echo "wrote $OUT" >&2
