@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo build --release && cargo run --release --example queue_hold -- 10000`
 //! `CONNECT_ONLY=1` opens the connections without sending requests (the cost of idle connections);
-//! `SLUICE_*` and `MALLOC_*` variables are passed on to sluice, to try other settings.
+//! `SLUICE_*`, `MALLOC_*` and `_RJEM_*` (jemalloc's `_RJEM_MALLOC_CONF`) variables are passed on to sluice, to try
+//! other settings.
 //! Traffic stays on 127.0.0.1; the run is bounded (about 30 s).
 
 use std::net::SocketAddr;
@@ -75,7 +76,10 @@ async fn main() {
         .env("SLUICE_QUEUE__MAX_DEPTH", (requests + 10).to_string())
         .env("SLUICE_QUEUE__MAX_WAIT", "10m")
         .env("SLUICE_LOG__LEVEL", "warn")
-        .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_") || k.starts_with("SLUICE_")))
+        .envs(
+            std::env::vars()
+                .filter(|(k, _)| k.starts_with("MALLOC_") || k.starts_with("_RJEM_") || k.starts_with("SLUICE_")),
+        )
         .env_remove("DEEPSEEK_API_KEY")
         .stdout(Stdio::null())
         .spawn()
