@@ -674,7 +674,7 @@ def h2_streams(quick):
         s_proc, s_port = sluice(port, url=f"https://localhost:{port}",
                                 extra={"SLUICE_UPSTREAM__CA_FILE": TEST_CA, "SLUICE_UPSTREAM__PROXY": "none"})
         with s_proc:
-            loadgen(s_port, 1, "--clients", "1")  # the first answer tells sluice the upstream speaks h2
+            loadgen(s_port, 1, "--clients", "1")  # warm-up: the pool learns the server's stream limit
             r = loadgen(s_port, seconds, "--clients", str(workers))
             with urllib.request.urlopen(f"http://127.0.0.1:{s_port}/status", timeout=5) as response:
                 retries = json.load(response)["totals"]["retries"]

@@ -1,6 +1,6 @@
-//! How sluice reaches the upstream: hyper-util's pooled client over rustls (ring provider, the roots of
-//! `tls.rs`, HTTP/1.1 and h2 chosen by ALPN), directly or through a proxy (`egress.rs`), and once the
-//! upstream speaks h2 the connections of `h2pool.rs`; the rule that builds every target URL from
+//! How sluice reaches the upstream: over h2 the connections of `h2pool/` (tried first for `https://`),
+//! over HTTP/1.1 hyper-util's pooled client — both over rustls (ring provider, the roots of `tls.rs`,
+//! the protocol chosen by ALPN), directly or through a proxy (`egress.rs`); the rule that builds every target URL from
 //! `upstream.base_url`, and the header timeout; the accounts and their keys' health (`accounts.rs`) and
 //! their balance (`balance.rs`). Send errors are typed so the retry loop knows what may have reached the
 //! upstream.

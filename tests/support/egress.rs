@@ -154,7 +154,7 @@ pub async fn tls_front(backend: SocketAddr) -> SocketAddr {
 }
 
 /// An HTTPS upstream that speaks only HTTP/2 (ALPN `h2`) and allows `streams` concurrent streams per
-/// connection. Each request is held until `hold_for` requests are in flight at once (or 5 s pass), then
+/// connection. Each request is held until `hold_for` requests are in flight at once (or 30 s pass), then
 /// answered with a completion; it counts connections and the most requests in flight at once.
 pub struct H2Upstream {
     pub addr: SocketAddr,
@@ -247,7 +247,7 @@ impl H2Counts {
         if now >= self.hold_for.load(SeqCst) {
             self.released.notify_waiters();
         } else {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), released).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), released).await;
         }
         self.in_flight.fetch_sub(1, SeqCst);
         let body = super::completion("over h2");

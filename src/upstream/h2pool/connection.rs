@@ -16,7 +16,7 @@ use hyper::client::conn::http2;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// hyper's side of an h2 connection over the upstream's TLS stream.
 pub(super) type Driver = http2::Connection<MaybeHttpsStream<TokioIo<TcpStream>>, Full<Bytes>, TokioExecutor>;
@@ -38,29 +38,90 @@ pub(super) enum Handshake {
     Closed,
 }
 
+/// Requests sent on a connection before it has settled: one stream goes out, one waits inside h2 (its
+/// opening is what wakes the connection's task when the SETTINGS arrive); the rest wait in the pool.
+pub(super) const UNSETTLED_SENDS: usize = 2;
+
 /// A connection: its sender once the handshake is done, and how many streams it has open and allows.
 pub(super) struct H2Connection {
     state: watch::Receiver<Handshake>,
     /// The connection itself once handshaken, driven by its task and asked for the server's limit.
     pub(super) driver: Mutex<Option<Driver>>,
     open: AtomicUsize,
-    /// The stream limit the pool plans with until the server's SETTINGS say.
+    /// The stream limit the pool plans with until the connection has settled.
     assumed_limit: usize,
-    /// The limit h2 itself keeps to until then (what `current_max_send_streams` says before them).
+    /// The limit h2 itself keeps to until the server's SETTINGS (what `current_max_send_streams` says
+    /// before them).
     h2_initial: usize,
+    /// h2 reports the server's limit: its SETTINGS changed h2's start value or a response came (the
+    /// SETTINGS precede it), or the limit was learned before the connection was opened.
+    announced: AtomicBool,
+    /// Requests beyond `UNSETTLED_SENDS` no longer wait: the limit was announced, the settle window
+    /// passed, or the connection ended.
+    settled: AtomicBool,
+    /// Told when the connection settles.
+    settling: Notify,
     /// Taken or given back since the idle check last looked.
     used: AtomicBool,
 }
 
 impl H2Connection {
-    pub(super) fn new(state: watch::Receiver<Handshake>, assumed_limit: usize, h2_initial: usize) -> Self {
+    /// A connection planned with `assumed_limit` streams and started by h2 at `h2_initial`; `learned`
+    /// when that limit is what an earlier connection's SETTINGS said.
+    pub(super) fn new(
+        state: watch::Receiver<Handshake>,
+        assumed_limit: usize,
+        h2_initial: usize,
+        learned: bool,
+    ) -> Self {
         Self {
             state,
             driver: Mutex::default(),
             open: AtomicUsize::new(0),
             assumed_limit,
             h2_initial,
+            announced: AtomicBool::new(learned),
+            settled: AtomicBool::new(learned),
+            settling: Notify::new(),
             used: AtomicBool::new(true),
+        }
+    }
+
+    pub(super) fn settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    /// The server's limit is known from now on; whoever waits for that chooses again.
+    pub(super) fn settle(&self) {
+        if !self.settled.swap(true, Ordering::AcqRel) {
+            self.settling.notify_waiters();
+        }
+    }
+
+    /// h2 reports the server's limit from now on; the connection settles.
+    pub(super) fn announce(&self) {
+        self.announced.store(true, Ordering::Release);
+        self.settle();
+    }
+
+    /// Announced once h2 reports a limit other than the one it started with (the SETTINGS arrived).
+    pub(super) fn announce_if_changed(&self, current: usize) {
+        if current != self.h2_initial {
+            self.announce();
+        }
+    }
+
+    fn announced(&self) -> bool {
+        self.announced.load(Ordering::Acquire)
+    }
+
+    /// Returns when the connection has settled.
+    pub(super) async fn until_settled(&self) {
+        let notified = self.settling.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.settled() {
+            notified.await;
         }
     }
 
@@ -78,10 +139,10 @@ impl H2Connection {
         }
     }
 
-    /// The stream limit to plan with, and whether it is the server's (its SETTINGS arrived).
+    /// The stream limit to plan with, and whether it is the server's (to be learned by the pool).
     pub(super) fn limit(&self) -> (usize, bool) {
         let driver = self.driver.lock().unwrap_or_else(PoisonError::into_inner);
-        effective_limit(driver.as_ref().map(Driver::current_max_send_streams), self.h2_initial, self.assumed_limit)
+        effective_limit(driver.as_ref().map(Driver::current_max_send_streams), self.announced(), self.assumed_limit)
     }
 
     pub(super) fn open(&self) -> usize {
@@ -104,12 +165,11 @@ impl H2Connection {
     }
 }
 
-/// The limit to plan with: the server's once h2 reports something other than the value it started
-/// with (`h2_initial`), `assumed` until then. A server that announces exactly `h2_initial` is taken at
-/// `assumed` — the same value when the pool has learned it, and a limit of 1 otherwise (no real server).
-fn effective_limit(current: Option<usize>, h2_initial: usize, assumed: usize) -> (usize, bool) {
+/// The limit to plan with: what h2 reports once it reports the server's, `assumed` until then (and
+/// before the handshake).
+fn effective_limit(current: Option<usize>, announced: bool, assumed: usize) -> (usize, bool) {
     match current {
-        Some(current) if current != h2_initial => (current.max(1), true),
+        Some(current) if announced => (current.max(1), true),
         _ => (assumed.max(1), false),
     }
 }
@@ -136,13 +196,20 @@ pub(super) async fn until_idle<T>(
 /// A stream counted against its connection until dropped.
 pub(super) struct StreamSlot {
     pub(super) connection: Arc<H2Connection>,
+    /// How many streams were open on the connection when this one was taken.
+    pub(super) position: usize,
 }
 
 impl StreamSlot {
     pub(super) fn take(connection: Arc<H2Connection>) -> Self {
-        connection.open.fetch_add(1, Ordering::Relaxed);
+        let position = connection.open.fetch_add(1, Ordering::Relaxed);
         connection.used.store(true, Ordering::Relaxed);
-        Self { connection }
+        Self { connection, position }
+    }
+
+    /// Whether the request must wait for the connection to settle before it is sent.
+    pub(super) fn must_wait(&self) -> bool {
+        self.position >= UNSETTLED_SENDS && !self.connection.settled()
     }
 }
 
@@ -198,7 +265,7 @@ mod tests {
 
     fn connection(assumed_limit: usize) -> (watch::Sender<Handshake>, Arc<H2Connection>) {
         let (tell, state) = watch::channel(Handshake::Connecting);
-        (tell, Arc::new(H2Connection::new(state, assumed_limit, 1)))
+        (tell, Arc::new(H2Connection::new(state, assumed_limit, 1, false)))
     }
 
     #[test]
@@ -214,16 +281,38 @@ mod tests {
     }
 
     #[test]
-    fn the_servers_limit_counts_once_h2_reports_other_than_its_start() {
-        // Nothing learned yet: h2 starts at 1, the pool plans with 100 until the SETTINGS.
-        assert_eq!(effective_limit(None, 1, 100), (100, false));
-        assert_eq!(effective_limit(Some(1), 1, 100), (100, false));
-        assert_eq!(effective_limit(Some(10), 1, 100), (10, true));
-        assert_eq!(effective_limit(Some(usize::MAX), 1, 100), (usize::MAX, true), "SETTINGS without a limit");
-        // Learned 10: h2 starts at 10 as well; a server that now says 4 is heard.
-        assert_eq!(effective_limit(Some(10), 10, 10), (10, false));
-        assert_eq!(effective_limit(Some(4), 10, 10), (4, true));
-        assert_eq!(effective_limit(Some(0), 1, 0), (1, true), "a limit of zero still lets one through");
+    fn the_servers_limit_counts_once_the_connection_has_settled() {
+        assert_eq!(effective_limit(None, false, 100), (100, false), "not handshaken yet");
+        assert_eq!(effective_limit(Some(1), false, 100), (100, false), "h2's start, before the SETTINGS");
+        assert_eq!(effective_limit(Some(10), true, 100), (10, true));
+        assert_eq!(effective_limit(Some(1), true, 100), (1, true), "a server that allows one stream");
+        assert_eq!(effective_limit(Some(usize::MAX), true, 100), (usize::MAX, true), "SETTINGS without a limit");
+        assert_eq!(effective_limit(Some(0), true, 0), (1, true), "a limit of zero still lets one through");
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_first_two_wait_until_the_connection_settles() {
+        let (_tell, held) = connection(100);
+        let slots: Vec<_> = (0..3).map(|_| StreamSlot::take(Arc::clone(&held))).collect();
+        assert_eq!(slots.iter().map(StreamSlot::must_wait).collect::<Vec<_>>(), [false, false, true]);
+        let waiting = tokio::spawn({
+            let held = Arc::clone(&held);
+            async move { held.until_settled().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        held.announce_if_changed(1);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "h2's own start value is no announcement");
+        held.announce_if_changed(10);
+        waiting.await.unwrap();
+        assert!(!slots[2].must_wait());
+        held.until_settled().await;
+        // Settled by the window alone: nobody waits, and the pool still plans with its assumption.
+        let (_tell, late) = connection(100);
+        late.settle();
+        assert!(late.settled() && !late.announced());
+        assert_eq!(late.limit(), (100, false));
     }
 
     #[test]

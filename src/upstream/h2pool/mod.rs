@@ -1,14 +1,17 @@
 //! HTTP/2 to the upstream over as many connections as its stream limit asks for. hyper-util's pool keeps
 //! one h2 connection per origin, and requests beyond the server's `SETTINGS_MAX_CONCURRENT_STREAMS`
-//! wait inside it unseen — time the adaptive limit would read as the upstream's latency. Once the
-//! upstream has answered over h2, each runtime sends through its own `H2Pool`: a request takes the
-//! least busy connection that has a free stream; when none has one, a new connection is opened (the
-//! requests that find it connecting wait for it, up to the limit the pool expects), up to
-//! `MAX_CONNECTIONS`; past that, or for a while after a connection could not be made while others
-//! serve, the least busy one queues the request, as hyper-util's would. Until a connection's first
-//! SETTINGS arrive, h2 sends one stream on it (never more than any server allows) and the pool plans
-//! with the limit the last SETTINGS announced. A stream counts as open until its response body ends
-//! (`UpstreamBody`). An unused connection closes after one to two `upstream.pool_idle_timeout`.
+//! wait inside it unseen — time the adaptive limit would read as the upstream's latency. While the
+//! upstream speaks h2, each runtime sends through its own `H2Pool`: a request takes the least busy
+//! connection that has a free stream; when none has one, a new connection is opened, up to
+//! `MAX_CONNECTIONS`; past that (or for `CONNECT_COOLDOWN` after a connection could not be made while
+//! others serve) the least busy one queues the request, as hyper-util's would. A stream counts as open
+//! until its response body ends (`UpstreamBody`).
+//!
+//! A pool's first connection does not know the server's limit: h2 sends one stream on it and holds a
+//! second until the SETTINGS arrive, and further requests wait for them (or its first response, its
+//! end, or at most `SETTLE_WINDOW`) before they choose, so a burst is neither refused nor queued
+//! unseen. Later connections start from the limit the last SETTINGS said.
+//! An unused connection closes after one to two `upstream.pool_idle_timeout`.
 
 mod connection;
 
@@ -38,7 +41,12 @@ pub const MAX_CONNECTIONS: usize = 8;
 
 /// How many connections a request takes when the one it took closes (or cannot be made while others
 /// serve) before the request went out on it.
-const TRIES: usize = 2;
+const TRIES: usize = 3;
+
+/// How long requests wait for a pool's first connection to announce the server's limit: twice its
+/// handshake's duration, within these bounds (the SETTINGS normally come a round trip after it); past
+/// it they go to the connection as the pool assumes, and h2 holds what the server does not allow yet.
+const SETTLE_WINDOW: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
 
 /// After a connection could not be made, no other is opened for this long while some still serve.
 const CONNECT_COOLDOWN: Duration = Duration::from_secs(5);
@@ -116,21 +124,35 @@ impl H2Pool {
         }
     }
 
-    /// Sends `request` over a connection with a free stream (opening one if needed and allowed). A
-    /// connection that closed, or could not be made while others serve, before the request went out on
-    /// it is left for another, once.
+    /// Sends `request` over a connection with a free stream (opening one if needed and allowed). On a
+    /// connection that has not settled, requests beyond the first two wait for it to, then choose again.
+    /// A connection that closed, could not be made (or did not offer h2) while others serve, or refused
+    /// the request unprocessed, is left for another, up to `TRIES` connections.
     pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Sent, SendError> {
         let mut why = String::new();
-        for _ in 0..TRIES {
+        let mut tries = 0;
+        while tries < TRIES {
             let slot = self.take_stream();
+            if slot.must_wait() {
+                // Bounded: a connection settles within its settle window, at its first response or end.
+                slot.connection.until_settled().await;
+                continue;
+            }
+            tries += 1;
             let mut sender = match slot.connection.ready().await {
                 Ok(sender) => sender,
-                Err(Handshake::NotOffered) => return Ok(Sent::NotOffered(request)),
-                Err(Handshake::Failed(failed)) if !self.any_live() => {
-                    return Err(SendError::Connect(failed.to_string()))
+                Err(ended @ (Handshake::NotOffered | Handshake::Failed(_))) if !self.any_live() => {
+                    return match ended {
+                        Handshake::Failed(failed) => Err(SendError::Connect(failed.to_string())),
+                        _ => Ok(Sent::NotOffered(request)),
+                    };
                 }
                 Err(Handshake::Failed(failed)) => {
                     why = failed.to_string();
+                    continue;
+                }
+                Err(Handshake::NotOffered) => {
+                    why = "a connection's ALPN chose HTTP/1.1".into();
                     continue;
                 }
                 Err(Handshake::Closed | Handshake::Connecting | Handshake::Ready(_)) => {
@@ -138,18 +160,29 @@ impl H2Pool {
                     continue;
                 }
             };
+            // Kept until the server has taken the request: one it refused unprocessed goes out again.
+            let copy = copy_of(&request);
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(Sent::Response(response.map(|body| UpstreamBody::new(body, Some(slot))))),
+                Ok(response) => {
+                    // A response: the SETTINGS came before it.
+                    slot.connection.announce();
+                    return Ok(Sent::Response(response.map(|body| UpstreamBody::new(body, Some(slot)))));
+                }
                 Err(mut err) => match err.take_message() {
                     Some(unsent) => {
                         why = error_chain(err.error());
                         request = unsent;
                     }
+                    None if unprocessed(err.error()) => {
+                        why = error_chain(err.error());
+                        request = copy;
+                    }
                     None => return Err(SendError::Reset(error_chain(err.error()))),
                 },
             }
         }
-        Err(SendError::Connect(format!("nothing was sent over HTTP/2: {why}")))
+        // The connections were made (the upstream is reachable) but ended under the request.
+        Err(SendError::Reset(format!("nothing was sent over HTTP/2: {why}")))
     }
 
     fn any_live(&self) -> bool {
@@ -186,16 +219,18 @@ impl H2Pool {
     fn connect(&self) -> Arc<H2Connection> {
         let (tell, state) = watch::channel(Handshake::Connecting);
         let learned = self.learned_limit.load(Ordering::Relaxed);
-        // Nothing learned: h2 sends one stream until the SETTINGS come; the pool expects h2's default.
-        let (assumed, h2_initial) = match learned {
-            0 => (ASSUMED_STREAM_LIMIT, 1),
-            learned => (learned, learned),
+        // Nothing learned: h2 sends one stream until the SETTINGS come, and the connection settles then;
+        // else h2 and the pool start from what the last SETTINGS said.
+        let (assumed, h2_initial, learned) = match learned {
+            0 => (ASSUMED_STREAM_LIMIT, 1, false),
+            learned => (learned, learned, true),
         };
-        let connection = Arc::new(H2Connection::new(state, assumed, h2_initial));
+        let connection = Arc::new(H2Connection::new(state, assumed, h2_initial, learned));
         let (watched, pool, idle) = (Arc::clone(&connection), Arc::clone(&self.state), self.idle_timeout);
         let handshake = handshake(self.connector.clone(), self.origin.clone(), h2_initial);
         let timeout = self.connect_timeout;
         tokio::spawn(async move {
+            let started = Instant::now();
             let (sender, conn) = match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(parts)) => parts,
                 Ok(Err(why)) => return fail(&tell, &pool, &watched, why),
@@ -207,27 +242,69 @@ impl H2Pool {
                     return fail(&tell, &pool, &watched, Handshake::Failed(why.into()));
                 }
             };
+            // The server's SETTINGS follow its part of the handshake within a round trip; the TCP and TLS
+            // handshakes took at least one.
+            let settle_window = (started.elapsed() * 2).clamp(SETTLE_WINDOW.0, SETTLE_WINDOW.1);
             *watched.driver.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
             tell.send_replace(Handshake::Ready(sender));
             let driving = Arc::clone(&watched);
             let driven = std::future::poll_fn(move |cx| {
                 let mut driver = driving.driver.lock().unwrap_or_else(PoisonError::into_inner);
-                match driver.as_mut() {
-                    Some(conn) => Pin::new(conn).poll(cx),
-                    None => Poll::Ready(Ok(())),
+                let Some(conn) = driver.as_mut() else { return Poll::Ready(Ok(())) };
+                let polled = Pin::new(&mut *conn).poll(cx);
+                if !driving.settled() {
+                    driving.announce_if_changed(conn.current_max_send_streams());
                 }
+                polled
             });
-            tokio::select! {
-                _ = driven => {}
-                () = until_idle(&pool, &watched, idle, PoolState::forget) => {}
+            let idle_close = until_idle(&pool, &watched, idle, PoolState::forget);
+            let settle_by = tokio::time::sleep(settle_window);
+            tokio::pin!(driven, idle_close, settle_by);
+            loop {
+                tokio::select! {
+                    _ = &mut driven => break,
+                    () = &mut idle_close => break,
+                    () = &mut settle_by, if !watched.settled() => watched.settle(),
+                }
             }
-            // No request takes it any more.
+            // No request takes it any more; whoever waits for it to settle chooses again.
             tell.send_replace(Handshake::Closed);
+            watched.settle();
             pool.lock().unwrap_or_else(PoisonError::into_inner).forget(&watched);
             watched.driver.lock().unwrap_or_else(PoisonError::into_inner).take();
         });
         connection
     }
+}
+
+/// The request again (its body is shared, not copied); extensions are not carried (none are set).
+fn copy_of(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Whether the request never reached the server's processing: reset with REFUSED_STREAM, or above the
+/// last stream of a graceful GOAWAY (RFC 9113 §8.7), or still held back by h2 (waiting for a stream:
+/// never written) when hyper's side of the connection ended — hyper says "dispatch task is gone" and
+/// names no predicate for it, so the text is matched; should it change, such a request is retried by
+/// the retry policy instead, as any other reset.
+fn unprocessed(err: &hyper::Error) -> bool {
+    if err.is_user() && err.to_string().starts_with("dispatch task is gone") {
+        return true;
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            let graceful_go_away = h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            return graceful_go_away || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Connects and shakes hands over h2, telling h2 to keep to `h2_initial` streams until the server's
@@ -244,20 +321,22 @@ async fn handshake(mut connector: Connector, origin: Uri, h2_initial: usize) -> 
         .timer(TokioTimer::new())
         .initial_max_send_streams(h2_initial)
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     builder.handshake(io).await.map_err(|err| Handshake::Failed(error_chain(&err).into()))
 }
 
-/// The connection could not be made: whoever waits for it is told, and the pool forgets it (and
-/// opens no other for `CONNECT_COOLDOWN` while some still serve).
+/// The connection could not be made: whoever waits for it is told, and the pool forgets it (and, when
+/// others serve, opens no other for `CONNECT_COOLDOWN`).
 fn fail(tell: &watch::Sender<Handshake>, pool: &Mutex<PoolState>, connection: &Arc<H2Connection>, why: Handshake) {
     let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
-    if matches!(why, Handshake::Failed(_)) {
+    pool.forget(connection);
+    if matches!(why, Handshake::Failed(_)) && pool.connections.iter().any(|held| held.live()) {
         pool.failed_at = Some(Instant::now());
     }
-    pool.forget(connection);
     drop(pool);
     tell.send_replace(why);
+    connection.settle();
 }
 
 #[cfg(test)]
