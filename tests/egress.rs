@@ -167,11 +167,14 @@ async fn an_http2_upstream_that_closes_its_connections_after_each_answer_costs_n
 
 #[tokio::test]
 async fn the_first_burst_on_a_new_http2_connection_keeps_to_the_servers_limit() {
-    let upstream = H2Upstream::start(2).await;
+    // One stream per connection: the second request of a burst must not go out before the SETTINGS.
+    let upstream = H2Upstream::start(1).await;
     let sluice = through_tls(&upstream).await;
     // Six at once on a pool that has seen no SETTINGS yet: none may be refused by the server (a stream
-    // it refuses would come back as a failed attempt and be retried).
+    // it refuses would be sent again, or come back as a failed attempt and be retried).
     for answer in all_at_once(&sluice.url("/v1/chat/completions"), 6).await {
         assert_eq!(answer.header("x-sluice-attempts"), "1", "refused by the server and retried");
     }
+    let status = call("GET", &sluice.url("/status"), &[], "").await.json();
+    assert_eq!(status["upstreams"]["h2_sent_again"], 0, "no stream was refused and sent again");
 }

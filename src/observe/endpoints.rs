@@ -193,6 +193,7 @@ pub fn status(proxy: &Proxy, generation: &Generation) -> Value {
             "fallbacks": config.fallbacks.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
             "circuit_open": proxy.circuit_open(),
             "resume": config.fallback.resume,
+            "h2_sent_again": generation.upstream().h2_sent_again(),
         },
         "cache": cache_status(generation, &metrics.cache),
         "cluster": proxy.cluster().map(|cluster| {

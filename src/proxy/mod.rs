@@ -105,6 +105,11 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The primary upstream.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
     fn new(
         config: Config,
         upstream: Upstream,

@@ -152,6 +152,11 @@ impl Upstream {
         })
     }
 
+    /// HTTP/2 requests given back unsent or refused unprocessed by the upstream, and sent again.
+    pub fn h2_sent_again(&self) -> u64 {
+        self.h2.iter().map(H2Pool::sent_again).sum()
+    }
+
     /// An attempt got response headers: the upstream is reachable.
     pub fn reached(&self) {
         let mut log = self.unreachable.lock().unwrap_or_else(PoisonError::into_inner);

@@ -61,18 +61,22 @@ pub(super) struct H2Connection {
     settled: AtomicBool,
     /// Told when the connection settles.
     settling: Notify,
+    /// The pool's learned limit: an announced limit is stored there at once (the connection may end
+    /// before another request looks).
+    learned: Arc<AtomicUsize>,
     /// Taken or given back since the idle check last looked.
     used: AtomicBool,
 }
 
 impl H2Connection {
-    /// A connection planned with `assumed_limit` streams and started by h2 at `h2_initial`; `learned`
-    /// when that limit is what an earlier connection's SETTINGS said.
+    /// A connection planned with `assumed_limit` streams and started by h2 at `h2_initial`; `known`
+    /// when that limit is what an earlier connection's SETTINGS said (kept in `learned`).
     pub(super) fn new(
         state: watch::Receiver<Handshake>,
         assumed_limit: usize,
         h2_initial: usize,
-        learned: bool,
+        known: bool,
+        learned: Arc<AtomicUsize>,
     ) -> Self {
         Self {
             state,
@@ -80,9 +84,10 @@ impl H2Connection {
             open: AtomicUsize::new(0),
             assumed_limit,
             h2_initial,
-            announced: AtomicBool::new(learned),
-            settled: AtomicBool::new(learned),
+            announced: AtomicBool::new(known),
+            settled: AtomicBool::new(known),
             settling: Notify::new(),
+            learned,
             used: AtomicBool::new(true),
         }
     }
@@ -104,14 +109,16 @@ impl H2Connection {
         self.settle();
     }
 
-    /// Announced once h2 reports a limit other than the one it started with (the SETTINGS arrived).
+    /// Announced once h2 reports a limit other than the one it started with (the SETTINGS arrived);
+    /// the pool learns it.
     pub(super) fn announce_if_changed(&self, current: usize) {
         if current != self.h2_initial {
+            self.learned.store(current.max(1), Ordering::Relaxed);
             self.announce();
         }
     }
 
-    fn announced(&self) -> bool {
+    pub(super) fn announced(&self) -> bool {
         self.announced.load(Ordering::Acquire)
     }
 
@@ -161,7 +168,8 @@ impl H2Connection {
 
     /// Whether it is handshaken and not closed.
     pub(super) fn live(&self) -> bool {
-        matches!(&*self.state.borrow(), Handshake::Ready(_)) && !self.closed()
+        let ready = matches!(&*self.state.borrow(), Handshake::Ready(_));
+        ready && !self.closed()
     }
 }
 
@@ -265,7 +273,7 @@ mod tests {
 
     fn connection(assumed_limit: usize) -> (watch::Sender<Handshake>, Arc<H2Connection>) {
         let (tell, state) = watch::channel(Handshake::Connecting);
-        (tell, Arc::new(H2Connection::new(state, assumed_limit, 1, false)))
+        (tell, Arc::new(H2Connection::new(state, assumed_limit, 1, false, Arc::default())))
     }
 
     #[test]
@@ -306,6 +314,7 @@ mod tests {
         assert!(!waiting.is_finished(), "h2's own start value is no announcement");
         held.announce_if_changed(10);
         waiting.await.unwrap();
+        assert_eq!(held.learned.load(Ordering::Relaxed), 10, "the pool learns an announced limit at once");
         assert!(!slots[2].must_wait());
         held.until_settled().await;
         // Settled by the window alone: nobody waits, and the pool still plans with its assumption.

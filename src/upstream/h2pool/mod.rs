@@ -17,7 +17,7 @@ mod connection;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -43,10 +43,11 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// serve) before the request went out on it.
 const TRIES: usize = 3;
 
-/// How long requests wait for a pool's first connection to announce the server's limit: twice its
-/// handshake's duration, within these bounds (the SETTINGS normally come a round trip after it); past
-/// it they go to the connection as the pool assumes, and h2 holds what the server does not allow yet.
-const SETTLE_WINDOW: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
+/// How long requests wait, once a pool's first connection is made, for it to announce the server's
+/// limit: twice its handshake's duration, within these bounds (the SETTINGS normally come a round trip
+/// after it, and end the wait at once); past it they go to the connection as the pool assumes, and h2
+/// holds what the server does not allow yet.
+const SETTLE_WINDOW: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(2));
 
 /// After a connection could not be made, no other is opened for this long while some still serve.
 const CONNECT_COOLDOWN: Duration = Duration::from_secs(5);
@@ -69,6 +70,8 @@ pub struct H2Pool {
     state: Arc<Mutex<PoolState>>,
     /// The server's stream limit as the last SETTINGS seen said (0: none seen yet).
     learned_limit: Arc<AtomicUsize>,
+    /// Requests sent again (`sent_again`).
+    sent_again: AtomicU64,
 }
 
 #[derive(Default)]
@@ -121,13 +124,15 @@ impl H2Pool {
             idle_timeout,
             state: Arc::default(),
             learned_limit: Arc::new(AtomicUsize::new(0)),
+            sent_again: AtomicU64::new(0),
         }
     }
 
     /// Sends `request` over a connection with a free stream (opening one if needed and allowed). On a
     /// connection that has not settled, requests beyond the first two wait for it to, then choose again.
     /// A connection that closed, could not be made (or did not offer h2) while others serve, or refused
-    /// the request unprocessed, is left for another, up to `TRIES` connections.
+    /// the request unprocessed, is left: the request chooses again (perhaps the same connection, for a
+    /// refused stream), up to `TRIES` times.
     pub async fn send(&self, mut request: Request<Full<Bytes>>) -> Result<Sent, SendError> {
         let mut why = String::new();
         let mut tries = 0;
@@ -136,7 +141,10 @@ impl H2Pool {
             if slot.must_wait() {
                 // Bounded: a connection settles within its settle window, at its first response or end.
                 slot.connection.until_settled().await;
-                continue;
+                if !slot.connection.closed() {
+                    continue; // choose again, now that its limit is known (not a try)
+                }
+                // It ended before serving: counted as a try, and told below how.
             }
             tries += 1;
             let mut sender = match slot.connection.ready().await {
@@ -172,17 +180,24 @@ impl H2Pool {
                     Some(unsent) => {
                         why = error_chain(err.error());
                         request = unsent;
+                        self.sent_again.fetch_add(1, Ordering::Relaxed);
                     }
                     None if unprocessed(err.error()) => {
                         why = error_chain(err.error());
                         request = copy;
+                        self.sent_again.fetch_add(1, Ordering::Relaxed);
                     }
                     None => return Err(SendError::Reset(error_chain(err.error()))),
                 },
             }
         }
-        // The connections were made (the upstream is reachable) but ended under the request.
+        // Each connection tried ended, failed or refused before the request went out on it.
         Err(SendError::Reset(format!("nothing was sent over HTTP/2: {why}")))
+    }
+
+    /// Requests given back unsent or refused unprocessed, and sent again.
+    pub fn sent_again(&self) -> u64 {
+        self.sent_again.load(Ordering::Relaxed)
     }
 
     fn any_live(&self) -> bool {
@@ -225,11 +240,14 @@ impl H2Pool {
             0 => (ASSUMED_STREAM_LIMIT, 1, false),
             learned => (learned, learned, true),
         };
-        let connection = Arc::new(H2Connection::new(state, assumed, h2_initial, learned));
+        let connection =
+            Arc::new(H2Connection::new(state, assumed, h2_initial, learned, Arc::clone(&self.learned_limit)));
         let (watched, pool, idle) = (Arc::clone(&connection), Arc::clone(&self.state), self.idle_timeout);
         let handshake = handshake(self.connector.clone(), self.origin.clone(), h2_initial);
         let timeout = self.connect_timeout;
         tokio::spawn(async move {
+            // However the task ends (a panic in hyper included): waiters choose again, hyper's side is dropped.
+            let _ended = TaskEnd(Arc::clone(&watched));
             let started = Instant::now();
             let (sender, conn) = match tokio::time::timeout(timeout, handshake).await {
                 Ok(Ok(parts)) => parts,
@@ -252,7 +270,7 @@ impl H2Pool {
                 let mut driver = driving.driver.lock().unwrap_or_else(PoisonError::into_inner);
                 let Some(conn) = driver.as_mut() else { return Poll::Ready(Ok(())) };
                 let polled = Pin::new(&mut *conn).poll(cx);
-                if !driving.settled() {
+                if !driving.announced() {
                     driving.announce_if_changed(conn.current_max_send_streams());
                 }
                 polled
@@ -277,6 +295,16 @@ impl H2Pool {
     }
 }
 
+/// Settles a connection and drops hyper's side of it when its task ends, however it ends.
+struct TaskEnd(Arc<H2Connection>);
+
+impl Drop for TaskEnd {
+    fn drop(&mut self) {
+        self.0.settle();
+        self.0.driver.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+}
+
 /// The request again (its body is shared, not copied); extensions are not carried (none are set).
 fn copy_of(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
     let mut copy = Request::new(request.body().clone());
@@ -291,7 +319,9 @@ fn copy_of(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
 /// last stream of a graceful GOAWAY (RFC 9113 §8.7), or still held back by h2 (waiting for a stream:
 /// never written) when hyper's side of the connection ended — hyper says "dispatch task is gone" and
 /// names no predicate for it, so the text is matched; should it change, such a request is retried by
-/// the retry policy instead, as any other reset.
+/// the retry policy instead, as any other reset. (hyper says the same when a runtime drops its task
+/// after a request without a body went out — a shutdown; the retry policy would send that one again
+/// too.)
 fn unprocessed(err: &hyper::Error) -> bool {
     if err.is_user() && err.to_string().starts_with("dispatch task is gone") {
         return true;
@@ -326,12 +356,12 @@ async fn handshake(mut connector: Connector, origin: Uri, h2_initial: usize) -> 
     builder.handshake(io).await.map_err(|err| Handshake::Failed(error_chain(&err).into()))
 }
 
-/// The connection could not be made: whoever waits for it is told, and the pool forgets it (and, when
-/// others serve, opens no other for `CONNECT_COOLDOWN`).
+/// The connection could not be made (or did not offer h2): whoever waits for it is told, and the pool
+/// forgets it (and, when others serve, opens no other for `CONNECT_COOLDOWN`).
 fn fail(tell: &watch::Sender<Handshake>, pool: &Mutex<PoolState>, connection: &Arc<H2Connection>, why: Handshake) {
     let mut pool = pool.lock().unwrap_or_else(PoisonError::into_inner);
     pool.forget(connection);
-    if matches!(why, Handshake::Failed(_)) && pool.connections.iter().any(|held| held.live()) {
+    if pool.connections.iter().any(|held| held.live()) {
         pool.failed_at = Some(Instant::now());
     }
     drop(pool);
