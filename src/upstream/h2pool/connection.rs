@@ -48,7 +48,7 @@ pub(super) struct H2Connection {
     /// The connection itself once handshaken, driven by its task and asked for the server's limit.
     pub(super) driver: Mutex<Option<Driver>>,
     open: AtomicUsize,
-    /// The stream limit the pool plans with until the connection has settled.
+    /// The stream limit the pool plans with until h2 reports the server's.
     assumed_limit: usize,
     /// The limit h2 itself keeps to until the server's SETTINGS (what `current_max_send_streams` says
     /// before them).
@@ -96,7 +96,8 @@ impl H2Connection {
         self.settled.load(Ordering::Acquire)
     }
 
-    /// The server's limit is known from now on; whoever waits for that chooses again.
+    /// Nobody waits for the connection from now on (its limit announced, its settle window passed, or
+    /// its end); whoever waited chooses again.
     pub(super) fn settle(&self) {
         if !self.settled.swap(true, Ordering::AcqRel) {
             self.settling.notify_waiters();
@@ -135,12 +136,12 @@ impl H2Connection {
     /// Its sender once the handshake is done, or how it ended.
     pub(super) async fn ready(&self) -> Result<Sender, Handshake> {
         let mut state = self.state.clone();
-        let settled = match state.wait_for(|state| !matches!(state, Handshake::Connecting)).await {
-            Ok(settled) => settled.clone(),
+        let outcome = match state.wait_for(|state| !matches!(state, Handshake::Connecting)).await {
+            Ok(outcome) => outcome.clone(),
             // The connecting task ended without saying: it was cancelled (the runtime is stopping).
             Err(_) => Handshake::Failed("the connection attempt was cancelled".into()),
         };
-        match settled {
+        match outcome {
             Handshake::Ready(sender) => Ok(sender),
             ended => Err(ended),
         }
