@@ -208,18 +208,20 @@ impl H2Pool {
     fn take_stream(&self) -> StreamSlot {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.connections.retain(|connection| !connection.closed());
-        let mut seen = Vec::with_capacity(state.connections.len());
-        for connection in &state.connections {
+        // (open, limit) of each connection, on the stack: the pool never holds more than MAX_CONNECTIONS.
+        let mut seen = [(0, 0); MAX_CONNECTIONS];
+        let held = state.connections.len().min(MAX_CONNECTIONS);
+        for (slot, connection) in seen.iter_mut().zip(&state.connections) {
             let (limit, announced) = connection.limit();
             if announced {
                 self.learned_limit.store(limit, Ordering::Relaxed);
             }
-            seen.push((connection.open(), limit));
+            *slot = (connection.open(), limit);
         }
         let cooling = state.failed_at.is_some_and(|at| at.elapsed() < CONNECT_COOLDOWN);
         // After a failed connect, none is opened while others serve.
-        let may_open = seen.len() < MAX_CONNECTIONS && (seen.is_empty() || !cooling);
-        let connection = match choose(&seen, may_open) {
+        let may_open = state.connections.len() < MAX_CONNECTIONS && (held == 0 || !cooling);
+        let connection = match choose(&seen[..held], may_open) {
             Choice::Existing(index) if index < state.connections.len() => Arc::clone(&state.connections[index]),
             Choice::Existing(_) | Choice::Open => {
                 let connection = self.connect();
@@ -285,11 +287,9 @@ impl H2Pool {
                     () = &mut settle_by, if !watched.settled() => watched.settle(),
                 }
             }
-            // No request takes it any more; whoever waits for it to settle chooses again.
+            // No request takes it any more; `TaskEnd` then lets waiters choose again and drops hyper's side.
             tell.send_replace(Handshake::Closed);
-            watched.settle();
             pool.lock().unwrap_or_else(PoisonError::into_inner).forget(&watched);
-            watched.driver.lock().unwrap_or_else(PoisonError::into_inner).take();
         });
         connection
     }
@@ -366,7 +366,7 @@ fn fail(tell: &watch::Sender<Handshake>, pool: &Mutex<PoolState>, connection: &A
     }
     drop(pool);
     tell.send_replace(why);
-    connection.settle();
+    // The task returns next: its `TaskEnd` settles the connection.
 }
 
 #[cfg(test)]
